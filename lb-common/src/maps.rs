@@ -1,0 +1,192 @@
+//! Map names, sizes, and the layout of every key and value.
+
+/// `VIPS`: hash map `VipKey -> VipInfo`.
+pub const MAP_VIPS: &str = "VIPS";
+/// `RINGS`: array of backend ids, `max_vips * 2` Maglev tables of `RING_SIZE` slots each.
+pub const MAP_RINGS: &str = "RINGS";
+/// `BACKENDS`: array `backend id -> Backend`.
+pub const MAP_BACKENDS: &str = "BACKENDS";
+/// `FLOWS`: LRU hash `FlowKey -> FlowState` (connection tracking).
+pub const MAP_FLOWS: &str = "FLOWS";
+/// `VIP_STATS`: per-CPU array `vip id -> Counters`.
+pub const MAP_VIP_STATS: &str = "VIP_STATS";
+/// `BACKEND_STATS`: per-CPU array `backend id -> Counters`.
+pub const MAP_BACKEND_STATS: &str = "BACKEND_STATS";
+/// `REASONS`: per-CPU array `Reason -> Counters`.
+pub const MAP_REASONS: &str = "REASONS";
+/// `TX_PORTS`: devmap `backend id -> egress ifindex`, for backends behind another interface.
+pub const MAP_TX_PORTS: &str = "TX_PORTS";
+
+/// Read-only global: Maglev ring size M (a prime). Set at load time with `EbpfLoader::set_global`.
+pub const GLOBAL_RING_SIZE: &str = "RING_SIZE";
+/// Read-only global: number of VIP slots (`RINGS` holds `2 * MAX_VIPS` tables).
+pub const GLOBAL_MAX_VIPS: &str = "MAX_VIPS";
+
+/// Compiled-in map capacities; the daemon overrides them at load time from the config.
+pub const DEFAULT_MAX_VIPS: u32 = 64;
+pub const DEFAULT_MAX_BACKENDS: u32 = 4096;
+pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 1 << 20;
+/// Katran's default: a prime comfortably above 100 × the backends of a typical VIP.
+pub const DEFAULT_RING_SIZE: u32 = 65537;
+
+/// A flow's `last_seen_ns` is rewritten only when it is older than this, so established flows do
+/// not bounce the entry's cache line between CPUs on every packet.
+pub const FLOW_REFRESH_NS: u64 = 1_000_000_000;
+
+/// A ring slot holding this value has no backend (the VIP has none to offer).
+pub const NO_BACKEND: u32 = u32::MAX;
+
+/// Address families as stored in keys (values of `AF_INET`/`AF_INET6` on Linux).
+pub const FAMILY_V4: u8 = 2;
+pub const FAMILY_V6: u8 = 10;
+
+/// IP protocol numbers.
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// `VipKey`: what a packet is matched on. IPv4 addresses sit in the first 4 bytes of `addr`, the
+/// rest zero; `port` is in network byte order, exactly as it is on the wire.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct VipKey {
+    pub addr: [u8; 16],
+    pub port_be: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+
+/// `VipInfo`: per-VIP record. The daemon writes a new Maglev table into ring `2*id + (1-active)`
+/// and then flips `active_ring` with one update of this record, so no packet sees a half table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VipInfo {
+    /// Slot of this VIP in `VIP_STATS` and in `RINGS` (tables `2*id` and `2*id + 1`).
+    pub id: u32,
+    /// `VIP_F_*` bits.
+    pub flags: u32,
+    /// Which of the VIP's two tables is live: 0 or 1.
+    pub active_ring: u32,
+    pub _pad: u32,
+}
+
+/// `Backend`: where and how to send a packet chosen for this backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backend {
+    pub addr: [u8; 16],
+    /// The backend's MAC (destination of the rewritten frame).
+    pub dst_mac: [u8; 6],
+    /// The MAC of the interface the frame leaves by (source of the rewritten frame).
+    pub src_mac: [u8; 6],
+    /// `BACKEND_F_*` bits.
+    pub flags: u32,
+    /// Egress interface; used when `BACKEND_F_REDIRECT` is set.
+    pub ifindex: u32,
+    /// The VIP this backend serves (its `VipInfo::id`).
+    pub vip_id: u32,
+}
+
+/// The backend may receive traffic: flows pinned to a backend without this bit are re-chosen.
+pub const BACKEND_F_UP: u32 = 1 << 0;
+/// The backend sits behind another interface: redirect through `TX_PORTS[id]` instead of `XDP_TX`.
+pub const BACKEND_F_REDIRECT: u32 = 1 << 1;
+
+/// `FlowKey`: a connection's 5-tuple as seen on the wire (ports in network byte order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// `FlowState`: the backend a connection is pinned to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowState {
+    pub backend: u32,
+    pub vip_id: u32,
+    /// `bpf_ktime_get_ns()` of the last refresh (refreshed at most every `FLOW_REFRESH_NS`).
+    pub last_seen_ns: u64,
+}
+
+/// `Counters`: one per VIP, per backend and per reason, per CPU; the daemon sums the CPUs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub packets: u64,
+    pub bytes: u64,
+    /// New flows assigned (VIP and backend counters only).
+    pub new_flows: u64,
+}
+
+const _: () = {
+    assert!(core::mem::size_of::<VipKey>() == 20);
+    assert!(core::mem::size_of::<VipInfo>() == 16);
+    assert!(core::mem::size_of::<Backend>() == 40);
+    assert!(core::mem::size_of::<FlowKey>() == 40);
+    assert!(core::mem::size_of::<FlowState>() == 16);
+    assert!(core::mem::size_of::<Counters>() == 24);
+};
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+
+    macro_rules! pod {
+        ($($t:ty),*) => {$(
+            // SAFETY: every field is an integer or an integer array, the struct is `repr(C)` and
+            // its padding is explicit (size asserted above), so any bit pattern is valid and no
+            // byte is uninitialised.
+            unsafe impl aya::Pod for $t {}
+            // SAFETY: as above.
+            unsafe impl bytemuck::Zeroable for $t {}
+            // SAFETY: as above.
+            unsafe impl bytemuck::Pod for $t {}
+        )*};
+    }
+    pod!(VipKey, VipInfo, Backend, FlowKey, FlowState, Counters);
+}
+
+impl VipKey {
+    /// Key for an IPv4 VIP; `port` in host byte order.
+    pub const fn v4(addr: [u8; 4], port: u16, proto: u8) -> Self {
+        let mut a = [0u8; 16];
+        a[0] = addr[0];
+        a[1] = addr[1];
+        a[2] = addr[2];
+        a[3] = addr[3];
+        Self {
+            addr: a,
+            port_be: port.to_be(),
+            proto,
+            family: FAMILY_V4,
+        }
+    }
+
+    /// Key for an IPv6 VIP; `port` in host byte order.
+    pub const fn v6(addr: [u8; 16], port: u16, proto: u8) -> Self {
+        Self {
+            addr,
+            port_be: port.to_be(),
+            proto,
+            family: FAMILY_V6,
+        }
+    }
+}
+
+impl FlowKey {
+    /// The VIP this flow is addressed to.
+    pub const fn vip_key(&self) -> VipKey {
+        VipKey {
+            addr: self.dst,
+            port_be: self.dport_be,
+            proto: self.proto,
+            family: self.family,
+        }
+    }
+}

@@ -1,0 +1,62 @@
+//! Why the XDP program returned what it returned; one per-CPU counter per reason.
+
+/// The verdict reason counted in the `REASONS` map (index = discriminant).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// Forwarded to a backend on the same interface (`XDP_TX`).
+    Tx = 0,
+    /// Forwarded to a backend behind another interface (`XDP_REDIRECT` through `TX_PORTS`).
+    Redirect = 1,
+    /// Not IPv4/IPv6 (ARP, LLDP, ...): passed to the host.
+    PassNotIp = 2,
+    /// IP, but not addressed to a configured VIP (address, port, protocol): passed to the host.
+    PassNotVip = 3,
+    /// Truncated or malformed header: passed to the host untouched.
+    PassMalformed = 4,
+    /// IPv4 fragment or IPv6 extension header: passed to the host.
+    PassFragment = 5,
+    /// Neither TCP nor UDP: passed to the host.
+    PassNotTcpUdp = 6,
+    /// A VIP whose ring holds no backend: dropped.
+    DropNoBackend = 7,
+    /// A ring or flow entry named a backend slot that does not exist: dropped (daemon bug guard).
+    DropBadBackend = 8,
+    /// The redirect helper refused the frame.
+    DropRedirectFailed = 9,
+}
+
+impl Reason {
+    /// Number of reasons; the size of the `REASONS` map.
+    pub const COUNT: u32 = 10;
+
+    /// Every reason in discriminant order.
+    pub const ALL: [Reason; Self::COUNT as usize] = [
+        Reason::Tx,
+        Reason::Redirect,
+        Reason::PassNotIp,
+        Reason::PassNotVip,
+        Reason::PassMalformed,
+        Reason::PassFragment,
+        Reason::PassNotTcpUdp,
+        Reason::DropNoBackend,
+        Reason::DropBadBackend,
+        Reason::DropRedirectFailed,
+    ];
+
+    /// Stable snake_case name, used in logs, `lb status` and metric labels.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reason::Tx => "tx",
+            Reason::Redirect => "redirect",
+            Reason::PassNotIp => "pass_not_ip",
+            Reason::PassNotVip => "pass_not_vip",
+            Reason::PassMalformed => "pass_malformed",
+            Reason::PassFragment => "pass_fragment",
+            Reason::PassNotTcpUdp => "pass_not_tcp_udp",
+            Reason::DropNoBackend => "drop_no_backend",
+            Reason::DropBadBackend => "drop_bad_backend",
+            Reason::DropRedirectFailed => "drop_redirect_failed",
+        }
+    }
+}
