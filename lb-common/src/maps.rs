@@ -2,7 +2,7 @@
 
 /// `VIPS`: hash map `VipKey -> VipInfo`.
 pub const MAP_VIPS: &str = "VIPS";
-/// `RINGS`: array of backend ids, `max_vips * 2` Maglev tables of `RING_SIZE` slots each.
+/// `RINGS`: mmapable array of `RingSlot`s, `max_vips * 2` Maglev tables of `RING_SIZE` slots each.
 pub const MAP_RINGS: &str = "RINGS";
 /// `BACKENDS`: array `backend id -> Backend`.
 pub const MAP_BACKENDS: &str = "BACKENDS";
@@ -19,8 +19,6 @@ pub const MAP_TX_PORTS: &str = "TX_PORTS";
 
 /// Read-only global: Maglev ring size M (a prime). Set at load time with `EbpfLoader::set_global`.
 pub const GLOBAL_RING_SIZE: &str = "RING_SIZE";
-/// Read-only global: number of VIP slots (`RINGS` holds `2 * MAX_VIPS` tables).
-pub const GLOBAL_MAX_VIPS: &str = "MAX_VIPS";
 
 /// Compiled-in map capacities; the daemon overrides them at load time from the config.
 pub const DEFAULT_MAX_VIPS: u32 = 64;
@@ -91,6 +89,17 @@ pub const BACKEND_F_UP: u32 = 1 << 0;
 /// The backend sits behind another interface: redirect through `TX_PORTS[id]` instead of `XDP_TX`.
 pub const BACKEND_F_REDIRECT: u32 = 1 << 1;
 
+/// `RingSlot`: one Maglev slot. The kernel stores array values at an 8-byte stride anyway, and
+/// `RINGS` is memory-mapped by the daemon (`BPF_F_MMAPABLE`), so the padding is made explicit:
+/// the daemon writes a whole table with one memcpy-like pass instead of 65537 syscalls.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RingSlot {
+    /// Backend id, or `NO_BACKEND`.
+    pub backend: u32,
+    pub _pad: u32,
+}
+
 /// `FlowKey`: a connection's 5-tuple as seen on the wire (ports in network byte order).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -128,6 +137,7 @@ const _: () = {
     assert!(core::mem::size_of::<VipKey>() == 20);
     assert!(core::mem::size_of::<VipInfo>() == 16);
     assert!(core::mem::size_of::<Backend>() == 40);
+    assert!(core::mem::size_of::<RingSlot>() == 8);
     assert!(core::mem::size_of::<FlowKey>() == 40);
     assert!(core::mem::size_of::<FlowState>() == 16);
     assert!(core::mem::size_of::<Counters>() == 24);
@@ -149,7 +159,7 @@ mod user {
             unsafe impl bytemuck::Pod for $t {}
         )*};
     }
-    pod!(VipKey, VipInfo, Backend, FlowKey, FlowState, Counters);
+    pod!(VipKey, VipInfo, Backend, RingSlot, FlowKey, FlowState, Counters);
 }
 
 impl VipKey {

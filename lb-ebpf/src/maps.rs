@@ -1,0 +1,42 @@
+//! The maps shared with the daemon. Capacities here are placeholders: the daemon sets the real
+//! ones at load time with `EbpfLoader::set_max_entries`.
+
+use aya_ebpf::{
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_COMMON_LRU},
+    macros::map,
+    maps::{Array, DevMap, HashMap, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    Backend, Counters, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS,
+    DEFAULT_RING_SIZE, FlowKey, FlowState, Reason, RingSlot, VipInfo, VipKey,
+};
+
+#[map]
+pub static VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(DEFAULT_MAX_VIPS, 0);
+
+/// Two Maglev tables per VIP (double buffer): table `t` occupies `[t*M, (t+1)*M)`. Mmapable so
+/// the daemon writes a table without a syscall per slot.
+#[map]
+pub static RINGS: Array<RingSlot> =
+    Array::with_max_entries(DEFAULT_MAX_VIPS * 2 * DEFAULT_RING_SIZE, BPF_F_MMAPABLE);
+
+#[map]
+pub static BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+/// Per-CPU LRU lists: no shared lock between CPUs on insert.
+#[map]
+pub static FLOWS: LruHashMap<FlowKey, FlowState> =
+    LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
+
+#[map]
+pub static VIP_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(DEFAULT_MAX_VIPS, 0);
+
+#[map]
+pub static BACKEND_STATS: PerCpuArray<Counters> =
+    PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+#[map]
+pub static REASONS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(Reason::COUNT, 0);
+
+#[map]
+pub static TX_PORTS: DevMap = DevMap::with_max_entries(DEFAULT_MAX_BACKENDS, 0);

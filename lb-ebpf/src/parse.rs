@@ -1,0 +1,213 @@
+//! Header parsing: Ethernet (one optional 802.1Q tag), IPv4 (options allowed), IPv6 (fixed header
+//! only), TCP/UDP ports. Every access is bounds-checked against `data_end` right before it; any
+//! frame that is short, inconsistent or not understood is reported as a pass reason.
+
+use core::mem::size_of;
+
+use aya_ebpf::programs::XdpContext;
+use lb_common::{FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP, Reason};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+    tcp::TcpHdr,
+    udp::UdpHdr,
+    vlan::VlanHdr,
+};
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+const ETH_P_8021Q: u16 = 0x8100;
+
+/// IPv4 "more fragments" flag and fragment offset mask, in the host-order `frags` word.
+const IPV4_MF: u16 = 0x2000;
+const IPV4_OFFSET_MASK: u16 = 0x1fff;
+
+pub enum Parsed {
+    /// A TCP or UDP packet whose headers are all present and consistent.
+    Flow(FlowKey),
+    /// Hand the frame to the host untouched, for this reason.
+    Pass(Reason),
+}
+
+/// The frame's start and end pointers, read afresh. Volatile reads keep the compiler from
+/// reusing a length computed elsewhere: the verifier only accepts a packet access whose bound was
+/// checked on the packet pointer itself, not on an equivalent scalar.
+#[inline(always)]
+fn bounds(ctx: &XdpContext) -> (usize, usize) {
+    // SAFETY: `ctx.ctx` is the `xdp_md` the kernel passed to the program; reading its fields is
+    // always allowed.
+    unsafe {
+        (
+            core::ptr::read_volatile(&(*ctx.ctx).data) as usize,
+            core::ptr::read_volatile(&(*ctx.ctx).data_end) as usize,
+        )
+    }
+}
+
+/// The frame's length in bytes, for the byte counters.
+#[inline(always)]
+pub fn frame_len(ctx: &XdpContext) -> u64 {
+    let (start, end) = bounds(ctx);
+    (end - start) as u64
+}
+
+/// A pointer to a `T` at `offset` bytes into the frame, if the whole `T` is inside it.
+#[inline(always)]
+fn header<T>(ctx: &XdpContext, offset: usize) -> Option<*const T> {
+    let (start, end) = bounds(ctx);
+    let at = start + offset;
+    if at + size_of::<T>() > end {
+        return None;
+    }
+    Some(at as *const T)
+}
+
+#[inline(always)]
+pub fn parse(ctx: &XdpContext) -> Parsed {
+    match parse_l2(ctx) {
+        Ok(flow) => Parsed::Flow(flow),
+        Err(reason) => Parsed::Pass(reason),
+    }
+}
+
+#[inline(always)]
+fn parse_l2(ctx: &XdpContext) -> Result<FlowKey, Reason> {
+    let eth: *const EthHdr = header(ctx, 0).ok_or(Reason::PassMalformed)?;
+    // SAFETY: `header` checked that the Ethernet header lies inside the frame.
+    let mut ether_type = u16::from_be(unsafe { (*eth).ether_type });
+    let mut l3_offset = EthHdr::LEN;
+    if ether_type == ETH_P_8021Q {
+        let vlan: *const VlanHdr = header(ctx, l3_offset).ok_or(Reason::PassMalformed)?;
+        // SAFETY: bounds-checked just above.
+        ether_type = u16::from_be(unsafe { (*vlan).ether_type });
+        l3_offset += VlanHdr::LEN;
+    }
+    match ether_type {
+        ETH_P_IP => parse_ipv4(ctx, l3_offset),
+        ETH_P_IPV6 => parse_ipv6(ctx, l3_offset),
+        _ => Err(Reason::PassNotIp),
+    }
+}
+
+#[inline(always)]
+fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Result<FlowKey, Reason> {
+    let ip: *const Ipv4Hdr = header(ctx, offset).ok_or(Reason::PassMalformed)?;
+    // SAFETY: the fixed 20-byte header is inside the frame (checked by `header`).
+    let ip = unsafe { &*ip };
+    if ip.vihl >> 4 != 4 {
+        return Err(Reason::PassMalformed);
+    }
+    let header_len = usize::from(ip.vihl & 0x0f) * 4;
+    let total_len = usize::from(u16::from_be_bytes(ip.tot_len));
+    if header_len < Ipv4Hdr::LEN || total_len < header_len {
+        return Err(Reason::PassMalformed);
+    }
+    // The datagram must be all there; Ethernet padding after it is fine.
+    if offset + total_len > frame_len(ctx) as usize {
+        return Err(Reason::PassMalformed);
+    }
+    let frags = u16::from_be_bytes(ip.frags);
+    if frags & (IPV4_MF | IPV4_OFFSET_MASK) != 0 {
+        return Err(Reason::PassFragment);
+    }
+    let mut key = FlowKey {
+        src: [0; 16],
+        dst: [0; 16],
+        sport_be: 0,
+        dport_be: 0,
+        proto: ip.proto,
+        family: FAMILY_V4,
+        _pad: [0; 2],
+    };
+    copy4(&mut key.src, &ip.src_addr);
+    copy4(&mut key.dst, &ip.dst_addr);
+    parse_ports(ctx, offset + header_len, offset + total_len, &mut key)?;
+    Ok(key)
+}
+
+#[inline(always)]
+fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<FlowKey, Reason> {
+    let ip: *const Ipv6Hdr = header(ctx, offset).ok_or(Reason::PassMalformed)?;
+    // SAFETY: the fixed 40-byte header is inside the frame (checked by `header`).
+    let ip = unsafe { &*ip };
+    if ip.vcf[0] >> 4 != 6 {
+        return Err(Reason::PassMalformed);
+    }
+    let payload_len = usize::from(u16::from_be_bytes(ip.payload_len));
+    let end = offset + Ipv6Hdr::LEN + payload_len;
+    if end > frame_len(ctx) as usize {
+        return Err(Reason::PassMalformed);
+    }
+    let proto = ip.next_hdr;
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return Err(if is_ipv6_extension(proto) {
+            Reason::PassFragment
+        } else {
+            Reason::PassNotTcpUdp
+        });
+    }
+    let mut key = FlowKey {
+        src: ip.src_addr,
+        dst: ip.dst_addr,
+        sport_be: 0,
+        dport_be: 0,
+        proto,
+        family: FAMILY_V6,
+        _pad: [0; 2],
+    };
+    parse_ports(ctx, offset + Ipv6Hdr::LEN, end, &mut key)?;
+    Ok(key)
+}
+
+/// Fills in the ports. The whole TCP or UDP header must lie inside the IP datagram (`l3_end`),
+/// whose own end was already checked against the frame.
+#[inline(always)]
+fn parse_ports(
+    ctx: &XdpContext,
+    offset: usize,
+    l3_end: usize,
+    key: &mut FlowKey,
+) -> Result<(), Reason> {
+    match key.proto {
+        PROTO_TCP => {
+            if offset + TcpHdr::LEN > l3_end {
+                return Err(Reason::PassMalformed);
+            }
+            let tcp: *const TcpHdr = header(ctx, offset).ok_or(Reason::PassMalformed)?;
+            // SAFETY: bounds-checked by `header`.
+            let tcp = unsafe { &*tcp };
+            if usize::from(tcp.doff()) * 4 < TcpHdr::LEN {
+                return Err(Reason::PassMalformed);
+            }
+            key.sport_be = u16::from_ne_bytes(tcp.source);
+            key.dport_be = u16::from_ne_bytes(tcp.dest);
+        }
+        PROTO_UDP => {
+            if offset + UdpHdr::LEN > l3_end {
+                return Err(Reason::PassMalformed);
+            }
+            let udp: *const UdpHdr = header(ctx, offset).ok_or(Reason::PassMalformed)?;
+            // SAFETY: bounds-checked by `header`.
+            let udp = unsafe { &*udp };
+            key.sport_be = u16::from_ne_bytes(udp.src);
+            key.dport_be = u16::from_ne_bytes(udp.dst);
+        }
+        _ => return Err(Reason::PassNotTcpUdp),
+    }
+    Ok(())
+}
+
+/// IPv6 extension headers (hop-by-hop, routing, fragment, ESP, AH, destination options,
+/// mobility, HIP, shim6): the host handles these.
+#[inline(always)]
+fn is_ipv6_extension(next_header: u8) -> bool {
+    matches!(next_header, 0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140)
+}
+
+#[inline(always)]
+fn copy4(dst: &mut [u8; 16], src: &[u8; 4]) {
+    dst[0] = src[0];
+    dst[1] = src[1];
+    dst[2] = src[2];
+    dst[3] = src[3];
+}

@@ -1,0 +1,142 @@
+//! The daemon's model of what the data plane should hold, and the one place that writes it.
+//!
+//! Ids are assigned from the config: VIP `i` gets id `i` (its stats slot and ring tables `2i`,
+//! `2i+1`); backends get consecutive ids across VIPs. A VIP's ring is republished whenever the
+//! set of usable backends (up, L2 path known, weight > 0) changes: the new Maglev table goes into
+//! the inactive table and the VIP record is flipped with one map update.
+
+mod publish;
+
+use std::net::IpAddr;
+
+use lb_common::{FAMILY_V4, FAMILY_V6, VipKey};
+
+use crate::{
+    config::{Config, VipConfig},
+    dataplane::{Capacity, DataPlane},
+};
+
+pub use publish::{PublishError, ring_for};
+
+/// How the data plane reaches a backend at layer 2.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct L2Path {
+    /// The backend's MAC.
+    pub dst_mac: [u8; 6],
+    /// The MAC of the interface the frame leaves by.
+    pub src_mac: [u8; 6],
+    /// That interface.
+    pub ifindex: u32,
+    /// True when it is not the interface the program is attached to (redirect, not `XDP_TX`).
+    pub redirect: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct BackendState {
+    pub id: u32,
+    pub address: IpAddr,
+    pub weight: u32,
+    /// Health: false takes the backend out of the ring and moves its flows.
+    pub up: bool,
+    /// Unknown until the neighbour table gives the backend's MAC.
+    pub path: Option<L2Path>,
+}
+
+impl BackendState {
+    /// May receive packets of established flows.
+    pub fn reachable(&self) -> bool {
+        self.up && self.path.is_some()
+    }
+
+    /// May receive new flows.
+    pub fn in_ring(&self) -> bool {
+        self.reachable() && self.weight > 0
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct VipState {
+    pub id: u32,
+    pub name: String,
+    pub key: VipKey,
+    pub address: IpAddr,
+    pub port: u16,
+    pub protocol: crate::config::Protocol,
+    /// Which of the two tables is live (0 or 1).
+    pub active_ring: u32,
+    pub backends: Vec<BackendState>,
+}
+
+/// Owns the loaded data plane and the state it mirrors.
+pub struct Balancer {
+    pub dataplane: DataPlane,
+    pub vips: Vec<VipState>,
+}
+
+/// The capacity a config asks for.
+pub fn capacity_of(config: &Config) -> Capacity {
+    Capacity {
+        ring_size: config.ring_size,
+        max_vips: config.max_vips,
+        max_backends: config.max_backends,
+        flow_table_size: config.flow_table_size,
+    }
+}
+
+/// The data plane's key for a VIP.
+pub fn vip_key(address: IpAddr, port: u16, protocol: u8) -> VipKey {
+    match address {
+        IpAddr::V4(a) => VipKey::v4(a.octets(), port, protocol),
+        IpAddr::V6(a) => VipKey::v6(a.octets(), port, protocol),
+    }
+}
+
+/// Address family constant of an address, as the data plane stores it.
+pub fn family(address: IpAddr) -> u8 {
+    match address {
+        IpAddr::V4(_) => FAMILY_V4,
+        IpAddr::V6(_) => FAMILY_V6,
+    }
+}
+
+impl Balancer {
+    /// Builds the model for `config`; backends start up (issue 2 has no health checks) but
+    /// without an L2 path, so nothing is in a ring until `set_path` is called.
+    pub fn new(dataplane: DataPlane, config: &Config) -> Self {
+        let mut next_backend = 0u32;
+        let vips = config
+            .vips
+            .iter()
+            .enumerate()
+            .map(|(i, vip)| Self::vip_state(i as u32, vip, &mut next_backend))
+            .collect();
+        Self { dataplane, vips }
+    }
+
+    fn vip_state(id: u32, vip: &VipConfig, next_backend: &mut u32) -> VipState {
+        let backends = vip
+            .backends
+            .iter()
+            .map(|b| {
+                let id = *next_backend;
+                *next_backend += 1;
+                BackendState { id, address: b.address, weight: b.weight, up: true, path: None }
+            })
+            .collect();
+        VipState {
+            id,
+            name: vip.name.clone(),
+            key: vip_key(vip.address, vip.port, vip.protocol.number()),
+            address: vip.address,
+            port: vip.port,
+            protocol: vip.protocol,
+            active_ring: 0,
+            backends,
+        }
+    }
+
+    /// Finds a VIP by name.
+    pub fn vip_index(&self, name: &str) -> Option<usize> {
+        self.vips.iter().position(|v| v.name == name)
+    }
+}

@@ -1,0 +1,48 @@
+//! Errors of the data-plane layer.
+
+use aya::{EbpfError, maps::MapError, programs::ProgramError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataPlaneError {
+    #[error(
+        "this lb was built without its XDP program (AYA_BUILD_SKIP); rebuild after `cargo xtask setup`"
+    )]
+    NoObject,
+    #[error("loading the XDP object failed: {0}")]
+    Load(#[source] EbpfError),
+    #[error("the XDP object has no map `{0}`: it was built from a different map layout")]
+    MissingMap(&'static str),
+    #[error("the XDP object has no program `{0}`")]
+    MissingProgram(&'static str),
+    #[error("map `{name}`: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("program `{name}`: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("attaching XDP to {interface} in {mode} mode failed: {source}")]
+    Attach {
+        interface: String,
+        mode: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("memory-mapping map `RINGS` failed: {0}")]
+    RingMmap(#[source] std::io::Error),
+    #[error("{what} {index} is out of range (capacity {capacity})")]
+    OutOfRange {
+        what: &'static str,
+        index: u32,
+        capacity: u32,
+    },
+}
+
+pub(crate) fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DataPlaneError {
+    move |source| DataPlaneError::Map { name, source }
+}

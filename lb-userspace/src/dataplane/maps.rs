@@ -1,0 +1,83 @@
+//! Typed handles on every map of the XDP object, taken out of the loaded `Ebpf` so the daemon
+//! owns them independently of the program.
+
+use aya::{
+    Ebpf,
+    maps::{Array, DevMap, HashMap, Map, MapData, PerCpuArray},
+};
+use lb_common::{
+    Backend, Counters, FlowKey, FlowState, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_FLOWS,
+    MAP_REASONS, MAP_RINGS, MAP_TX_PORTS, MAP_VIP_STATS, MAP_VIPS, Reason, VipInfo, VipKey,
+};
+
+use super::{
+    error::{DataPlaneError, map_err},
+    ring::RingMemory,
+};
+
+pub struct Maps {
+    pub vips: HashMap<MapData, VipKey, VipInfo>,
+    pub backends: Array<MapData, Backend>,
+    pub rings: RingMemory,
+    pub flows: HashMap<MapData, FlowKey, FlowState>,
+    pub vip_stats: PerCpuArray<MapData, Counters>,
+    pub backend_stats: PerCpuArray<MapData, Counters>,
+    pub reasons: PerCpuArray<MapData, Counters>,
+    pub tx_ports: DevMap<MapData>,
+    /// Keeps the `RINGS` map (and so the memory behind `rings`) alive.
+    _rings_map: MapData,
+}
+
+fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, DataPlaneError> {
+    ebpf.take_map(name).ok_or(DataPlaneError::MissingMap(name))
+}
+
+impl Maps {
+    pub(super) fn take(ebpf: &mut Ebpf, ring_size: u32, ring_tables: u32) -> Result<Self, DataPlaneError> {
+        let rings_map = match take(ebpf, MAP_RINGS)? {
+            Map::Array(data) => data,
+            _ => return Err(DataPlaneError::MissingMap(MAP_RINGS)),
+        };
+        let rings = RingMemory::map(rings_map.fd(), ring_size, ring_tables)?;
+        Ok(Self {
+            vips: HashMap::try_from(take(ebpf, MAP_VIPS)?).map_err(map_err(MAP_VIPS))?,
+            backends: Array::try_from(take(ebpf, MAP_BACKENDS)?).map_err(map_err(MAP_BACKENDS))?,
+            rings,
+            flows: HashMap::try_from(take(ebpf, MAP_FLOWS)?).map_err(map_err(MAP_FLOWS))?,
+            vip_stats: PerCpuArray::try_from(take(ebpf, MAP_VIP_STATS)?)
+                .map_err(map_err(MAP_VIP_STATS))?,
+            backend_stats: PerCpuArray::try_from(take(ebpf, MAP_BACKEND_STATS)?)
+                .map_err(map_err(MAP_BACKEND_STATS))?,
+            reasons: PerCpuArray::try_from(take(ebpf, MAP_REASONS)?).map_err(map_err(MAP_REASONS))?,
+            tx_ports: DevMap::try_from(take(ebpf, MAP_TX_PORTS)?).map_err(map_err(MAP_TX_PORTS))?,
+            _rings_map: rings_map,
+        })
+    }
+
+    /// Sum over CPUs of one slot of a per-CPU counter array.
+    fn sum(map: &PerCpuArray<MapData, Counters>, name: &'static str, index: u32) -> Result<Counters, DataPlaneError> {
+        let per_cpu = map.get(&index, 0).map_err(map_err(name))?;
+        Ok(per_cpu.iter().fold(Counters::default(), |acc, c| Counters {
+            packets: acc.packets + c.packets,
+            bytes: acc.bytes + c.bytes,
+            new_flows: acc.new_flows + c.new_flows,
+        }))
+    }
+
+    pub fn vip_counters(&self, vip_id: u32) -> Result<Counters, DataPlaneError> {
+        Self::sum(&self.vip_stats, MAP_VIP_STATS, vip_id)
+    }
+
+    pub fn backend_counters(&self, backend_id: u32) -> Result<Counters, DataPlaneError> {
+        Self::sum(&self.backend_stats, MAP_BACKEND_STATS, backend_id)
+    }
+
+    pub fn reason_counters(&self, reason: Reason) -> Result<Counters, DataPlaneError> {
+        Self::sum(&self.reasons, MAP_REASONS, reason as u32)
+    }
+
+    /// Number of entries in the flow table (walks the keys: for status, not the hot path).
+    pub fn flow_count(&self) -> usize {
+        self.flows.keys().filter(Result::is_ok).count()
+    }
+}

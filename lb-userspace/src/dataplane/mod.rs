@@ -1,0 +1,10 @@
+//! Everything that touches the kernel: loading and attaching the XDP program, writing its maps.
+
+pub mod error;
+pub mod loader;
+pub mod maps;
+pub mod object;
+pub mod ring;
+
+pub use error::DataPlaneError;
+pub use loader::{AttachMode, Capacity, DataPlane};

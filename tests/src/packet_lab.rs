@@ -1,0 +1,109 @@
+//! Runs the real XDP program on hand-built frames through `BPF_PROG_TEST_RUN`, with real maps
+//! filled by the daemon's own `Balancer` from a config. No namespace or NIC involved.
+
+use std::{net::IpAddr, path::Path};
+
+use aya::{TestRun as _, TestRunOptions};
+use lb::{
+    balancer::{Balancer, L2Path, capacity_of, ring_for, vip_key},
+    config::Config,
+    dataplane::DataPlane,
+};
+use lb_common::{FAMILY_V4, FAMILY_V6, FlowKey, flow_hash};
+
+use crate::frames::LB_MAC;
+
+/// XDP verdicts.
+pub const XDP_ABORTED: u32 = 0;
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+pub const XDP_REDIRECT: u32 = 4;
+
+/// The MAC the lab gives backend number `id`.
+pub fn backend_mac(id: u32) -> [u8; 6] {
+    [0x02, 0xbe, 0, 0, (id >> 8) as u8, id as u8]
+}
+
+pub struct PacketLab {
+    pub balancer: Balancer,
+}
+
+impl PacketLab {
+    /// Loads the program with the capacities of `config_toml` and gives every backend a known
+    /// path (`backend_mac(id)`, same interface, so `XDP_TX`).
+    pub fn new(config_toml: &str) -> Self {
+        let config = Config::parse(config_toml, Path::new("lab.toml"))
+            .unwrap_or_else(|e| panic!("lab config is invalid: {e}"));
+        let dataplane = DataPlane::load(capacity_of(&config))
+            .unwrap_or_else(|e| panic!("loading the XDP program failed (run as root): {e:#}"));
+        let mut balancer = Balancer::new(dataplane, &config);
+        for v in 0..balancer.vips.len() {
+            for b in 0..balancer.vips[v].backends.len() {
+                let id = balancer.vips[v].backends[b].id;
+                balancer.vips[v].backends[b].path = Some(L2Path {
+                    dst_mac: backend_mac(id),
+                    src_mac: LB_MAC,
+                    ifindex: 1,
+                    redirect: false,
+                });
+            }
+        }
+        balancer
+            .publish_all()
+            .unwrap_or_else(|e| panic!("publishing the lab config: {e}"));
+        Self { balancer }
+    }
+
+    /// Runs the program once on `frame`; returns the verdict and the frame as the program left it.
+    pub fn run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = self
+            .balancer
+            .dataplane
+            .program()
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..TestRunOptions::new()
+            })
+            .unwrap_or_else(|e| {
+                panic!(
+                    "BPF_PROG_TEST_RUN failed on a {}-byte frame: {e}",
+                    frame.len()
+                )
+            });
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
+    /// The backend id the program must pick for a new flow, computed from the daemon's own
+    /// Maglev table and the shared flow hash.
+    pub fn expected_backend(&self, vip_index: usize, flow: &FlowKey) -> u32 {
+        let vip = &self.balancer.vips[vip_index];
+        let table = ring_for(vip, self.balancer.dataplane.capacity.ring_size);
+        table[(flow_hash(flow) % self.balancer.dataplane.capacity.ring_size) as usize]
+    }
+}
+
+/// The flow key the program builds for a packet.
+pub fn flow_key(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, proto: u8) -> FlowKey {
+    let vip = vip_key(dst, dport, proto);
+    let (src_bytes, family) = match src {
+        IpAddr::V4(a) => {
+            let mut b = [0u8; 16];
+            b[..4].copy_from_slice(&a.octets());
+            (b, FAMILY_V4)
+        }
+        IpAddr::V6(a) => (a.octets(), FAMILY_V6),
+    };
+    FlowKey {
+        src: src_bytes,
+        dst: vip.addr,
+        sport_be: sport.to_be(),
+        dport_be: dport.to_be(),
+        proto,
+        family,
+        _pad: [0; 2],
+    }
+}
