@@ -1,1 +1,122 @@
-fn main() {}
+//! `cargo xtask`: set-up, checks, demo and benchmarks for the XDP load balancer.
+//!
+//! This crate depends on no other workspace crate: `cargo xtask setup` has to build on a
+//! machine that has no eBPF toolchain yet.
+
+mod apt;
+mod checks;
+mod cmd;
+mod demo;
+mod setup;
+mod toolchain;
+
+use std::process::ExitCode;
+
+use anyhow::{Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Set-up, checks, demo and benchmarks for the XDP load balancer"
+)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what is missing, idempotently: Debian packages, the eBPF Rust toolchain
+    /// (rustup `distro` or `nightly`), bpf-linker 0.13, bpffs on /sys/fs/bpf.
+    Setup,
+    /// Run setup, then `cargo fmt --check`, `cargo clippy -D warnings` and every test,
+    /// including the ones that need root (run as root).
+    Test {
+        /// Extra `cargo test` arguments (e.g. a filter); after a further `--`, test-harness
+        /// arguments: `cargo xtask test -- maglev -- --nocapture`.
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "ARGS"
+        )]
+        args: Vec<String>,
+    },
+    /// Run setup, build the release binaries and run the demo (lb-demo) with ARGS (run as root).
+    Demo {
+        /// Arguments for lb-demo.
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "ARGS"
+        )]
+        args: Vec<String>,
+    },
+    /// Benchmarks (not implemented yet).
+    Bench,
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse().task) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(task: Task) -> Result<ExitCode> {
+    match task {
+        Task::Setup => setup::run().map(|_| ExitCode::SUCCESS),
+        Task::Test { args } => {
+            require_root_for("test")?;
+            let toolchain = setup::run()?;
+            checks::run(&toolchain, &args).map(|()| ExitCode::SUCCESS)
+        }
+        Task::Demo { args } => {
+            require_root_for("demo")?;
+            let toolchain = setup::run()?;
+            demo::run(&toolchain, &args)
+        }
+        Task::Bench => {
+            println!("benchmarks: not implemented yet (issue 4)");
+            Ok(ExitCode::from(2))
+        }
+    }
+}
+
+/// The tests and the demo create network namespaces and attach XDP programs.
+fn require_root_for(task: &str) -> Result<()> {
+    if !cmd::is_root() {
+        bail!(
+            "`cargo xtask {task}` needs root (network namespaces, XDP, bpffs): run it as root, \
+             e.g. `sudo -E env PATH=\"$PATH\" cargo xtask {task}`"
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn test_args(argv: &[&str]) -> Vec<String> {
+        match Cli::try_parse_from(argv).expect("parses").task {
+            Task::Test { args } => args,
+            _ => panic!("not the test task"),
+        }
+    }
+
+    #[test]
+    fn test_args_pass_through() {
+        let args = test_args(&["xtask", "test", "--", "maglev", "--", "--nocapture"]);
+        assert_eq!(args, ["maglev", "--", "--nocapture"]);
+        assert_eq!(
+            test_args(&["xtask", "test", "maglev", "--exact"]),
+            ["maglev", "--exact"]
+        );
+        assert!(test_args(&["xtask", "test"]).is_empty());
+    }
+}
