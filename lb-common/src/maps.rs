@@ -159,7 +159,9 @@ mod user {
             unsafe impl bytemuck::Pod for $t {}
         )*};
     }
-    pod!(VipKey, VipInfo, Backend, RingSlot, FlowKey, FlowState, Counters);
+    pod!(
+        VipKey, VipInfo, Backend, RingSlot, FlowKey, FlowState, Counters
+    );
 }
 
 impl VipKey {

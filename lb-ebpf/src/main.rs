@@ -12,8 +12,8 @@ mod maps;
 mod parse;
 mod rewrite;
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use crate::parse::Parsed;
+use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 
 /// Ring size M. Read-only global, set by the daemon at load time (`EbpfLoader::set_global`); the
 /// non-zero default keeps it in `.rodata`, where the verifier treats it as a known constant.

@@ -1,1 +1,21 @@
+//! Test harness for end-to-end tests and the demo: network namespaces, veths and bridges, the
+//! L2 DSR topology, real servers and clients, and bpffs checks. Needs root.
 
+pub mod bpffs;
+pub mod daemon;
+pub mod frames;
+pub mod links;
+pub mod netns;
+pub mod packet_lab;
+pub mod servers;
+pub mod topology;
+pub mod xdp;
+
+pub use bpffs::bpffs_entries_under;
+pub use links::MacAddress;
+pub use netns::NetNs;
+pub use servers::{
+    BatchOutcome, TcpIdentityServer, TcpLineClient, UdpIdentityServer, tcp_request, tcp_requests,
+    udp_request, udp_requests,
+};
+pub use topology::{DsrTopology, DsrTopologyOptions, Host, leftovers};

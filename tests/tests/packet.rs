@@ -98,13 +98,20 @@ fn assert_forwarded(lab: &mut PacketLab, vip: usize, spec: &FrameSpec) -> u32 {
     let expected_backend = lab.expected_backend(vip, &key);
     let (verdict, out) = lab.run(&frame);
     assert_eq!(verdict, XDP_TX, "verdict for {spec:?}");
-    assert_eq!(out, rewritten(&frame, expected_backend), "rewritten bytes for {spec:?}");
+    assert_eq!(
+        out,
+        rewritten(&frame, expected_backend),
+        "rewritten bytes for {spec:?}"
+    );
     expected_backend
 }
 
 fn assert_passed_unchanged(lab: &mut PacketLab, frame: &[u8], what: &str) {
     let (verdict, out) = lab.run(frame);
-    assert_eq!(verdict, XDP_PASS, "{what}: verdict (0=ABORTED 1=DROP 2=PASS 3=TX)");
+    assert_eq!(
+        verdict, XDP_PASS,
+        "{what}: verdict (0=ABORTED 1=DROP 2=PASS 3=TX)"
+    );
     assert_eq!(out, frame, "{what}: a passed frame must be untouched");
 }
 
@@ -131,10 +138,22 @@ fn valid_vip_frames() -> Vec<(usize, FrameSpec)> {
     with_payload.l4 = L4::Tcp { flags: 0x18 }; // PSH|ACK
     with_payload.payload = b"GET / HTTP/1.0\r\n\r\n".to_vec();
     vec![
-        (WEB, FrameSpec::tcp_syn(client4, 40000, ip("10.0.0.100"), 80)),
-        (DNS, FrameSpec::udp(client4, 40000, ip("10.0.0.100"), 53, b"query")),
-        (WEB6, FrameSpec::tcp_syn(client6, 40000, ip("2001:db8::100"), 443)),
-        (DNS6, FrameSpec::udp(client6, 40000, ip("2001:db8::100"), 53, b"query")),
+        (
+            WEB,
+            FrameSpec::tcp_syn(client4, 40000, ip("10.0.0.100"), 80),
+        ),
+        (
+            DNS,
+            FrameSpec::udp(client4, 40000, ip("10.0.0.100"), 53, b"query"),
+        ),
+        (
+            WEB6,
+            FrameSpec::tcp_syn(client6, 40000, ip("2001:db8::100"), 443),
+        ),
+        (
+            DNS6,
+            FrameSpec::udp(client6, 40000, ip("2001:db8::100"), 53, b"query"),
+        ),
         (WEB, vlan_tcp),
         (DNS6, vlan_udp6),
         (WEB, with_options),
@@ -149,8 +168,17 @@ fn vip_frames_are_sent_to_the_predicted_backend_with_only_the_macs_rewritten() {
     for (vip, spec) in valid_vip_frames() {
         assert_forwarded(&mut lab, vip, &spec);
     }
-    let tx = lab.balancer.dataplane.maps.reason_counters(Reason::Tx).expect("REASONS");
-    assert_eq!(tx.packets, valid_vip_frames().len() as u64, "Tx reason counter");
+    let tx = lab
+        .balancer
+        .dataplane
+        .maps
+        .reason_counters(Reason::Tx)
+        .expect("REASONS");
+    assert_eq!(
+        tx.packets,
+        valid_vip_frames().len() as u64,
+        "Tx reason counter"
+    );
 }
 
 #[test]
@@ -166,11 +194,28 @@ fn new_flows_spread_over_all_backends_and_counters_match() {
         bytes[id as usize] += spec.build().len() as u64;
     }
     for (id, &n) in per_backend.iter().enumerate() {
-        assert!(n > 120, "backend {id} got {n} of 600 new flows: {per_backend:?}");
-        let c = lab.balancer.dataplane.maps.backend_counters(id as u32).expect("BACKEND_STATS");
-        assert_eq!((c.packets, c.bytes, c.new_flows), (n, bytes[id], n), "backend {id} counters");
+        assert!(
+            n > 120,
+            "backend {id} got {n} of 600 new flows: {per_backend:?}"
+        );
+        let c = lab
+            .balancer
+            .dataplane
+            .maps
+            .backend_counters(id as u32)
+            .expect("BACKEND_STATS");
+        assert_eq!(
+            (c.packets, c.bytes, c.new_flows),
+            (n, bytes[id], n),
+            "backend {id} counters"
+        );
     }
-    let vip = lab.balancer.dataplane.maps.vip_counters(0).expect("VIP_STATS");
+    let vip = lab
+        .balancer
+        .dataplane
+        .maps
+        .vip_counters(0)
+        .expect("VIP_STATS");
     assert_eq!(vip.packets, 600);
     assert_eq!(vip.new_flows, 600);
 }
@@ -181,17 +226,37 @@ fn traffic_that_is_not_for_a_vip_passes_unchanged() {
     let mut lab = PacketLab::new(CONFIG);
     let client = ip("192.0.2.7");
     let cases = [
-        ("TCP to a non-VIP address", FrameSpec::tcp_syn(client, 4000, ip("10.0.0.2"), 22).build()),
-        ("TCP to the VIP on another port", FrameSpec::tcp_syn(client, 4000, ip("10.0.0.100"), 81).build()),
-        ("UDP to the TCP VIP's port", FrameSpec::udp(client, 4000, ip("10.0.0.100"), 80, b"x").build()),
-        ("TCP to the UDP VIP's port", FrameSpec::tcp_syn(client, 4000, ip("10.0.0.100"), 53).build()),
+        (
+            "TCP to a non-VIP address",
+            FrameSpec::tcp_syn(client, 4000, ip("10.0.0.2"), 22).build(),
+        ),
+        (
+            "TCP to the VIP on another port",
+            FrameSpec::tcp_syn(client, 4000, ip("10.0.0.100"), 81).build(),
+        ),
+        (
+            "UDP to the TCP VIP's port",
+            FrameSpec::udp(client, 4000, ip("10.0.0.100"), 80, b"x").build(),
+        ),
+        (
+            "TCP to the UDP VIP's port",
+            FrameSpec::tcp_syn(client, 4000, ip("10.0.0.100"), 53).build(),
+        ),
         (
             "ICMP echo to the host",
-            FrameSpec { l4: L4::IcmpEcho, ..FrameSpec::tcp_syn(client, 0, ip("10.0.0.2"), 0) }.build(),
+            FrameSpec {
+                l4: L4::IcmpEcho,
+                ..FrameSpec::tcp_syn(client, 0, ip("10.0.0.2"), 0)
+            }
+            .build(),
         ),
         (
             "ICMP echo to the VIP address",
-            FrameSpec { l4: L4::IcmpEcho, ..FrameSpec::tcp_syn(client, 0, ip("10.0.0.100"), 0) }.build(),
+            FrameSpec {
+                l4: L4::IcmpEcho,
+                ..FrameSpec::tcp_syn(client, 0, ip("10.0.0.100"), 0)
+            }
+            .build(),
         ),
         (
             "ICMPv6 echo to the VIP address",
@@ -201,8 +266,14 @@ fn traffic_that_is_not_for_a_vip_passes_unchanged() {
             }
             .build(),
         ),
-        ("ARP request for the host", arp_request([192, 0, 2, 7], [10, 0, 0, 2])),
-        ("ARP request for the VIP", arp_request([192, 0, 2, 7], [10, 0, 0, 100])),
+        (
+            "ARP request for the host",
+            arp_request([192, 0, 2, 7], [10, 0, 0, 2]),
+        ),
+        (
+            "ARP request for the VIP",
+            arp_request([192, 0, 2, 7], [10, 0, 0, 100]),
+        ),
     ];
     for (what, frame) in cases {
         assert_passed_unchanged(&mut lab, &frame, what);
@@ -232,15 +303,21 @@ fn fragments_extension_headers_and_bad_headers_pass_unchanged() {
     assert_passed_unchanged(&mut lab, &short_ihl, "IHL 4 (16-byte header)");
     let mut huge_total_len = syn.clone();
     huge_total_len[16..18].copy_from_slice(&1500u16.to_be_bytes());
-    assert_passed_unchanged(&mut lab, &huge_total_len, "IPv4 total length beyond the frame");
+    assert_passed_unchanged(
+        &mut lab,
+        &huge_total_len,
+        "IPv4 total length beyond the frame",
+    );
     let mut tcp_offset_short = syn.clone();
     tcp_offset_short[14 + 20 + 12] = 0x40;
     assert_passed_unchanged(&mut lab, &tcp_offset_short, "TCP data offset 4");
 
-    let mut hop_by_hop = FrameSpec::tcp_syn(ip("2001:db8::7"), 4000, ip("2001:db8::100"), 443).build();
+    let mut hop_by_hop =
+        FrameSpec::tcp_syn(ip("2001:db8::7"), 4000, ip("2001:db8::100"), 443).build();
     hop_by_hop[14 + 6] = 0; // next header: hop-by-hop options
     assert_passed_unchanged(&mut lab, &hop_by_hop, "IPv6 with an extension header");
-    let mut v6_fragment = FrameSpec::udp(ip("2001:db8::7"), 4000, ip("2001:db8::100"), 53, b"q").build();
+    let mut v6_fragment =
+        FrameSpec::udp(ip("2001:db8::7"), 4000, ip("2001:db8::100"), 53, b"q").build();
     v6_fragment[14 + 6] = 44;
     assert_passed_unchanged(&mut lab, &v6_fragment, "IPv6 fragment header");
 
@@ -250,8 +327,16 @@ fn fragments_extension_headers_and_bad_headers_pass_unchanged() {
     qinq.splice(16..16, [0x81, 0x00, 0x00, 0x08]);
     assert_passed_unchanged(&mut lab, &qinq, "two 802.1Q tags");
 
-    let counters = lab.balancer.dataplane.maps.reason_counters(Reason::PassFragment).expect("REASONS");
-    assert_eq!(counters.packets, 4, "fragments and extension headers counted as pass_fragment");
+    let counters = lab
+        .balancer
+        .dataplane
+        .maps
+        .reason_counters(Reason::PassFragment)
+        .expect("REASONS");
+    assert_eq!(
+        counters.packets, 4,
+        "fragments and extension headers counted as pass_fragment"
+    );
 }
 
 #[test]
@@ -277,7 +362,11 @@ fn every_truncation_of_a_vip_frame_passes_unchanged() {
                 assert!(refused.is_err(), "kernel accepted a {len}-byte test frame");
                 continue;
             }
-            assert_passed_unchanged(&mut lab, truncated, &format!("{spec:?} truncated to {len} bytes"));
+            assert_passed_unchanged(
+                &mut lab,
+                truncated,
+                &format!("{spec:?} truncated to {len} bytes"),
+            );
         }
     }
 }
@@ -289,7 +378,10 @@ fn a_flow_keeps_its_backend_when_the_ring_changes() {
     let flows: Vec<FrameSpec> = (2000..2300)
         .map(|sport| FrameSpec::tcp_syn(ip("192.0.2.10"), sport, ip("10.0.0.100"), 80))
         .collect();
-    let first: Vec<u32> = flows.iter().map(|f| assert_forwarded(&mut lab, WEB, f)).collect();
+    let first: Vec<u32> = flows
+        .iter()
+        .map(|f| assert_forwarded(&mut lab, WEB, f))
+        .collect();
 
     // Reweight: the new table sends many of these flows elsewhere if they were new.
     lab.balancer.set_weight(WEB, 2, 1000).expect("reweight");
@@ -301,12 +393,20 @@ fn a_flow_keeps_its_backend_when_the_ring_changes() {
             lab.expected_backend(WEB, &key) != **b
         })
         .count();
-    assert!(moved_if_new > 50, "the new ring must remap many of the flows, remapped {moved_if_new}");
+    assert!(
+        moved_if_new > 50,
+        "the new ring must remap many of the flows, remapped {moved_if_new}"
+    );
 
     for (flow, &backend) in flows.iter().zip(&first) {
         let mut next = flow.clone();
         next.l4 = L4::Tcp { flags: 0x10 }; // ACK
-        assert_eq!(backend_of(&mut lab, &next), backend, "established flow {} moved", flow.sport);
+        assert_eq!(
+            backend_of(&mut lab, &next),
+            backend,
+            "established flow {} moved",
+            flow.sport
+        );
     }
 }
 
@@ -317,20 +417,39 @@ fn a_flow_whose_backend_goes_down_moves_and_stays_moved() {
     let flows: Vec<FrameSpec> = (3000..3200)
         .map(|sport| FrameSpec::tcp_syn(ip("192.0.2.11"), sport, ip("10.0.0.100"), 80))
         .collect();
-    let first: Vec<u32> = flows.iter().map(|f| assert_forwarded(&mut lab, WEB, f)).collect();
+    let first: Vec<u32> = flows
+        .iter()
+        .map(|f| assert_forwarded(&mut lab, WEB, f))
+        .collect();
     let down = lab.balancer.vips[WEB].backends[1].id;
-    assert!(first.contains(&down), "some flow must use the backend we take down");
+    assert!(
+        first.contains(&down),
+        "some flow must use the backend we take down"
+    );
 
     lab.balancer.set_up(WEB, 1, false).expect("mark down");
     let mut after_down = Vec::new();
     for (flow, &before) in flows.iter().zip(&first) {
         let key = flow_key(flow.src, flow.sport, flow.dst, flow.dport, PROTO_TCP);
         let got = backend_of(&mut lab, flow);
-        assert_ne!(got, down, "flow {} still sent to the down backend", flow.sport);
+        assert_ne!(
+            got, down,
+            "flow {} still sent to the down backend",
+            flow.sport
+        );
         if before == down {
-            assert_eq!(got, lab.expected_backend(WEB, &key), "moved flow {} re-chosen from the ring", flow.sport);
+            assert_eq!(
+                got,
+                lab.expected_backend(WEB, &key),
+                "moved flow {} re-chosen from the ring",
+                flow.sport
+            );
         } else {
-            assert_eq!(got, before, "flow {} on a healthy backend moved", flow.sport);
+            assert_eq!(
+                got, before,
+                "flow {} on a healthy backend moved",
+                flow.sport
+            );
         }
         after_down.push(got);
     }
@@ -338,7 +457,12 @@ fn a_flow_whose_backend_goes_down_moves_and_stays_moved() {
     // The backend comes back: re-chosen flows stay where they went.
     lab.balancer.set_up(WEB, 1, true).expect("mark up");
     for (flow, &backend) in flows.iter().zip(&after_down) {
-        assert_eq!(backend_of(&mut lab, flow), backend, "flow {} moved again", flow.sport);
+        assert_eq!(
+            backend_of(&mut lab, flow),
+            backend,
+            "flow {} moved again",
+            flow.sport
+        );
     }
 }
 
@@ -349,15 +473,27 @@ fn weight_zero_drains_existing_flows_stay_new_ones_go_elsewhere() {
     let flows: Vec<FrameSpec> = (5000..5200)
         .map(|sport| FrameSpec::tcp_syn(ip("192.0.2.12"), sport, ip("10.0.0.100"), 80))
         .collect();
-    let first: Vec<u32> = flows.iter().map(|f| assert_forwarded(&mut lab, WEB, f)).collect();
+    let first: Vec<u32> = flows
+        .iter()
+        .map(|f| assert_forwarded(&mut lab, WEB, f))
+        .collect();
     let drained = lab.balancer.vips[WEB].backends[0].id;
     lab.balancer.set_weight(WEB, 0, 0).expect("drain");
     for (flow, &backend) in flows.iter().zip(&first) {
-        assert_eq!(backend_of(&mut lab, flow), backend, "existing flow {} moved on drain", flow.sport);
+        assert_eq!(
+            backend_of(&mut lab, flow),
+            backend,
+            "existing flow {} moved on drain",
+            flow.sport
+        );
     }
     for sport in 6000..6300 {
         let spec = FrameSpec::tcp_syn(ip("192.0.2.12"), sport, ip("10.0.0.100"), 80);
-        assert_ne!(assert_forwarded(&mut lab, WEB, &spec), drained, "new flow {sport} sent to a drained backend");
+        assert_ne!(
+            assert_forwarded(&mut lab, WEB, &spec),
+            drained,
+            "new flow {sport} sent to a drained backend"
+        );
     }
 }
 
@@ -368,7 +504,12 @@ fn a_vip_without_backends_drops_and_counts() {
     let frame = FrameSpec::tcp_syn(ip("192.0.2.7"), 4000, ip("10.0.0.200"), 80).build();
     let (verdict, _) = lab.run(&frame);
     assert_eq!(verdict, XDP_DROP);
-    let c = lab.balancer.dataplane.maps.reason_counters(Reason::DropNoBackend).expect("REASONS");
+    let c = lab
+        .balancer
+        .dataplane
+        .maps
+        .reason_counters(Reason::DropNoBackend)
+        .expect("REASONS");
     assert_eq!(c.packets, 1);
     let _ = CLIENT_MAC;
 }

@@ -120,7 +120,13 @@ impl Balancer {
             .map(|b| {
                 let id = *next_backend;
                 *next_backend += 1;
-                BackendState { id, address: b.address, weight: b.weight, up: true, path: None }
+                BackendState {
+                    id,
+                    address: b.address,
+                    weight: b.weight,
+                    up: true,
+                    path: None,
+                }
             })
             .collect();
         VipState {

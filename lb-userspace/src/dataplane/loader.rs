@@ -68,7 +68,12 @@ impl DataPlane {
         if object.is_empty() {
             return Err(DataPlaneError::NoObject);
         }
-        let Capacity { ring_size, max_vips, max_backends, flow_table_size } = capacity;
+        let Capacity {
+            ring_size,
+            max_vips,
+            max_backends,
+            flow_table_size,
+        } = capacity;
         let ring_tables = max_vips * 2;
         let mut ebpf = EbpfLoader::new()
             .override_global(GLOBAL_RING_SIZE, &ring_size, true)
@@ -87,10 +92,17 @@ impl DataPlane {
                 .ok_or(DataPlaneError::MissingProgram(name))?
                 .try_into()
                 .map_err(|source| DataPlaneError::Program { name, source })?;
-            program.load().map_err(|source| DataPlaneError::Program { name, source })?;
+            program
+                .load()
+                .map_err(|source| DataPlaneError::Program { name, source })?;
         }
         let maps = Maps::take(&mut ebpf, ring_size, ring_tables)?;
-        Ok(Self { ebpf, maps, capacity, link: None })
+        Ok(Self {
+            ebpf,
+            maps,
+            capacity,
+            link: None,
+        })
     }
 
     /// The balancing program (for attaching, or running it with `BPF_PROG_TEST_RUN`).
@@ -111,7 +123,12 @@ impl DataPlane {
     }
 
     /// Attaches the balancing program to `interface` (`ifindex`) in `mode`.
-    pub fn attach(&mut self, interface: &str, ifindex: u32, mode: AttachMode) -> Result<(), DataPlaneError> {
+    pub fn attach(
+        &mut self,
+        interface: &str,
+        ifindex: u32,
+        mode: AttachMode,
+    ) -> Result<(), DataPlaneError> {
         let link = self
             .program()
             .attach_to_if_index(ifindex, mode.xdp_mode())
@@ -129,7 +146,10 @@ impl DataPlane {
         if let Some(link) = self.link.take() {
             self.program()
                 .detach(link)
-                .map_err(|source| DataPlaneError::Program { name: PROGRAM_NAME, source })?;
+                .map_err(|source| DataPlaneError::Program {
+                    name: PROGRAM_NAME,
+                    source,
+                })?;
         }
         Ok(())
     }

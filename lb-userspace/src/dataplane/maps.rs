@@ -6,8 +6,8 @@ use aya::{
     maps::{Array, DevMap, HashMap, Map, MapData, PerCpuArray},
 };
 use lb_common::{
-    Backend, Counters, FlowKey, FlowState, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_FLOWS,
-    MAP_REASONS, MAP_RINGS, MAP_TX_PORTS, MAP_VIP_STATS, MAP_VIPS, Reason, VipInfo, VipKey,
+    Backend, Counters, FlowKey, FlowState, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_FLOWS, MAP_REASONS,
+    MAP_RINGS, MAP_TX_PORTS, MAP_VIP_STATS, MAP_VIPS, Reason, VipInfo, VipKey,
 };
 
 use super::{
@@ -33,7 +33,11 @@ fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, DataPlaneError> {
 }
 
 impl Maps {
-    pub(super) fn take(ebpf: &mut Ebpf, ring_size: u32, ring_tables: u32) -> Result<Self, DataPlaneError> {
+    pub(super) fn take(
+        ebpf: &mut Ebpf,
+        ring_size: u32,
+        ring_tables: u32,
+    ) -> Result<Self, DataPlaneError> {
         let rings_map = match take(ebpf, MAP_RINGS)? {
             Map::Array(data) => data,
             _ => return Err(DataPlaneError::MissingMap(MAP_RINGS)),
@@ -48,14 +52,19 @@ impl Maps {
                 .map_err(map_err(MAP_VIP_STATS))?,
             backend_stats: PerCpuArray::try_from(take(ebpf, MAP_BACKEND_STATS)?)
                 .map_err(map_err(MAP_BACKEND_STATS))?,
-            reasons: PerCpuArray::try_from(take(ebpf, MAP_REASONS)?).map_err(map_err(MAP_REASONS))?,
+            reasons: PerCpuArray::try_from(take(ebpf, MAP_REASONS)?)
+                .map_err(map_err(MAP_REASONS))?,
             tx_ports: DevMap::try_from(take(ebpf, MAP_TX_PORTS)?).map_err(map_err(MAP_TX_PORTS))?,
             _rings_map: rings_map,
         })
     }
 
     /// Sum over CPUs of one slot of a per-CPU counter array.
-    fn sum(map: &PerCpuArray<MapData, Counters>, name: &'static str, index: u32) -> Result<Counters, DataPlaneError> {
+    fn sum(
+        map: &PerCpuArray<MapData, Counters>,
+        name: &'static str,
+        index: u32,
+    ) -> Result<Counters, DataPlaneError> {
         let per_cpu = map.get(&index, 0).map_err(map_err(name))?;
         Ok(per_cpu.iter().fold(Counters::default(), |acc, c| Counters {
             packets: acc.packets + c.packets,

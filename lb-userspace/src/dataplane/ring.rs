@@ -3,11 +3,7 @@
 //! daemon only writes a VIP's inactive table and then flips `VipInfo::active_ring` with a map
 //! update (a syscall, hence a full barrier), so the XDP program never reads a table being written.
 
-use std::{
-    num::NonZeroUsize,
-    os::fd::AsFd,
-    ptr::NonNull,
-};
+use std::{num::NonZeroUsize, os::fd::AsFd, ptr::NonNull};
 
 use lb_common::RingSlot;
 use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
@@ -50,7 +46,12 @@ impl RingMemory {
             )
         }
         .map_err(|errno| DataPlaneError::RingMmap(errno.into()))?;
-        Ok(Self { base: base.cast(), len_bytes, ring_size, tables })
+        Ok(Self {
+            base: base.cast(),
+            len_bytes,
+            ring_size,
+            tables,
+        })
     }
 
     pub fn ring_size(&self) -> u32 {
@@ -66,12 +67,20 @@ impl RingMemory {
             });
         }
         // SAFETY: `table < tables`, so the offset stays inside the mapping.
-        Ok(unsafe { self.base.as_ptr().add(table as usize * self.ring_size as usize) })
+        Ok(unsafe {
+            self.base
+                .as_ptr()
+                .add(table as usize * self.ring_size as usize)
+        })
     }
 
     /// Writes a whole table. `slots` must hold exactly `ring_size` backend ids.
     pub fn write_table(&mut self, table: u32, slots: &[u32]) -> Result<(), DataPlaneError> {
-        assert_eq!(slots.len(), self.ring_size as usize, "Maglev table of the wrong size");
+        assert_eq!(
+            slots.len(),
+            self.ring_size as usize,
+            "Maglev table of the wrong size"
+        );
         let ptr = self.table_ptr(table)?;
         // SAFETY: `ptr` starts a run of `ring_size` slots inside the mapping (checked in
         // `table_ptr`); we hold `&mut self`, so no other userspace writer exists. The XDP program

@@ -1,0 +1,550 @@
+//! Weighted Maglev lookup tables (Eisenbud et al., "Maglev: A Fast and Reliable Software Network
+//! Load Balancer", NSDI 2016, section 3.4), the per-VIP rings the XDP program indexes with
+//! `flow_hash % M` to choose a new flow's backend.
+//!
+//! Why Maglev: every backend gets an almost equal (here: weight-proportional) share of the M
+//! slots, and when a backend leaves, almost only its own slots change owner, so flows of the
+//! other backends that are not in the connection table (a new LB, an evicted entry) still land
+//! on the same backend.
+//!
+//! Each backend has a preference list, a permutation of the slots derived from two hashes of its
+//! key: `permutation[j] = (offset + j * skip) % M` with `offset = h1(key) % M` and
+//! `skip = h2(key) % (M - 1) + 1`. M prime makes every `skip` coprime with M, so each list
+//! visits every slot exactly once. Backends take turns claiming the next slot of their list that
+//! is still free, until all are taken.
+//!
+//! Weights: in each round every backend adds its weight to a credit, and claims one slot when
+//! its credit reaches the largest weight (then pays that much back). A backend of the largest
+//! weight claims every round, one of half that weight every other round, so slot counts are
+//! proportional to weights.
+//!
+//! The hashes are our own (FNV-1a 64 followed by MurmurHash3's 64-bit finaliser) rather than
+//! std's `DefaultHasher`, whose algorithm may change between Rust versions: the same config
+//! must give the same table from any build of the daemon on any machine.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+
+use lb_common::NO_BACKEND;
+
+/// One candidate owner of ring slots.
+#[derive(Clone, Copy, Debug)]
+pub struct MaglevBackend<'a> {
+    /// Stable identity (e.g. the backend address bytes and the VIP name): it alone decides the
+    /// backend's preference list, so it must not change while the backend stays configured, and
+    /// must not depend on the backend's position in the list.
+    pub key: &'a [u8],
+    /// Relative share of the slots; 0 keeps the backend out of the table.
+    pub weight: u32,
+}
+
+/// Seeds of the two preference-list hashes. Changing them reshuffles every ring.
+const OFFSET_SEED: u64 = 0x5bd1_e995_0000_0001;
+const SKIP_SEED: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// Builds the lookup table of `ring_size` slots for `backends`.
+///
+/// Each entry is the index into `backends` of the slot's owner, or [`NO_BACKEND`] everywhere if
+/// no backend has a weight above 0. The result depends only on the keys, weights and order of
+/// `backends` and on `ring_size`; a backend of weight 0 yields exactly the table of the list
+/// without it (with indices of the original list).
+///
+/// Cost: O(M log N) heap operations plus, as in the paper, about M ln M probes of taken slots;
+/// independent of how skewed the weights are.
+///
+/// # Panics
+///
+/// If `ring_size` is not prime (callers validate it; see [`is_prime`]), or if there are
+/// `NO_BACKEND` or more backends (their indices could not be told from an empty slot).
+pub fn build_table(backends: &[MaglevBackend<'_>], ring_size: u32) -> Vec<u32> {
+    assert!(
+        is_prime(ring_size),
+        "Maglev ring size {ring_size} is not prime"
+    );
+    assert!(
+        backends.len() < NO_BACKEND as usize,
+        "too many Maglev backends: {}",
+        backends.len()
+    );
+
+    let mut table = vec![NO_BACKEND; ring_size as usize];
+    let max_weight = backends
+        .iter()
+        .map(|backend| backend.weight)
+        .max()
+        .unwrap_or(0);
+    if max_weight == 0 {
+        return table;
+    }
+
+    let mut candidates: Vec<Candidate> = backends
+        .iter()
+        .enumerate()
+        .filter(|(_, backend)| backend.weight > 0)
+        .map(|(index, backend)| Candidate::new(index as u32, backend, ring_size))
+        .collect();
+
+    // Instead of visiting every backend in every round (N × rounds steps, which is N × M when
+    // one weight dwarfs the others), schedule each backend's next claim.
+    let mut schedule = ClaimSchedule::new(ring_size, candidates.len());
+    for (position, candidate) in candidates.iter_mut().enumerate() {
+        schedule.push(candidate.advance_to_next_claim(0, max_weight), position);
+    }
+
+    let mut taken = TakenSlots::new(ring_size);
+    let mut free_slots = table.len();
+    while let Some((round, position)) = schedule.pop() {
+        let candidate = &mut candidates[position];
+        let slot = candidate.next_free_slot(&taken, ring_size);
+        taken.take(slot);
+        table[slot] = candidate.index;
+        free_slots -= 1;
+        if free_slots == 0 {
+            break;
+        }
+        let next_round = candidate.advance_to_next_claim(round, max_weight);
+        schedule.push(next_round, position);
+    }
+    table
+}
+
+/// The pending claims, one per backend, yielded in the order of the round-by-round loop: by
+/// round, then by position in the backend list.
+struct ClaimSchedule {
+    /// `round << 32 | position`, so the heap compares one integer.
+    heap: BinaryHeap<Reverse<u64>>,
+    /// The table is full by round M, because a backend of the largest weight claims in every
+    /// round; a claim due later never happens. This also keeps rounds within 32 bits.
+    last_round: u64,
+}
+
+impl ClaimSchedule {
+    fn new(ring_size: u32, backends: usize) -> Self {
+        ClaimSchedule {
+            heap: BinaryHeap::with_capacity(backends),
+            last_round: u64::from(ring_size),
+        }
+    }
+
+    /// `position` is below `NO_BACKEND`, so it fits in 32 bits.
+    fn push(&mut self, round: u64, position: usize) {
+        if round <= self.last_round {
+            self.heap.push(Reverse(round << 32 | position as u64));
+        }
+    }
+
+    fn pop(&mut self) -> Option<(u64, usize)> {
+        self.heap
+            .pop()
+            .map(|Reverse(key)| (key >> 32, (key & u64::from(u32::MAX)) as usize))
+    }
+}
+
+/// A backend with weight > 0 while its table is being built.
+struct Candidate {
+    /// Index into the caller's `backends`.
+    index: u32,
+    weight: u64,
+    /// Credit left after the last claim, always below the largest weight.
+    credit: u64,
+    /// `permutation[j]` for the next `j` to try, kept incrementally: adding `skip` modulo M
+    /// walks the same sequence as `(offset + j * skip) % M` without a multiplication.
+    next_slot: u32,
+    skip: u32,
+}
+
+impl Candidate {
+    fn new(index: u32, backend: &MaglevBackend<'_>, ring_size: u32) -> Self {
+        let (offset, skip) = permutation_parameters(backend.key, ring_size);
+        Candidate {
+            index,
+            weight: u64::from(backend.weight),
+            credit: 0,
+            next_slot: offset,
+            skip,
+        }
+    }
+
+    /// Given that this backend last claimed in `round`, the round of its next claim: the first
+    /// in which `credit + rounds * weight` reaches `max_weight`. Pays for that claim.
+    fn advance_to_next_claim(&mut self, round: u64, max_weight: u32) -> u64 {
+        let max_weight = u64::from(max_weight);
+        let rounds = (max_weight - self.credit).div_ceil(self.weight);
+        self.credit = self.credit + rounds * self.weight - max_weight;
+        round + rounds
+    }
+
+    /// The first still-free slot of this backend's preference list, consuming the list up to it.
+    /// Terminates while any slot is free, because the list visits every slot.
+    fn next_free_slot(&mut self, taken: &TakenSlots, ring_size: u32) -> usize {
+        loop {
+            let slot = self.next_slot;
+            // slot < M and skip < M, so one subtraction reduces the sum modulo M (a division
+            // per probe would dominate the build: there are about M ln M probes).
+            let next = u64::from(slot) + u64::from(self.skip);
+            let wraps = next >= u64::from(ring_size);
+            self.next_slot = (next - if wraps { u64::from(ring_size) } else { 0 }) as u32;
+            if !taken.contains(slot as usize) {
+                return slot as usize;
+            }
+        }
+    }
+}
+
+/// Which slots have an owner: one bit per slot, so the ~M ln M random probes of a build touch
+/// M/8 bytes (8 KiB at M = 65537, which stays in L1) instead of the 4·M-byte table.
+struct TakenSlots {
+    words: Vec<u64>,
+}
+
+impl TakenSlots {
+    fn new(ring_size: u32) -> Self {
+        TakenSlots {
+            words: vec![0; (ring_size as usize).div_ceil(64)],
+        }
+    }
+
+    fn contains(&self, slot: usize) -> bool {
+        self.words[slot / 64] & (1 << (slot % 64)) != 0
+    }
+
+    fn take(&mut self, slot: usize) {
+        self.words[slot / 64] |= 1 << (slot % 64);
+    }
+}
+
+/// `(offset, skip)` of `key`'s preference list in a table of `ring_size` (prime) slots.
+fn permutation_parameters(key: &[u8], ring_size: u32) -> (u32, u32) {
+    let m = u64::from(ring_size);
+    let offset = stable_hash(OFFSET_SEED, key) % m;
+    // A ring of 2 slots leaves skip = 1; `% (m - 1)` is never a division by zero since m >= 2.
+    let skip = stable_hash(SKIP_SEED, key) % (m - 1) + 1;
+    (offset as u32, skip as u32)
+}
+
+/// A seeded 64-bit hash that is the same on every platform and Rust version. FNV-1a alone mixes
+/// poorly into the low bits (a multiplication only carries upwards), and the low bits are what
+/// `% M` keeps, so its result goes through MurmurHash3's finaliser, which folds the high bits
+/// down.
+fn stable_hash(seed: u64, bytes: &[u8]) -> u64 {
+    fmix64(fnv1a64(FNV_OFFSET_BASIS ^ seed, bytes))
+}
+
+const FNV_OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+
+fn fnv1a64(start: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(start, |hash, &byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(FNV_PRIME)
+    })
+}
+
+/// MurmurHash3's 64-bit finaliser: every input bit affects every output bit.
+fn fmix64(mut k: u64) -> u64 {
+    k ^= k >> 33;
+    k = k.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    k ^= k >> 33;
+    k = k.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    k ^= k >> 33;
+    k
+}
+
+/// Whether `n` is prime (trial division: at most ~22k steps for any `u32`, run once per config).
+pub fn is_prime(n: u32) -> bool {
+    if n < 4 {
+        return n >= 2;
+    }
+    if n.is_multiple_of(2) || n.is_multiple_of(3) {
+        return false;
+    }
+    // Every prime above 3 is 6k ± 1.
+    let n = u64::from(n);
+    let mut divisor: u64 = 5;
+    while divisor * divisor <= n {
+        if n.is_multiple_of(divisor) || n.is_multiple_of(divisor + 2) {
+            return false;
+        }
+        divisor += 6;
+    }
+    true
+}
+
+/// How many slots of `table` each of `backend_count` backends owns ([`NO_BACKEND`] slots are not
+/// counted). For tests, `lb` status output and metrics.
+///
+/// # Panics
+///
+/// If an entry is neither [`NO_BACKEND`] nor below `backend_count`.
+pub fn ring_shares(table: &[u32], backend_count: usize) -> Vec<usize> {
+    let mut shares = vec![0; backend_count];
+    for &owner in table.iter().filter(|&&owner| owner != NO_BACKEND) {
+        shares[owner as usize] += 1;
+    }
+    shares
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const M: u32 = 65537;
+
+    /// Keys shaped like the daemon's: address bytes followed by the VIP name.
+    fn keys(count: usize) -> Vec<Vec<u8>> {
+        (0..count)
+            .map(|i| {
+                let mut key = vec![10, 0, (i / 256) as u8, (i % 256) as u8];
+                key.extend_from_slice(b"web");
+                key
+            })
+            .collect()
+    }
+
+    fn backends<'a>(keys: &'a [Vec<u8>], weights: &[u32]) -> Vec<MaglevBackend<'a>> {
+        keys.iter()
+            .zip(weights)
+            .map(|(key, &weight)| MaglevBackend { key, weight })
+            .collect()
+    }
+
+    /// Asserts every backend's slot count is within 1% (relative) of its weighted share.
+    fn assert_shares_within_one_percent(weights: &[u32]) {
+        let keys = keys(weights.len());
+        let table = build_table(&backends(&keys, weights), M);
+        let shares = ring_shares(&table, weights.len());
+        let total_weight: u64 = weights.iter().map(|&w| u64::from(w)).sum();
+        let mut worst = 0.0_f64;
+        for (index, (&share, &weight)) in shares.iter().zip(weights).enumerate() {
+            let expected = f64::from(M) * f64::from(weight) / total_weight as f64;
+            let error = (share as f64 - expected).abs() / expected;
+            worst = worst.max(error);
+            assert!(
+                error <= 0.01,
+                "backend {index} (weight {weight}) has {share} slots, expected {expected:.1} \
+                 (relative error {error:.4}); all shares: {shares:?}"
+            );
+        }
+        println!(
+            "{} backends, weights {:?}..: worst relative share error {worst:.5}",
+            weights.len(),
+            &weights[..weights.len().min(10)]
+        );
+    }
+
+    #[test]
+    fn equal_weights_give_equal_shares() {
+        assert_shares_within_one_percent(&[100; 10]);
+        assert_shares_within_one_percent(&[100; 100]);
+    }
+
+    #[test]
+    fn unequal_weights_give_proportional_shares() {
+        let cycling: Vec<u32> = (0..100).map(|i| i % 10 + 1).collect();
+        assert_shares_within_one_percent(&cycling[..10]);
+        assert_shares_within_one_percent(&cycling);
+    }
+
+    /// Removing any one of ten equal backends must leave at least 99% of the other nine's slots
+    /// with the same owner (the paper's "minimal disruption", which Maglev only approximates).
+    #[test]
+    fn removing_one_of_ten_backends_barely_moves_the_others() {
+        fn owner_key<'a>(list: &[MaglevBackend<'a>], owner: u32) -> &'a [u8] {
+            list[owner as usize].key
+        }
+        let keys = keys(10);
+        let all = backends(&keys, &[100; 10]);
+        let before = build_table(&all, M);
+        for removed in 0..all.len() {
+            let mut nine = all.clone();
+            nine.remove(removed);
+            let after = build_table(&nine, M);
+            // Compare owners by key: the indices of the nine shift down past the removed one.
+            let mut slots_of_nine = 0usize;
+            let mut moved = 0usize;
+            for (&old, &new) in before.iter().zip(&after) {
+                if old as usize == removed {
+                    continue;
+                }
+                slots_of_nine += 1;
+                if owner_key(&all, old) != owner_key(&nine, new) {
+                    moved += 1;
+                }
+            }
+            let ratio = moved as f64 / slots_of_nine as f64;
+            println!(
+                "removing backend {removed} of 10: {moved} of the other nine's {slots_of_nine} slots moved ({ratio:.5})"
+            );
+            assert!(
+                ratio <= 0.01,
+                "removing backend {removed} of 10 moved {moved} of the other nine's \
+                 {slots_of_nine} slots ({ratio:.5})"
+            );
+        }
+    }
+
+    #[test]
+    fn weight_zero_is_the_same_as_removal() {
+        let keys = keys(10);
+        let mut weights = [100; 10];
+        weights[3] = 0;
+        let drained = build_table(&backends(&keys, &weights), M);
+        assert!(!drained.contains(&3), "a weight-0 backend owns a slot");
+        assert!(!drained.contains(&NO_BACKEND), "a slot was left empty");
+
+        let mut without = backends(&keys, &weights);
+        without.remove(3);
+        let removed = build_table(&without, M);
+        let renumbered: Vec<u32> = removed
+            .iter()
+            .map(|&owner| if owner >= 3 { owner + 1 } else { owner })
+            .collect();
+        assert!(
+            drained == renumbered,
+            "draining and removing give different tables"
+        );
+    }
+
+    #[test]
+    fn all_zero_weights_or_no_backends_give_an_empty_table() {
+        let keys = keys(5);
+        let table = build_table(&backends(&keys, &[0; 5]), 1021);
+        assert_eq!(table.len(), 1021);
+        assert!(table.iter().all(|&owner| owner == NO_BACKEND));
+        assert!(
+            build_table(&[], 1021)
+                .iter()
+                .all(|&owner| owner == NO_BACKEND)
+        );
+    }
+
+    #[test]
+    fn the_table_is_deterministic_and_full() {
+        let keys = keys(37);
+        let weights: Vec<u32> = (0..37).map(|i| i * 7 % 13).collect();
+        let first = build_table(&backends(&keys, &weights), 16381);
+        let second = build_table(&backends(&keys, &weights), 16381);
+        assert!(first == second, "two builds of the same input differ");
+        assert_eq!(first.len(), 16381);
+        assert!(
+            first
+                .iter()
+                .all(|&owner| owner != NO_BACKEND && weights[owner as usize] > 0)
+        );
+    }
+
+    /// The paper's loop, written as plainly as possible: every round, every backend in order
+    /// adds its weight and claims while its credit reaches the largest weight.
+    fn reference_table(backends: &[MaglevBackend<'_>], ring_size: u32) -> Vec<u32> {
+        let m = u64::from(ring_size);
+        let mut table = vec![NO_BACKEND; ring_size as usize];
+        let max_weight = u64::from(backends.iter().map(|b| b.weight).max().unwrap_or(0));
+        if max_weight == 0 {
+            return table;
+        }
+        let params: Vec<(u64, u64)> = backends
+            .iter()
+            .map(|b| {
+                let (offset, skip) = permutation_parameters(b.key, ring_size);
+                (u64::from(offset), u64::from(skip))
+            })
+            .collect();
+        let mut next_j = vec![0u64; backends.len()];
+        let mut credit = vec![0u64; backends.len()];
+        let mut filled = 0;
+        loop {
+            for (i, backend) in backends.iter().enumerate() {
+                if backend.weight == 0 {
+                    continue;
+                }
+                credit[i] += u64::from(backend.weight);
+                while credit[i] >= max_weight {
+                    credit[i] -= max_weight;
+                    let (offset, skip) = params[i];
+                    let slot = loop {
+                        let slot = ((offset + next_j[i] * skip) % m) as usize;
+                        next_j[i] += 1;
+                        if table[slot] == NO_BACKEND {
+                            break slot;
+                        }
+                    };
+                    table[slot] = i as u32;
+                    filled += 1;
+                    if filled == table.len() {
+                        return table;
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_scheduled_build_matches_the_plain_round_loop() {
+        let keys = keys(50);
+        let cases: [(&[u32], u32); 6] = [
+            (&[1; 50], 1021),
+            (&[5, 0, 3, 9, 9, 1, 0, 2], 1021),
+            (&[u32::MAX, 1, 2, u32::MAX / 3, 7], 1021),
+            (&[1, 1000, 3], 16381),
+            (&[4, 4, 4], 2),
+            (&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], 13),
+        ];
+        for (weights, ring_size) in cases {
+            let list = backends(&keys, weights);
+            assert!(
+                build_table(&list, ring_size) == reference_table(&list, ring_size),
+                "tables differ for weights {weights:?} at M={ring_size}"
+            );
+        }
+    }
+
+    /// Rings must not reshuffle when the daemon is rebuilt with another compiler or for another
+    /// machine: pin the hash.
+    #[test]
+    fn the_hash_is_pinned() {
+        // FNV-1a 64 reference vectors (seed 0 leaves the standard offset basis).
+        assert_eq!(fnv1a64(FNV_OFFSET_BASIS, b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a64(FNV_OFFSET_BASIS, b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv1a64(FNV_OFFSET_BASIS, b"foobar"), 0x8594_4171_f739_67e8);
+        assert_eq!(
+            permutation_parameters(b"\x0a\x00\x00\x0bweb", M),
+            PINNED_PARAMETERS
+        );
+    }
+    const PINNED_PARAMETERS: (u32, u32) = (33082, 26240);
+
+    #[test]
+    fn is_prime_knows_primes() {
+        for prime in [
+            2,
+            3,
+            5,
+            7,
+            13,
+            1021,
+            16381,
+            65521,
+            65537,
+            1_000_003,
+            4_294_967_291,
+        ] {
+            assert!(is_prime(prime), "{prime} is prime");
+        }
+        for composite in [0, 1, 4, 9, 25, 1024, 65535, 65536, 1_000_001, 4_294_967_295] {
+            assert!(!is_prime(composite), "{composite} is not prime");
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "not prime")]
+    fn a_composite_ring_size_panics() {
+        build_table(&[], 65536);
+    }
+
+    #[test]
+    fn ring_shares_counts_owners_and_skips_empty_slots() {
+        assert_eq!(
+            ring_shares(&[0, 2, 2, NO_BACKEND, 0, 2], 4),
+            vec![2, 0, 3, 0]
+        );
+    }
+}

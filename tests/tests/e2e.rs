@@ -1,0 +1,266 @@
+//! End to end: the real `lb` binary in a namespace topology (client, LB, three backends on a
+//! bridge), real TCP and UDP servers with the VIP on their loopback, real connections.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use lb_tests::{
+    bpffs::bpffs_entries_under,
+    daemon::{Launch, LbDaemon},
+    servers::{TcpIdentityServer, UdpIdentityServer, tcp_request, tcp_requests, udp_requests},
+    topology::{DsrTopology, DsrTopologyOptions, leftovers},
+};
+
+const TIMEOUT: Duration = Duration::from_secs(3);
+
+fn config(topology: &DsrTopology) -> String {
+    let backends_v4: String = topology
+        .backend_hosts()
+        .iter()
+        .map(|h| format!("[[vip.backend]]\naddress = \"{}\"\n", h.ipv4()))
+        .collect();
+    let backends_v6: String = topology
+        .backend_hosts()
+        .iter()
+        .map(|h| format!("[[vip.backend]]\naddress = \"{}\"\n", h.ipv6()))
+        .collect();
+    format!(
+        r#"interface = "eth0"
+flow_table_size = 65536
+max_vips = 4
+
+[[vip]]
+name = "web"
+address = "{v4}"
+port = 80
+protocol = "tcp"
+{backends_v4}
+[[vip]]
+name = "web6"
+address = "{v6}"
+port = 443
+protocol = "tcp"
+{backends_v6}
+[[vip]]
+name = "dns"
+address = "{v4}"
+port = 53
+protocol = "udp"
+{backends_v4}"#,
+        v4 = topology.vip_v4(),
+        v6 = topology.vip_v6(),
+    )
+}
+
+struct Lab {
+    topology: DsrTopology,
+    tcp: Vec<TcpIdentityServer>,
+    tcp6: Vec<TcpIdentityServer>,
+    udp: Vec<UdpIdentityServer>,
+}
+
+fn lab(prefix: &str) -> Lab {
+    let options = DsrTopologyOptions {
+        name_prefix: prefix.to_owned(),
+        ..Default::default()
+    };
+    let topology = DsrTopology::new(3, options).expect("building the namespace topology");
+    topology
+        .attach_xdp_pass_on_lb_port(lb::ebpf_object(), "xdp_pass")
+        .expect("XDP_PASS on the LB's bridge port (DESIGN.md §5 trap 1)");
+    let mut tcp = Vec::new();
+    let mut tcp6 = Vec::new();
+    let mut udp = Vec::new();
+    for (i, host) in topology.backend_hosts().iter().enumerate() {
+        let ns = topology.backend(i);
+        let id = host.ipv4().to_string();
+        tcp.push(
+            TcpIdentityServer::start(ns, "0.0.0.0:80".parse().unwrap(), &id).expect("tcp server"),
+        );
+        tcp6.push(
+            TcpIdentityServer::start(ns, "[::]:443".parse().unwrap(), host.ipv6().to_string())
+                .expect("tcp6 server"),
+        );
+        // Bound to the VIP: a UDP reply must come from the address the client sent to, and a
+        // wildcard socket would answer from the backend's own address (DSR services do the same).
+        let vip = SocketAddr::new(IpAddr::V4(topology.vip_v4()), 53);
+        udp.push(UdpIdentityServer::start(ns, vip, &id).expect("udp server"));
+    }
+    Lab {
+        topology,
+        tcp,
+        tcp6,
+        udp,
+    }
+}
+
+fn xdp_attached(topology: &DsrTopology) -> bool {
+    let out = topology
+        .lb()
+        .ip(["-d", "link", "show", "dev", "eth0"])
+        .expect("ip link show");
+    String::from_utf8_lossy(&out.stdout).contains("prog/xdp")
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn tcp_connections_spread_over_all_backends_and_the_host_is_untouched() {
+    let prefix = "lbe2e4";
+    let bpffs_before = bpffs_entries_under("/sys/fs/bpf");
+    {
+        let lab = lab(prefix);
+        let topo = &lab.topology;
+        // The LB host's own service, on its own address.
+        let own = TcpIdentityServer::start(
+            topo.lb(),
+            SocketAddr::new(IpAddr::V4(topo.lb_host().ipv4()), 8080),
+            "lb-host",
+        )
+        .expect("lb host service");
+
+        let daemon = LbDaemon::start(topo.lb(), &config(topo), Launch::Nsenter).expect("lb run");
+        assert!(
+            xdp_attached(topo),
+            "no XDP program on the LB's eth0 while lb runs"
+        );
+
+        let vip = SocketAddr::new(IpAddr::V4(topo.vip_v4()), 80);
+        let outcome = tcp_requests(topo.client(), vip, 300, TIMEOUT).expect("client");
+        assert!(
+            outcome.failures.is_empty(),
+            "failed connections: {:?}",
+            outcome.failures
+        );
+        assert_eq!(
+            outcome.answered(),
+            300,
+            "answers: {:?}",
+            outcome.per_identity
+        );
+        assert_eq!(
+            outcome.per_identity.len(),
+            3,
+            "backends reached: {:?}",
+            outcome.per_identity
+        );
+        for (backend, &n) in &outcome.per_identity {
+            assert!(
+                n * 100 <= 45 * 300,
+                "{backend} got {n} of 300 (> 45%): {:?}",
+                outcome.per_identity
+            );
+        }
+
+        // The host's own traffic while attached: ping (v4 and v6) and its TCP service.
+        topo.client()
+            .ping(IpAddr::V4(topo.lb_host().ipv4()), 2, 3)
+            .expect("ping the LB host");
+        topo.client()
+            .ping(IpAddr::V6(topo.lb_host().ipv6()), 2, 3)
+            .expect("ping6 the LB host");
+        let reply = tcp_request(topo.client(), own.local_address(), TIMEOUT)
+            .expect("LB host's own TCP service");
+        assert_eq!(reply, "lb-host");
+
+        let counters = daemon.stop().expect("lb stops cleanly on SIGTERM");
+        assert!(
+            !xdp_attached(topo),
+            "XDP program still attached after lb exited"
+        );
+        // The LB's own counters agree with what the backends saw.
+        for (i, server) in lab.tcp.iter().enumerate() {
+            let address = topo.backend_host(i).ipv4().to_string();
+            assert_eq!(
+                counters.new_flows("web", &address),
+                server.accepted(),
+                "LB new flows vs connections accepted by {address}: {counters:?}"
+            );
+            assert_eq!(
+                server.accepted(),
+                outcome.per_identity[&address],
+                "server count vs client count"
+            );
+        }
+        assert_eq!(counters.vips["web"].2, 300, "web new flows");
+        assert!(
+            counters.reasons.get("pass_not_vip").copied().unwrap_or(0) > 0,
+            "host traffic counted as passed"
+        );
+    }
+    assert_eq!(
+        leftovers(prefix),
+        Vec::<String>::new(),
+        "namespaces or links left behind"
+    );
+    assert_eq!(
+        bpffs_entries_under("/sys/fs/bpf"),
+        bpffs_before,
+        "bpffs pins left behind"
+    );
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn ipv6_tcp_and_udp_vips_work_when_started_with_ip_netns_exec() {
+    let prefix = "lbe2e6";
+    {
+        let lab = lab(prefix);
+        let topo = &lab.topology;
+        let daemon = LbDaemon::start(topo.lb(), &config(topo), Launch::IpNetnsExec)
+            .expect("lb run via ip netns exec");
+
+        let vip6 = SocketAddr::new(IpAddr::V6(topo.vip_v6()), 443);
+        let tcp6 = tcp_requests(topo.client(), vip6, 90, TIMEOUT).expect("client v6");
+        assert!(
+            tcp6.failures.is_empty(),
+            "IPv6 failures: {:?}",
+            tcp6.failures
+        );
+        assert_eq!(
+            tcp6.per_identity.len(),
+            3,
+            "IPv6 backends reached: {:?}",
+            tcp6.per_identity
+        );
+
+        let dns = SocketAddr::new(IpAddr::V4(topo.vip_v4()), 53);
+        let udp = udp_requests(topo.client(), dns, 90, TIMEOUT).expect("client udp");
+        assert!(udp.failures.is_empty(), "UDP failures: {:?}", udp.failures);
+        assert_eq!(
+            udp.per_identity.len(),
+            3,
+            "UDP backends reached: {:?}",
+            udp.per_identity
+        );
+
+        let counters = daemon.stop().expect("lb stops cleanly");
+        let mut lb_seen: BTreeMap<String, u64> = BTreeMap::new();
+        for (i, server) in lab.tcp6.iter().enumerate() {
+            let address = topo.backend_host(i).ipv6().to_string();
+            assert_eq!(
+                counters.new_flows("web6", &address),
+                server.accepted(),
+                "web6 {address}: {counters:?}"
+            );
+            lb_seen.insert(address, server.accepted());
+        }
+        for (i, server) in lab.udp.iter().enumerate() {
+            let address = topo.backend_host(i).ipv4().to_string();
+            // One datagram per fresh socket: each is one flow and one packet.
+            assert_eq!(
+                counters.backends[&("dns".to_owned(), address.clone())].0,
+                server.received(),
+                "dns {address}"
+            );
+        }
+        assert_eq!(lb_seen.values().sum::<u64>(), 90);
+    }
+    assert_eq!(
+        leftovers(prefix),
+        Vec::<String>::new(),
+        "namespaces or links left behind"
+    );
+}
