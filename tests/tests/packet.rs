@@ -4,10 +4,11 @@
 
 use std::net::IpAddr;
 
+use lb::balancer::L2Path;
 use lb_common::{PROTO_TCP, PROTO_UDP, Reason};
 use lb_tests::{
-    frames::{CLIENT_MAC, FrameSpec, L4, LB_MAC, arp_request},
-    packet_lab::{PacketLab, XDP_DROP, XDP_PASS, XDP_TX, backend_mac, flow_key},
+    frames::{FrameSpec, L4, LB_MAC, arp_request},
+    packet_lab::{PacketLab, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, backend_mac, flow_key},
 };
 
 const CONFIG: &str = r#"
@@ -511,5 +512,42 @@ fn a_vip_without_backends_drops_and_counts() {
         .reason_counters(Reason::DropNoBackend)
         .expect("REASONS");
     assert_eq!(c.packets, 1);
-    let _ = CLIENT_MAC;
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn a_backend_behind_another_interface_is_redirected_with_that_interfaces_mac() {
+    const EGRESS_MAC: [u8; 6] = [0x02, 0xe9, 0, 0, 0, 0x01];
+    let mut lab = PacketLab::new(CONFIG);
+    for b in 0..3 {
+        let id = lab.balancer.vips[WEB].backends[b].id;
+        let path = L2Path {
+            dst_mac: backend_mac(id),
+            src_mac: EGRESS_MAC,
+            ifindex: 1,
+            redirect: true,
+        };
+        lab.balancer
+            .set_path(WEB, b, Some(path))
+            .expect("redirect path");
+    }
+    let spec = FrameSpec::tcp_syn(ip("192.0.2.7"), 4321, ip("10.0.0.100"), 80);
+    let frame = spec.build();
+    let expected_backend = lab.expected_backend(
+        WEB,
+        &flow_key(spec.src, spec.sport, spec.dst, spec.dport, PROTO_TCP),
+    );
+    let (verdict, out) = lab.run(&frame);
+    assert_eq!(verdict, XDP_REDIRECT);
+    let mut expected = frame.clone();
+    expected[0..6].copy_from_slice(&backend_mac(expected_backend));
+    expected[6..12].copy_from_slice(&EGRESS_MAC);
+    assert_eq!(out, expected, "redirected frame bytes");
+    let c = lab
+        .balancer
+        .dataplane
+        .maps
+        .reason_counters(Reason::Redirect)
+        .expect("REASONS");
+    assert_eq!(c.packets, 1);
 }

@@ -50,6 +50,9 @@ fn checks(ebpf_toolchain: &str, extra: &[String]) -> Vec<Check> {
     // lb-ebpf (it only builds for bpfel-unknown-none); `--workspace` would pull it in.
     let mut clippy = cmd::cargo(ebpf_toolchain);
     clippy.args(["clippy", "--all-targets", "--", "-D", "warnings"]);
+    // The end-to-end tests run the real `lb` binary from target/debug.
+    let mut build = cmd::cargo(ebpf_toolchain);
+    build.args(["build", "-p", "lb-userspace", "--bins"]);
     vec![
         Check {
             name: "fmt",
@@ -58,6 +61,10 @@ fn checks(ebpf_toolchain: &str, extra: &[String]) -> Vec<Check> {
         Check {
             name: "clippy",
             cmd: clippy,
+        },
+        Check {
+            name: "build",
+            cmd: build,
         },
         Check {
             name: "test",

@@ -47,7 +47,7 @@ pub const DEFAULT_WEIGHT: u32 = 100;
 /// Smallest accepted `ring_size` (the largest prime below 1024). Maglev spreads load evenly only
 /// when the table is much larger than the number of backends (the paper suggests M > 100 N).
 pub const MIN_RING_SIZE: u32 = 1021;
-/// Largest accepted `ring_size` (a prime). Each VIP holds two tables of M `u32`s in the kernel.
+/// Largest accepted `ring_size` (a prime). Each VIP holds two tables of M 8-byte slots in the kernel.
 pub const MAX_RING_SIZE: u32 = 1_000_003;
 /// Smallest accepted `flow_table_size`: below this the LRU would evict live flows constantly.
 pub const MIN_FLOW_TABLE_SIZE: u32 = 1024;
