@@ -84,6 +84,10 @@ pub struct Backend {
     pub vip_id: u32,
 }
 
+/// `VipInfo::flags`: when the VIP has no usable backend, pass its packets to the host stack
+/// (where a local "sorry" service may answer) instead of dropping them.
+pub const VIP_F_PASS_WHEN_EMPTY: u32 = 1 << 0;
+
 /// The backend may receive traffic: flows pinned to a backend without this bit are re-chosen.
 pub const BACKEND_F_UP: u32 = 1 << 0;
 /// The backend sits behind another interface: redirect through `TX_PORTS[id]` instead of `XDP_TX`.

@@ -24,11 +24,13 @@ pub enum Reason {
     DropBadBackend = 8,
     /// The redirect helper refused the frame.
     DropRedirectFailed = 9,
+    /// A VIP with no usable backend whose policy is `on_all_down = "pass"`: passed to the host.
+    PassAllDown = 10,
 }
 
 impl Reason {
     /// Number of reasons; the size of the `REASONS` map.
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 11;
 
     /// Every reason in discriminant order.
     pub const ALL: [Reason; Self::COUNT as usize] = [
@@ -42,6 +44,7 @@ impl Reason {
         Reason::DropNoBackend,
         Reason::DropBadBackend,
         Reason::DropRedirectFailed,
+        Reason::PassAllDown,
     ];
 
     /// Stable snake_case name, used in logs, `lb status` and metric labels.
@@ -57,6 +60,7 @@ impl Reason {
             Reason::DropNoBackend => "drop_no_backend",
             Reason::DropBadBackend => "drop_bad_backend",
             Reason::DropRedirectFailed => "drop_redirect_failed",
+            Reason::PassAllDown => "pass_all_down",
         }
     }
 }

@@ -4,7 +4,7 @@
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, programs::XdpContext};
 use lb_common::{
     BACKEND_F_REDIRECT, BACKEND_F_UP, Backend, FLOW_REFRESH_NS, FlowKey, FlowState, NO_BACKEND,
-    Reason, VipInfo, flow_hash,
+    Reason, VIP_F_PASS_WHEN_EMPTY, VipInfo, flow_hash,
 };
 
 use crate::{
@@ -25,6 +25,9 @@ pub fn forward(ctx: &XdpContext, flow: &FlowKey) -> (u32, Reason) {
         Some((id, backend)) => (id, backend, false),
         None => match choose_new(flow, vip) {
             Ok((id, backend)) => (id, backend, true),
+            Err(Reason::DropNoBackend) if vip.flags & VIP_F_PASS_WHEN_EMPTY != 0 => {
+                return (xdp_action::XDP_PASS, Reason::PassAllDown);
+            }
             Err(reason) => return (xdp_action::XDP_DROP, reason),
         },
     };

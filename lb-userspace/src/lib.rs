@@ -4,8 +4,10 @@ pub mod balancer;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
+pub mod health;
 pub mod maglev;
 pub mod net;
+pub mod pool;
 pub mod stats;
 
 /// The compiled XDP object (built by build.rs for bpfel-unknown-none).

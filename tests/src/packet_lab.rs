@@ -8,6 +8,7 @@ use lb::{
     balancer::{Balancer, L2Path, capacity_of, ring_for, vip_key},
     config::Config,
     dataplane::DataPlane,
+    health::Health,
 };
 use lb_common::{FAMILY_V4, FAMILY_V6, FlowKey, flow_hash};
 
@@ -30,8 +31,8 @@ pub struct PacketLab {
 }
 
 impl PacketLab {
-    /// Loads the program with the capacities of `config_toml` and gives every backend a known
-    /// path (`backend_mac(id)`, same interface, so `XDP_TX`).
+    /// Loads the program with the capacities of `config_toml`, marks every backend healthy and
+    /// gives it a known path (`backend_mac(id)`, same interface, so `XDP_TX`).
     pub fn new(config_toml: &str) -> Self {
         let config = Config::parse(config_toml, Path::new("lab.toml"))
             .unwrap_or_else(|e| panic!("lab config is invalid: {e}"));
@@ -41,6 +42,7 @@ impl PacketLab {
         for v in 0..balancer.vips.len() {
             for b in 0..balancer.vips[v].backends.len() {
                 let id = balancer.vips[v].backends[b].id;
+                balancer.vips[v].backends[b].health = Health::Up;
                 balancer.vips[v].backends[b].path = Some(L2Path {
                     dst_mac: backend_mac(id),
                     src_mac: LB_MAC,

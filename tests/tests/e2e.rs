@@ -170,18 +170,18 @@ fn tcp_connections_spread_over_all_backends_and_the_host_is_untouched() {
             !xdp_attached(topo),
             "XDP program still attached after lb exited"
         );
-        // The LB's own counters agree with what the backends saw.
+        // The LB's own counters agree with what the backends answered. (The servers' accept
+        // counts also include the LB's TCP health checks, which do not pass through XDP.)
         for (i, server) in lab.tcp.iter().enumerate() {
             let address = topo.backend_host(i).ipv4().to_string();
             assert_eq!(
                 counters.new_flows("web", &address),
-                server.accepted(),
-                "LB new flows vs connections accepted by {address}: {counters:?}"
-            );
-            assert_eq!(
-                server.accepted(),
                 outcome.per_identity[&address],
-                "server count vs client count"
+                "LB new flows vs connections answered by {address}: {counters:?}"
+            );
+            assert!(
+                server.accepted() >= outcome.per_identity[&address],
+                "{address} accepted fewer than answered"
             );
         }
         assert_eq!(counters.vips["web"].2, 300, "web new flows");
@@ -238,14 +238,15 @@ fn ipv6_tcp_and_udp_vips_work_when_started_with_ip_netns_exec() {
 
         let counters = daemon.stop().expect("lb stops cleanly");
         let mut lb_seen: BTreeMap<String, u64> = BTreeMap::new();
-        for (i, server) in lab.tcp6.iter().enumerate() {
+        for i in 0..lab.tcp6.len() {
             let address = topo.backend_host(i).ipv6().to_string();
+            let answered = tcp6.per_identity.get(&address).copied().unwrap_or(0);
             assert_eq!(
                 counters.new_flows("web6", &address),
-                server.accepted(),
+                answered,
                 "web6 {address}: {counters:?}"
             );
-            lb_seen.insert(address, server.accepted());
+            lb_seen.insert(address, answered);
         }
         for (i, server) in lab.udp.iter().enumerate() {
             let address = topo.backend_host(i).ipv4().to_string();

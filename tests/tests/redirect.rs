@@ -354,13 +354,13 @@ fn backends_behind_another_interface_are_reached_by_redirect() {
             let address = address.to_string();
             assert_eq!(
                 counters.new_flows("web", &address),
-                server.accepted(),
-                "LB new flows vs connections accepted by {address}: {counters:?}"
-            );
-            assert_eq!(
-                server.accepted(),
                 outcome.per_identity[&address],
-                "{address}: accepted vs answered"
+                "LB new flows vs connections answered by {address}: {counters:?}"
+            );
+            // Accepts also include the LB's TCP health checks, which do not cross XDP.
+            assert!(
+                server.accepted() >= outcome.per_identity[&address],
+                "{address}: accepted fewer than answered"
             );
         }
         let (vip_packets, _, vip_new_flows) = counters.vips["web"];

@@ -12,11 +12,13 @@ use std::net::IpAddr;
 use lb_common::{FAMILY_V4, FAMILY_V6, VipKey};
 
 use crate::{
-    config::{Config, VipConfig},
+    config::{Config, OnAllDown, VipConfig},
     dataplane::{Capacity, DataPlane},
+    health::Health,
+    pool::{self, ActivePool, Member},
 };
 
-pub use publish::{PublishError, ring_for};
+pub use publish::{PublishError, PublishReport, ring_for};
 
 /// How the data plane reaches a backend at layer 2.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,21 +38,27 @@ pub struct BackendState {
     pub id: u32,
     pub address: IpAddr,
     pub weight: u32,
-    /// Health: false takes the backend out of the ring and moves its flows.
-    pub up: bool,
+    /// In the standby pool (serves only when the primaries cannot).
+    pub standby: bool,
+    /// From the health checks; anything but `Up` takes the backend out of service and moves its
+    /// flows.
+    pub health: Health,
     /// Unknown until the neighbour table gives the backend's MAC.
     pub path: Option<L2Path>,
 }
 
 impl BackendState {
-    /// May receive packets of established flows.
+    /// May receive packets: healthy and reachable. Established flows stay on such a backend
+    /// whatever the pools do.
     pub fn reachable(&self) -> bool {
-        self.up && self.path.is_some()
+        self.health == Health::Up && self.path.is_some()
     }
 
-    /// May receive new flows.
-    pub fn in_ring(&self) -> bool {
-        self.reachable() && self.weight > 0
+    fn member(&self) -> Member {
+        Member {
+            standby: self.standby,
+            usable: self.reachable(),
+        }
     }
 }
 
@@ -64,7 +72,24 @@ pub struct VipState {
     pub protocol: crate::config::Protocol,
     /// Which of the two tables is live (0 or 1).
     pub active_ring: u32,
+    pub min_healthy: u32,
+    pub on_all_down: OnAllDown,
+    /// The pool of the live table.
+    pub active_pool: ActivePool,
     pub backends: Vec<BackendState>,
+}
+
+impl VipState {
+    /// The pool that should serve new flows now.
+    pub fn select_pool(&self) -> ActivePool {
+        let members: Vec<Member> = self.backends.iter().map(BackendState::member).collect();
+        pool::select(&members, self.min_healthy)
+    }
+
+    /// Whether `backend` takes new flows under `pool`.
+    pub fn takes_new_flows(backend: &BackendState, pool: ActivePool) -> bool {
+        backend.reachable() && backend.weight > 0 && pool::in_pool(backend.member(), pool)
+    }
 }
 
 /// Owns the loaded data plane and the state it mirrors.
@@ -100,8 +125,8 @@ pub fn family(address: IpAddr) -> u8 {
 }
 
 impl Balancer {
-    /// Builds the model for `config`; backends start up (issue 2 has no health checks) but
-    /// without an L2 path, so nothing is in a ring until `set_path` is called.
+    /// Builds the model for `config`. Backends start with unknown health and no L2 path, so
+    /// nothing is in a ring until their first check passes and their MAC is known.
     pub fn new(dataplane: DataPlane, config: &Config) -> Self {
         let mut next_backend = 0u32;
         let vips = config
@@ -124,7 +149,8 @@ impl Balancer {
                     id,
                     address: b.address,
                     weight: b.weight,
-                    up: true,
+                    standby: b.standby,
+                    health: Health::Unknown,
                     path: None,
                 }
             })
@@ -137,6 +163,9 @@ impl Balancer {
             port: vip.port,
             protocol: vip.protocol,
             active_ring: 0,
+            min_healthy: vip.min_healthy,
+            on_all_down: vip.on_all_down,
+            active_pool: ActivePool::None,
             backends,
         }
     }

@@ -1,13 +1,31 @@
 //! Writing the model into the maps, in the order that keeps every packet consistent:
 //! backend records first, then the inactive ring table, then the VIP record that flips to it.
 
-use lb_common::{BACKEND_F_REDIRECT, BACKEND_F_UP, Backend, NO_BACKEND, VipInfo};
+use std::time::{Duration, Instant};
+
+use lb_common::{
+    BACKEND_F_REDIRECT, BACKEND_F_UP, Backend, NO_BACKEND, VIP_F_PASS_WHEN_EMPTY, VipInfo,
+};
 
 use super::{BackendState, Balancer, VipState};
 use crate::{
+    config::OnAllDown,
     dataplane::DataPlaneError,
+    health::Health,
     maglev::{MaglevBackend, build_table},
+    pool::ActivePool,
 };
+
+/// What one `publish` did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PublishReport {
+    pub pool_before: ActivePool,
+    pub pool_after: ActivePool,
+    /// Backends in the new table.
+    pub in_ring: usize,
+    /// From the start of the write to the VIP record's flip: how long the change took to go live.
+    pub elapsed: Duration,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -54,8 +72,12 @@ fn backend_record(vip_id: u32, backend: &BackendState) -> Backend {
     }
 }
 
-/// The Maglev table of a VIP's usable backends, as backend ids.
+/// The Maglev table of a VIP's usable backends in its current pool, as backend ids.
 pub fn ring_for(vip: &VipState, ring_size: u32) -> Vec<u32> {
+    ring_for_pool(vip, vip.select_pool(), ring_size)
+}
+
+fn ring_for_pool(vip: &VipState, pool: ActivePool, ring_size: u32) -> Vec<u32> {
     let keys: Vec<Vec<u8>> = vip
         .backends
         .iter()
@@ -67,7 +89,11 @@ pub fn ring_for(vip: &VipState, ring_size: u32) -> Vec<u32> {
         .zip(&keys)
         .map(|(b, key)| MaglevBackend {
             key,
-            weight: if b.in_ring() { b.weight } else { 0 },
+            weight: if VipState::takes_new_flows(b, pool) {
+                b.weight
+            } else {
+                0
+            },
         })
         .collect();
     build_table(&candidates, ring_size)
@@ -84,20 +110,21 @@ pub fn ring_for(vip: &VipState, ring_size: u32) -> Vec<u32> {
 
 impl Balancer {
     /// Writes every VIP (used at start-up, before the program is attached).
-    pub fn publish_all(&mut self) -> Result<(), PublishError> {
-        for i in 0..self.vips.len() {
-            self.publish(i)?;
-        }
-        Ok(())
+    pub fn publish_all(&mut self) -> Result<Vec<PublishReport>, PublishError> {
+        (0..self.vips.len()).map(|i| self.publish(i)).collect()
     }
 
-    /// Writes one VIP: its backend records, a fresh Maglev table into the inactive ring, then
-    /// the VIP record pointing at it. Packets in flight see either the old table or the new one.
-    pub fn publish(&mut self, vip_index: usize) -> Result<(), PublishError> {
+    /// Writes one VIP: its backend records, a fresh Maglev table of its active pool into the
+    /// inactive ring, then the VIP record pointing at it. Packets in flight see either the old
+    /// table or the new one.
+    pub fn publish(&mut self, vip_index: usize) -> Result<PublishReport, PublishError> {
+        let started = Instant::now();
         let vip = self
             .vips
             .get(vip_index)
             .ok_or(PublishError::NoSuchVip(vip_index))?;
+        let pool_before = vip.active_pool;
+        let pool_after = vip.select_pool();
         let maps = &mut self.dataplane.maps;
         for backend in &vip.backends {
             let record = backend_record(vip.id, backend);
@@ -113,12 +140,21 @@ impl Balancer {
                     source,
                 })?;
         }
-        let table = ring_for(vip, maps.rings.ring_size());
+        let table = ring_for_pool(vip, pool_after, maps.rings.ring_size());
+        let in_ring = vip
+            .backends
+            .iter()
+            .filter(|b| VipState::takes_new_flows(b, pool_after))
+            .count();
         let next = 1 - (vip.active_ring & 1);
         maps.rings.write_table(vip.id * 2 + next, &table)?;
+        let flags = match vip.on_all_down {
+            OnAllDown::Pass => VIP_F_PASS_WHEN_EMPTY,
+            OnAllDown::Drop => 0,
+        };
         let info = VipInfo {
             id: vip.id,
-            flags: 0,
+            flags,
             active_ring: next,
             _pad: 0,
         };
@@ -128,8 +164,15 @@ impl Balancer {
                 what: "VIPS",
                 source,
             })?;
-        self.vips[vip_index].active_ring = next;
-        Ok(())
+        let vip = &mut self.vips[vip_index];
+        vip.active_ring = next;
+        vip.active_pool = pool_after;
+        Ok(PublishReport {
+            pool_before,
+            pool_after,
+            in_ring,
+            elapsed: started.elapsed(),
+        })
     }
 
     /// Updates a backend's L2 path and republishes its VIP.
@@ -138,20 +181,34 @@ impl Balancer {
         vip_index: usize,
         backend_index: usize,
         path: Option<super::L2Path>,
-    ) -> Result<(), PublishError> {
+    ) -> Result<PublishReport, PublishError> {
         self.backend_mut(vip_index, backend_index)?.path = path;
         self.publish(vip_index)
     }
 
-    /// Marks a backend up or down and republishes its VIP.
+    /// Sets a backend's health and republishes its VIP.
+    pub fn set_health(
+        &mut self,
+        vip_index: usize,
+        backend_index: usize,
+        health: Health,
+    ) -> Result<PublishReport, PublishError> {
+        self.backend_mut(vip_index, backend_index)?.health = health;
+        self.publish(vip_index)
+    }
+
+    /// Marks a backend up or down (shorthand for `set_health`) and republishes its VIP.
     pub fn set_up(
         &mut self,
         vip_index: usize,
         backend_index: usize,
         up: bool,
-    ) -> Result<(), PublishError> {
-        self.backend_mut(vip_index, backend_index)?.up = up;
-        self.publish(vip_index)
+    ) -> Result<PublishReport, PublishError> {
+        self.set_health(
+            vip_index,
+            backend_index,
+            if up { Health::Up } else { Health::Down },
+        )
     }
 
     /// Changes a backend's weight (0 drains) and republishes its VIP.
@@ -160,7 +217,7 @@ impl Balancer {
         vip_index: usize,
         backend_index: usize,
         weight: u32,
-    ) -> Result<(), PublishError> {
+    ) -> Result<PublishReport, PublishError> {
         self.backend_mut(vip_index, backend_index)?.weight = weight;
         self.publish(vip_index)
     }

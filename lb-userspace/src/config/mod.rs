@@ -13,11 +13,38 @@
 //! address = "10.0.0.100"       # IPv4 or IPv6
 //! port = 80
 //! protocol = "tcp"             # tcp | udp
+//! min_healthy = 1              # >= 1, <= the primary backends; fewer healthy: standbys serve
+//! on_all_down = "drop"         # drop | pass: what happens to new flows when nothing is healthy
+//!
+//! [vip.health]                 # defaults for this VIP's backends; optional, as is every key
+//! check = "http"               # tcp | http | udp | exec | none
+//! interval = "1s"              # humantime: "100ms", "1.5s", "2m"; >= 10ms
+//! timeout = "500ms"            # > 0 and <= interval
+//! rise = 2                     # consecutive successes to go up
+//! fall = 3                     # consecutive failures to go down
+//! port = 8080                  # default: the VIP's port
+//! path = "/healthz"            # http only; default "/"
+//! expect_status = [200, 204]   # http only; default [200]
+//! host = "www.example.com"     # http only; Host header
+//! # send = "ping"              # udp only, required there: the payload
+//! # expect = "pong"            # udp only: the reply must contain it
+//! # command = ["/usr/local/bin/check", "--fast"]   # exec only, required there
 //!
 //! [[vip.backend]]
 //! address = "10.0.0.11"        # same family as the VIP
 //! weight = 100                 # relative; 0 drains (no new flows)
+//!
+//! [[vip.backend]]
+//! address = "10.0.0.12"
+//! standby = true               # serves only when fewer than min_healthy primaries are healthy
+//! health = { port = 8081, rise = 5 }   # per key over [vip.health]; keys of another check
+//!                                       # kind than the effective one are errors here too
 //! ```
+//!
+//! A backend's effective health settings are, key by key, its own `health` table, else the VIP's
+//! `[vip.health]`, else the defaults ([`HealthConfig::defaults`]); the rules (kind-specific keys,
+//! `timeout <= interval`, ...) are checked on that merged result, and an error points at the
+//! value that breaks it, in the backend's table when it comes from there.
 //!
 //! Loading happens in two steps, each in its own module: [`raw`] deserialises the text into
 //! shapes that mirror the file and remember where every value was written, then [`validate`]
@@ -37,6 +64,7 @@ mod validate;
 use std::fmt;
 use std::net::IpAddr;
 use std::path::Path;
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -44,6 +72,18 @@ pub use error::ConfigError;
 
 /// Weight of a backend that does not say.
 pub const DEFAULT_WEIGHT: u32 = 100;
+/// `min_healthy` of a VIP that does not say.
+pub const DEFAULT_MIN_HEALTHY: u32 = 1;
+/// Health-check `interval` when neither the backend nor its VIP says.
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
+/// Health-check `timeout` when neither the backend nor its VIP says.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(500);
+/// Shortest accepted health-check `interval`.
+pub const MIN_INTERVAL: Duration = Duration::from_millis(10);
+/// Consecutive successful checks that bring a backend up, by default.
+pub const DEFAULT_RISE: u32 = 2;
+/// Consecutive failed checks that take a backend down, by default.
+pub const DEFAULT_FALL: u32 = 3;
 /// Smallest accepted `ring_size` (the largest prime below 1024). Maglev spreads load evenly only
 /// when the table is much larger than the number of backends (the paper suggests M > 100 N).
 pub const MIN_RING_SIZE: u32 = 1021;
@@ -108,8 +148,132 @@ pub struct VipConfig {
     /// 1..=65535.
     pub port: u16,
     pub protocol: Protocol,
+    /// At least this many primary (non-standby) backends must be healthy for the primaries to
+    /// serve new flows; below it the standbys take over. `>= 1`, and at most the number of
+    /// primary backends when the VIP has backends.
+    pub min_healthy: u32,
+    /// What happens to new flows when no backend is healthy.
+    pub on_all_down: OnAllDown,
+    /// The VIP's `[vip.health]` over the defaults: the settings of a backend that has no `health`
+    /// table of its own. Each backend carries its own effective copy in [`BackendConfig::health`].
+    pub health: HealthConfig,
     /// In file order; possibly empty (the data plane then drops the VIP's traffic).
     pub backends: Vec<BackendConfig>,
+}
+
+/// What a VIP does with new flows when none of its backends is healthy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnAllDown {
+    /// Drop them (counted).
+    Drop,
+    /// Pass them to the host's own stack untouched.
+    Pass,
+}
+
+impl OnAllDown {
+    /// The spelling used in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnAllDown::Drop => "drop",
+            OnAllDown::Pass => "pass",
+        }
+    }
+}
+
+impl fmt::Display for OnAllDown {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How a backend's health is checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckKind {
+    /// A TCP connection to the check port is accepted.
+    Tcp,
+    /// An HTTP/1.1 `GET path` answers with one of `expect_status`.
+    Http,
+    /// A UDP datagram `send` gets a reply (containing `expect`, when given).
+    Udp,
+    /// `command` exits with status 0.
+    Exec,
+    /// No check: the backend is always considered healthy.
+    None,
+}
+
+impl CheckKind {
+    /// The spelling used in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CheckKind::Tcp => "tcp",
+            CheckKind::Http => "http",
+            CheckKind::Udp => "udp",
+            CheckKind::Exec => "exec",
+            CheckKind::None => "none",
+        }
+    }
+}
+
+impl fmt::Display for CheckKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The effective health-check settings of one backend (or the defaults of one VIP): every key
+/// resolved, every rule checked. Fields of other check kinds keep their defaults.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthConfig {
+    pub check: CheckKind,
+    /// Time between the starts of two checks; at least [`MIN_INTERVAL`].
+    pub interval: Duration,
+    /// How long one check may take; `0 < timeout <= interval`.
+    pub timeout: Duration,
+    /// Consecutive successes that bring a backend up (`>= 1`).
+    pub rise: u32,
+    /// Consecutive failures that take a backend down (`>= 1`).
+    pub fall: u32,
+    /// Port the check connects to: the `port` key, else the VIP's port.
+    pub port: u16,
+    /// HTTP: the request path; starts with `/`.
+    pub path: String,
+    /// HTTP: the statuses that mean healthy; non-empty, each in 100..=599.
+    pub expect_status: Vec<u16>,
+    /// HTTP: the `Host` header, if any.
+    pub host: Option<String>,
+    /// UDP: the payload sent; non-empty when `check` is [`CheckKind::Udp`].
+    pub send: Vec<u8>,
+    /// UDP: bytes the reply must contain; any reply counts when `None`.
+    pub expect: Option<Vec<u8>>,
+    /// Exec: program and arguments; non-empty when `check` is [`CheckKind::Exec`].
+    pub command: Vec<String>,
+}
+
+impl HealthConfig {
+    /// The settings of a backend of a VIP on `vip_port` when the config says nothing.
+    /// The defaults for a VIP's service: a TCP connect check for a TCP VIP; none for a UDP VIP,
+    /// because UDP has no generic probe (configure `check = "udp"` with `send`, or `exec`).
+    pub fn defaults(vip_port: u16, vip_protocol: Protocol) -> Self {
+        HealthConfig {
+            check: match vip_protocol {
+                Protocol::Tcp => CheckKind::Tcp,
+                Protocol::Udp => CheckKind::None,
+            },
+            interval: DEFAULT_INTERVAL,
+            timeout: DEFAULT_TIMEOUT,
+            rise: DEFAULT_RISE,
+            fall: DEFAULT_FALL,
+            port: vip_port,
+            path: "/".to_string(),
+            expect_status: vec![200],
+            host: None,
+            send: Vec::new(),
+            expect: None,
+            command: Vec::new(),
+        }
+    }
 }
 
 /// Transport protocol of a VIP.
@@ -151,6 +315,12 @@ pub struct BackendConfig {
     pub address: IpAddr,
     /// Relative share of new flows; 0 drains the backend (existing flows stay, no new ones).
     pub weight: u32,
+    /// In the standby pool: takes new flows only while fewer than the VIP's `min_healthy`
+    /// primaries are healthy.
+    pub standby: bool,
+    /// Effective health-check settings: the backend's `health` table over the VIP's over the
+    /// defaults.
+    pub health: HealthConfig,
 }
 
 impl Config {

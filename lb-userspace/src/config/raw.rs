@@ -9,10 +9,13 @@
 //! `deny_unknown_fields` on every table: a misspelt key is an error, never silently ignored.
 //! (Do not use `#[serde(flatten)]` here: it disables both `deny_unknown_fields` and spans.)
 
+use std::fmt;
+
 use serde::Deserialize;
+use serde::de::{self, Deserializer, Visitor};
 use toml::Spanned;
 
-use super::{Protocol, XdpModeSetting};
+use super::{CheckKind, OnAllDown, Protocol, XdpModeSetting};
 
 /// The document root.
 #[derive(Debug, Deserialize)]
@@ -42,6 +45,14 @@ pub(super) struct RawVip {
     pub address: Spanned<String>,
     pub port: Spanned<i64>,
     pub protocol: Spanned<Protocol>,
+    #[serde(default)]
+    pub min_healthy: Option<Spanned<i64>>,
+    #[serde(default)]
+    pub on_all_down: Option<Spanned<OnAllDown>>,
+    /// `[vip.health]`: defaults for the VIP's backends. Not `Spanned`: toml cannot give a span
+    /// for a table made of dotted keys (`health.check = "tcp"`), and would refuse it.
+    #[serde(default)]
+    pub health: Option<RawHealth>,
     /// `[[vip.backend]]` tables.
     #[serde(default)]
     pub backend: Vec<Spanned<RawBackend>>,
@@ -54,4 +65,66 @@ pub(super) struct RawBackend {
     pub address: Spanned<String>,
     #[serde(default)]
     pub weight: Option<Spanned<i64>>,
+    #[serde(default)]
+    pub standby: Option<Spanned<bool>>,
+    /// Per-backend override of some keys of the VIP's `[vip.health]` (not `Spanned`, as above).
+    #[serde(default)]
+    pub health: Option<RawHealth>,
+}
+
+/// A `[vip.health]` table or a backend's `health = { ... }`: every key optional, since a key not
+/// given comes from the next layer (the VIP's table, then the defaults).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table of health-check settings")]
+pub(super) struct RawHealth {
+    #[serde(default)]
+    pub check: Option<Spanned<CheckKind>>,
+    #[serde(default)]
+    pub interval: Option<Spanned<RawDuration>>,
+    #[serde(default)]
+    pub timeout: Option<Spanned<RawDuration>>,
+    #[serde(default)]
+    pub rise: Option<Spanned<i64>>,
+    #[serde(default)]
+    pub fall: Option<Spanned<i64>>,
+    #[serde(default)]
+    pub port: Option<Spanned<i64>>,
+    #[serde(default)]
+    pub path: Option<Spanned<String>>,
+    #[serde(default)]
+    pub expect_status: Option<Spanned<Vec<Spanned<i64>>>>,
+    #[serde(default)]
+    pub host: Option<Spanned<String>>,
+    #[serde(default)]
+    pub send: Option<Spanned<String>>,
+    #[serde(default)]
+    pub expect: Option<Spanned<String>>,
+    #[serde(default)]
+    pub command: Option<Spanned<Vec<Spanned<String>>>>,
+}
+
+/// A duration as written: a string for [`humantime::parse_duration`], parsed in validation so
+/// that its errors get our message. Anything but a string (`interval = 10`) is refused here with
+/// a message that shows the accepted format.
+#[derive(Debug)]
+pub(super) struct RawDuration(pub String);
+
+impl<'de> Deserialize<'de> for RawDuration {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct DurationVisitor;
+
+        impl Visitor<'_> for DurationVisitor {
+            type Value = RawDuration;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(super::validate::DURATION_FORMAT)
+            }
+
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<RawDuration, E> {
+                Ok(RawDuration(text.to_string()))
+            }
+        }
+
+        deserializer.deserialize_str(DurationVisitor)
+    }
 }

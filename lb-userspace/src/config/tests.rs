@@ -2,6 +2,7 @@
 
 use std::net::IpAddr;
 use std::path::Path;
+use std::time::Duration;
 
 use super::*;
 
@@ -105,14 +106,21 @@ protocol = "udp"
                 address: ip("10.0.0.100"),
                 port: 80,
                 protocol: Protocol::Tcp,
+                min_healthy: 1,
+                on_all_down: OnAllDown::Drop,
+                health: HealthConfig::defaults(80, Protocol::Tcp),
                 backends: vec![
                     BackendConfig {
                         address: ip("10.0.0.11"),
                         weight: 200,
+                        standby: false,
+                        health: HealthConfig::defaults(80, Protocol::Tcp),
                     },
                     BackendConfig {
                         address: ip("10.0.0.12"),
                         weight: 0,
+                        standby: false,
+                        health: HealthConfig::defaults(80, Protocol::Tcp),
                     },
                 ],
             },
@@ -121,9 +129,14 @@ protocol = "udp"
                 address: ip("2001:db8::53"),
                 port: 53,
                 protocol: Protocol::Udp,
+                min_healthy: 1,
+                on_all_down: OnAllDown::Drop,
+                health: HealthConfig::defaults(53, Protocol::Udp),
                 backends: vec![BackendConfig {
                     address: ip("2001:db8::1"),
                     weight: DEFAULT_WEIGHT,
+                    standby: false,
+                    health: HealthConfig::defaults(53, Protocol::Udp),
                 }],
             },
             VipConfig {
@@ -131,6 +144,9 @@ protocol = "udp"
                 address: ip("10.0.0.101"),
                 port: 65535,
                 protocol: Protocol::Udp,
+                min_healthy: 1,
+                on_all_down: OnAllDown::Drop,
+                health: HealthConfig::defaults(65535, Protocol::Udp),
                 backends: vec![],
             },
         ],
@@ -179,11 +195,15 @@ weight = 7
         vec![
             BackendConfig {
                 address: ip("2001:db8::11"),
-                weight: 100
+                weight: 100,
+                standby: false,
+                health: HealthConfig::defaults(443, Protocol::Tcp),
             },
             BackendConfig {
                 address: ip("fd00::12"),
-                weight: 7
+                weight: 7,
+                standby: false,
+                health: HealthConfig::defaults(443, Protocol::Tcp),
             },
         ]
     );
@@ -688,4 +708,611 @@ fn columns_count_characters_not_bytes() {
     // "é" is two bytes but one column: `prot` starts at byte 22, column 22.
     let text = "interface = \"eth0\"\nvip = [{ name = \"é\", prot = 1 }]\n";
     assert_error(text, 2, 22, "unknown field `prot`");
+}
+
+// ---- Health checks and failover pools ----
+
+fn ms(millis: u64) -> Duration {
+    Duration::from_millis(millis)
+}
+
+#[test]
+fn health_full_example() {
+    let config = parse_ok(
+        r#"interface = "eth0"
+
+[[vip]]
+name = "web"
+address = "10.0.0.100"
+port = 80
+protocol = "tcp"
+min_healthy = 1
+on_all_down = "drop"
+[vip.health]
+check = "http"
+interval = "1s"
+timeout = "500ms"
+rise = 2
+fall = 3
+port = 8080
+path = "/healthz"
+expect_status = [200, 204]
+host = "www.example.com"
+[[vip.backend]]
+address = "10.0.0.11"
+weight = 100
+[[vip.backend]]
+address = "10.0.0.13"
+weight = 100
+standby = true
+health = { check = "http", interval = "2s", path = "/ready" }
+
+[[vip]]
+name = "dns"
+address = "10.0.0.53"
+port = 53
+protocol = "udp"
+min_healthy = 2
+on_all_down = "pass"
+[vip.health]
+check = "tcp"
+interval = "1.5s"
+timeout = "100ms"
+rise = 4
+fall = 5
+[[vip.backend]]
+address = "10.0.0.21"
+health = { check = "udp", interval = "200ms", send = "ping", expect = "pong" }
+[[vip.backend]]
+address = "10.0.0.22"
+standby = false
+health = { check = "exec", command = ["/usr/local/bin/check", "--fast"], port = 5353 }
+[[vip.backend]]
+address = "10.0.0.23"
+standby = true
+health.check = "none"
+"#,
+    );
+
+    let web_health = HealthConfig {
+        check: CheckKind::Http,
+        interval: ms(1000),
+        timeout: ms(500),
+        rise: 2,
+        fall: 3,
+        port: 8080,
+        path: "/healthz".into(),
+        expect_status: vec![200, 204],
+        host: Some("www.example.com".into()),
+        send: vec![],
+        expect: None,
+        command: vec![],
+    };
+    let web = &config.vips[0];
+    assert_eq!(web.min_healthy, 1);
+    assert_eq!(web.on_all_down, OnAllDown::Drop);
+    assert_eq!(web.health, web_health);
+    assert_eq!(
+        web.backends,
+        vec![
+            BackendConfig {
+                address: ip("10.0.0.11"),
+                weight: 100,
+                standby: false,
+                health: web_health.clone(),
+            },
+            BackendConfig {
+                address: ip("10.0.0.13"),
+                weight: 100,
+                standby: true,
+                // Only the overridden keys change.
+                health: HealthConfig {
+                    interval: ms(2000),
+                    path: "/ready".into(),
+                    ..web_health.clone()
+                },
+            },
+        ]
+    );
+
+    let dns_health = HealthConfig {
+        check: CheckKind::Tcp,
+        interval: ms(1500),
+        timeout: ms(100),
+        rise: 4,
+        fall: 5,
+        ..HealthConfig::defaults(53, Protocol::Udp)
+    };
+    let dns = &config.vips[1];
+    assert_eq!(dns.min_healthy, 2);
+    assert_eq!(dns.on_all_down, OnAllDown::Pass);
+    assert_eq!(dns.health, dns_health);
+    // Overriding check and interval keeps the VIP's timeout, rise, fall and port.
+    assert_eq!(
+        dns.backends[0].health,
+        HealthConfig {
+            check: CheckKind::Udp,
+            interval: ms(200),
+            timeout: ms(100),
+            rise: 4,
+            fall: 5,
+            port: 53,
+            path: "/".into(),
+            expect_status: vec![200],
+            host: None,
+            send: b"ping".to_vec(),
+            expect: Some(b"pong".to_vec()),
+            command: vec![],
+        }
+    );
+    assert!(!dns.backends[0].standby);
+    assert_eq!(
+        dns.backends[1].health,
+        HealthConfig {
+            check: CheckKind::Exec,
+            port: 5353,
+            command: vec!["/usr/local/bin/check".into(), "--fast".into()],
+            ..dns_health.clone()
+        }
+    );
+    assert!(!dns.backends[1].standby);
+    assert_eq!(
+        dns.backends[2].health,
+        HealthConfig {
+            check: CheckKind::None,
+            ..dns_health.clone()
+        }
+    );
+    assert!(dns.backends[2].standby);
+}
+
+#[test]
+fn health_defaults_without_a_health_table() {
+    let config = parse_ok(BASE);
+    let vip = &config.vips[0];
+    assert_eq!(vip.min_healthy, 1);
+    assert_eq!(vip.on_all_down, OnAllDown::Drop);
+    let defaults = HealthConfig {
+        check: CheckKind::Tcp,
+        interval: ms(1000),
+        timeout: ms(500),
+        rise: 2,
+        fall: 3,
+        port: 80,
+        path: "/".into(),
+        expect_status: vec![200],
+        host: None,
+        send: vec![],
+        expect: None,
+        command: vec![],
+    };
+    assert_eq!(HealthConfig::defaults(80, Protocol::Tcp), defaults);
+    assert_eq!(vip.health, defaults);
+    assert!(!vip.backends[0].standby);
+    assert_eq!(vip.backends[0].health, defaults);
+}
+
+#[test]
+fn health_port_defaults_to_the_vips_port() {
+    let text = format!("{BASE}health = {{ rise = 1 }}\n").replace("port = 80", "port = 443");
+    let config = parse_ok(&text);
+    assert_eq!(config.vips[0].health.port, 443);
+    assert_eq!(config.vips[0].backends[0].health.port, 443);
+    assert_eq!(config.vips[0].backends[0].health.rise, 1);
+}
+
+#[test]
+fn backend_override_in_a_sub_table() {
+    let text = format!("{BASE}[vip.backend.health]\ncheck = \"none\"\n");
+    let health = &parse_ok(&text).vips[0].backends[0].health;
+    assert_eq!(health.check, CheckKind::None);
+}
+
+#[test]
+fn check_kind_and_on_all_down_spellings() {
+    let kinds = [
+        (CheckKind::Tcp, "tcp"),
+        (CheckKind::Http, "http"),
+        (CheckKind::Udp, "udp"),
+        (CheckKind::Exec, "exec"),
+        (CheckKind::None, "none"),
+    ];
+    for (kind, text) in kinds {
+        assert_eq!(kind.as_str(), text);
+        assert_eq!(kind.to_string(), text);
+    }
+    assert_eq!(OnAllDown::Drop.to_string(), "drop");
+    assert_eq!(OnAllDown::Pass.as_str(), "pass");
+}
+
+#[test]
+fn durations_in_humantime_format() {
+    for (text, expected) in [
+        ("100ms", ms(100)),
+        ("1.5s", ms(1500)),
+        ("2m", Duration::from_secs(120)),
+        ("1s 250ms", ms(1250)),
+        ("10ms", ms(10)),
+    ] {
+        let config = parse_ok(&format!(
+            "{BASE}[vip.health]\ninterval = \"{text}\"\ntimeout = \"10ms\"\n"
+        ));
+        assert_eq!(config.vips[0].health.interval, expected, "{text}");
+    }
+}
+
+/// The example in the module documentation is a valid config.
+#[test]
+fn module_doc_example_parses() {
+    let source = include_str!("mod.rs");
+    let start = source.find("//! ```toml\n").expect("no toml example") + "//! ```toml\n".len();
+    let end = start
+        + source[start..]
+            .find("//! ```\n")
+            .expect("unterminated example");
+    let example: String = source[start..end]
+        .lines()
+        .map(|line| {
+            line.strip_prefix("//!")
+                .unwrap_or(line)
+                .trim_start_matches(' ')
+        })
+        .map(|line| format!("{line}\n"))
+        .collect();
+    let config = parse_ok(&example);
+    let vip = &config.vips[0];
+    assert_eq!(vip.health.check, CheckKind::Http);
+    assert!(vip.backends[1].standby);
+    assert_eq!(vip.backends[1].health.port, 8081);
+    assert_eq!(vip.backends[1].health.path, "/healthz");
+}
+
+// ---- Health and pool errors ----
+
+#[test]
+fn min_healthy_above_the_primaries() {
+    let text = format!(
+        "{BASE}[[vip.backend]]\naddress = \"10.0.0.12\"\n[[vip.backend]]\naddress = \"10.0.0.13\"\nstandby = true\n"
+    )
+    .replace("protocol = \"tcp\"", "protocol = \"tcp\"\nmin_healthy = 3");
+    assert_error(
+        &text,
+        8,
+        15,
+        "min_healthy = 3 but vip `web` has only 2 primary backends",
+    );
+}
+
+#[test]
+fn min_healthy_equal_to_the_primaries_is_fine() {
+    let text = format!("{BASE}[[vip.backend]]\naddress = \"10.0.0.12\"\n")
+        .replace("protocol = \"tcp\"", "protocol = \"tcp\"\nmin_healthy = 2");
+    assert_eq!(parse_ok(&text).vips[0].min_healthy, 2);
+}
+
+#[test]
+fn min_healthy_without_backends_is_fine() {
+    let text = "interface = \"eth0\"\n[[vip]]\nname = \"a\"\naddress = \"10.0.0.1\"\nport = 80\nprotocol = \"tcp\"\nmin_healthy = 5\n";
+    assert_eq!(parse_ok(text).vips[0].min_healthy, 5);
+}
+
+#[test]
+fn min_healthy_zero() {
+    let text = BASE.replace("protocol = \"tcp\"", "protocol = \"tcp\"\nmin_healthy = 0");
+    assert_error(&text, 8, 15, "min_healthy 0 is out of range 1..=4294967295");
+}
+
+#[test]
+fn only_standby_backends() {
+    let text = format!("{BASE}standby = true\n");
+    assert_error(
+        &text,
+        10,
+        11,
+        "min_healthy = 1 (the default) but vip `web` has only 0 primary backends",
+    );
+}
+
+#[test]
+fn wrong_on_all_down() {
+    let text = BASE.replace(
+        "protocol = \"tcp\"",
+        "protocol = \"tcp\"\non_all_down = \"reject\"",
+    );
+    assert_error(
+        &text,
+        8,
+        15,
+        "unknown variant `reject`, expected `drop` or `pass`",
+    );
+}
+
+#[test]
+fn wrong_standby_type() {
+    let text = format!("{BASE}standby = \"yes\"\n");
+    assert_error(
+        &text,
+        10,
+        11,
+        "invalid type: string \"yes\", expected a boolean",
+    );
+}
+
+#[test]
+fn wrong_check_kind() {
+    let text = format!("{BASE}[vip.health]\ncheck = \"grpc\"\n");
+    assert_error(
+        &text,
+        11,
+        9,
+        "unknown variant `grpc`, expected one of `tcp`, `http`, `udp`, `exec`, `none`",
+    );
+}
+
+#[test]
+fn unknown_key_in_vip_health() {
+    let text = format!("{BASE}[vip.health]\nintervall = \"1s\"\n");
+    assert_error(&text, 11, 1, "unknown field `intervall`, expected one of");
+}
+
+#[test]
+fn unknown_key_in_backend_health() {
+    let text = format!("{BASE}health = {{ check = \"tcp\", retries = 3 }}\n");
+    assert_error(&text, 10, 27, "unknown field `retries`");
+}
+
+#[test]
+fn health_that_is_not_a_table() {
+    let text = format!("{BASE}health = \"tcp\"\n");
+    assert_error(&text, 10, 10, "expected a table of health-check settings");
+}
+
+#[test]
+fn duration_without_a_unit() {
+    let text = format!("{BASE}[vip.health]\ninterval = \"10\"\n");
+    assert_error(
+        &text,
+        11,
+        12,
+        "interval \"10\" is not a duration (it has no unit): write a number and a unit, such as \"100ms\"",
+    );
+    let text = format!("{BASE}[vip.health]\ntimeout = \"fast\"\n");
+    assert_error(
+        &text,
+        11,
+        11,
+        "timeout \"fast\" is not a duration (a number is missing): write a number and a unit",
+    );
+    let text = format!("{BASE}health = {{ interval = \"1 parsec\" }}\n");
+    assert_error(&text, 10, 23, "(unknown unit `parsec`)");
+    let text = format!("{BASE}health = {{ interval = \"0.5ns\" }}\n");
+    assert_error(&text, 10, 23, "(too large, or finer than a nanosecond)");
+}
+
+#[test]
+fn huge_durations_are_errors_not_panics() {
+    for huge in [
+        "18446744073709551615s 1000ms",
+        "9999999999s",
+        "1s 1s 1s 1s 1s 1s 1s 1s 1s 1s 1s 1s 1s 1s 1s 1s 1s 1s 1s 1s 1s 1s",
+    ] {
+        let text = format!("{BASE}[vip.health]\ninterval = \"{huge}\"\n");
+        assert_error(&text, 11, 12, "(too many digits)");
+    }
+    let text = format!("{BASE}[vip.health]\ninterval = \"999999999years\"\n");
+    assert_eq!(
+        parse_ok(&text).vips[0].health.interval,
+        Duration::from_secs(999_999_999 * 31_557_600)
+    );
+}
+
+#[test]
+fn duration_that_is_not_a_string() {
+    let text = format!("{BASE}[vip.health]\ninterval = 10\n");
+    assert_error(
+        &text,
+        11,
+        12,
+        "invalid type: integer `10`, expected a number and a unit, such as \"100ms\", \"1s\", \"1.5s\" or \"2m\"",
+    );
+}
+
+#[test]
+fn interval_too_short() {
+    let text = format!("{BASE}[vip.health]\ninterval = \"5ms\"\ntimeout = \"1ms\"\n");
+    assert_error(
+        &text,
+        11,
+        12,
+        "interval 5ms is shorter than the minimum, 10ms",
+    );
+}
+
+#[test]
+fn timeout_zero() {
+    let text = format!("{BASE}[vip.health]\ntimeout = \"0s\"\n");
+    assert_error(&text, 11, 11, "timeout must be greater than 0");
+}
+
+#[test]
+fn timeout_longer_than_interval() {
+    let text = format!("{BASE}[vip.health]\ninterval = \"1s\"\ntimeout = \"1.5s\"\n");
+    assert_error(
+        &text,
+        12,
+        11,
+        "timeout 1s 500ms (line 12) is longer than interval 1s (line 11) for vip `web`",
+    );
+}
+
+#[test]
+fn default_timeout_longer_than_a_short_interval() {
+    // The timeout is not written: point at the interval.
+    let text = format!("{BASE}[vip.health]\ninterval = \"200ms\"\n");
+    assert_error(
+        &text,
+        11,
+        12,
+        "timeout 500ms (the default) is longer than interval 200ms (line 11)",
+    );
+}
+
+#[test]
+fn backend_interval_shorter_than_the_vips_timeout() {
+    // Valid for the VIP; the backend's override breaks it, so the error points there.
+    let text =
+        format!("{BASE}health = {{ interval = \"200ms\" }}\n[vip.health]\ntimeout = \"300ms\"\n");
+    assert_error(
+        &text,
+        10,
+        23,
+        "timeout 300ms (line 12) is longer than interval 200ms (line 10) for backend 10.0.0.11 of vip `web`",
+    );
+}
+
+#[test]
+fn rise_and_fall_zero() {
+    let text = format!("{BASE}[vip.health]\nrise = 0\n");
+    assert_error(&text, 11, 8, "rise 0 is out of range 1..=4294967295");
+    let text = format!("{BASE}health = {{ fall = 0 }}\n");
+    assert_error(&text, 10, 19, "fall 0 is out of range 1..=4294967295");
+}
+
+#[test]
+fn health_port_out_of_range() {
+    let text = format!("{BASE}[vip.health]\nport = 70000\n");
+    assert_error(&text, 11, 8, "port 70000 is out of range 1..=65535");
+}
+
+#[test]
+fn path_must_start_with_a_slash() {
+    let text = format!("{BASE}[vip.health]\ncheck = \"http\"\npath = \"healthz\"\n");
+    assert_error(&text, 12, 8, "path `healthz` must start with `/`");
+    let text = format!("{BASE}[vip.health]\ncheck = \"http\"\npath = \"/a b\"\n");
+    assert_error(&text, 12, 8, "must not contain whitespace");
+}
+
+#[test]
+fn expect_status_rules() {
+    let text = format!("{BASE}[vip.health]\ncheck = \"http\"\nexpect_status = []\n");
+    assert_error(&text, 12, 17, "expect_status must not be empty");
+    let text = format!("{BASE}[vip.health]\ncheck = \"http\"\nexpect_status = [200, 600]\n");
+    assert_error(&text, 12, 23, "expect_status 600 is out of range 100..=599");
+    let text = format!("{BASE}[vip.health]\ncheck = \"http\"\nexpect_status = [99]\n");
+    assert_error(&text, 12, 18, "expect_status 99 is out of range 100..=599");
+}
+
+#[test]
+fn empty_host() {
+    let text = format!("{BASE}[vip.health]\ncheck = \"http\"\nhost = \"\"\n");
+    assert_error(
+        &text,
+        12,
+        8,
+        "host \"\" must be a non-empty Host header value",
+    );
+}
+
+#[test]
+fn key_of_another_check_kind() {
+    let text = format!("{BASE}[vip.health]\ncheck = \"tcp\"\npath = \"/healthz\"\n");
+    assert_error(
+        &text,
+        12,
+        1,
+        "`path` only applies to check = \"http\", but vip `web` has check = \"tcp\" (line 11)",
+    );
+    // Without `check`: the default, tcp.
+    let text = format!("{BASE}[vip.health]\nsend = \"ping\"\n");
+    assert_error(
+        &text,
+        11,
+        1,
+        "`send` only applies to check = \"udp\", but vip `web` has check = \"tcp\" (the default)",
+    );
+    let text = format!("{BASE}[vip.health]\ncheck = \"http\"\ncommand = [\"/bin/true\"]\n");
+    assert_error(&text, 12, 1, "`command` only applies to check = \"exec\"");
+    let text = format!(
+        "{BASE}[vip.health]\ncheck = \"exec\"\ncommand = [\"/bin/true\"]\nexpect = \"x\"\n"
+    );
+    assert_error(&text, 13, 1, "`expect` only applies to check = \"udp\"");
+    let text = format!("{BASE}[vip.health]\ncheck = \"none\"\nhost = \"a\"\n");
+    assert_error(&text, 12, 1, "`host` only applies to check = \"http\"");
+    let text =
+        format!("{BASE}[vip.health]\ncheck = \"udp\"\nsend = \"x\"\nexpect_status = [200]\n");
+    assert_error(
+        &text,
+        13,
+        1,
+        "`expect_status` only applies to check = \"http\"",
+    );
+}
+
+#[test]
+fn backend_key_of_the_vips_other_check_kind() {
+    // The key is in the backend's table, the check kind comes from the VIP: point at the key.
+    let text = format!("{BASE}health = {{ path = \"/ready\" }}\n[vip.health]\ncheck = \"tcp\"\n");
+    assert_error(
+        &text,
+        10,
+        12,
+        "`path` only applies to check = \"http\", but backend 10.0.0.11 of vip `web` has check = \"tcp\" (line 12)",
+    );
+    // A dotted key, and a quoted one: still the key.
+    let text = format!("{BASE}health.path = \"/ready\"\n");
+    assert_error(&text, 10, 8, "`path` only applies to check = \"http\"");
+    let text = format!("{BASE}health = {{ \"host\" = \"a\" }}\n");
+    assert_error(&text, 10, 12, "`host` only applies to check = \"http\"");
+}
+
+#[test]
+fn backend_check_that_does_not_fit_the_vips_keys() {
+    // The VIP's http settings are fine on their own; the backend's check makes its inherited
+    // `path` wrong, so the error points at the backend's `check`.
+    let text = format!(
+        "{BASE}health = {{ check = \"tcp\", interval = \"2s\" }}\n[vip.health]\ncheck = \"http\"\npath = \"/healthz\"\n"
+    );
+    assert_error(
+        &text,
+        10,
+        20,
+        "`path` only applies to check = \"http\", but backend 10.0.0.11 of vip `web` has check = \"tcp\" (line 10); `path` is set on line 13",
+    );
+}
+
+#[test]
+fn udp_check_needs_send() {
+    let text = format!("{BASE}[vip.health]\ncheck = \"udp\"\n");
+    assert_error(
+        &text,
+        11,
+        9,
+        "check = \"udp\" needs `send`, the payload to send (a non-empty string), and vip `web` has none",
+    );
+    let text = format!("{BASE}health = {{ check = \"udp\" }}\n");
+    assert_error(
+        &text,
+        10,
+        20,
+        "check = \"udp\" needs `send`, the payload to send (a non-empty string), and backend 10.0.0.11 of vip `web` has none",
+    );
+    let text = format!("{BASE}[vip.health]\ncheck = \"udp\"\nsend = \"\"\n");
+    assert_error(&text, 12, 8, "send must not be empty");
+    let text = format!("{BASE}[vip.health]\ncheck = \"udp\"\nsend = \"a\"\nexpect = \"\"\n");
+    assert_error(&text, 13, 10, "expect must not be empty");
+}
+
+#[test]
+fn exec_check_needs_a_command() {
+    let text = format!("{BASE}[vip.health]\ncheck = \"exec\"\n");
+    assert_error(&text, 11, 9, "check = \"exec\" needs `command`");
+    let text = format!("{BASE}[vip.health]\ncheck = \"exec\"\ncommand = []\n");
+    assert_error(&text, 12, 11, "command must not be empty");
+    let text = format!("{BASE}[vip.health]\ncheck = \"exec\"\ncommand = [\"\", \"-x\"]\n");
+    assert_error(
+        &text,
+        12,
+        12,
+        "the program (the first word of command) must not be empty",
+    );
 }

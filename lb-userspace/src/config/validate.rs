@@ -1,24 +1,51 @@
-//! The rules TOML cannot express: ranges, address families, uniqueness, capacities. Turns the
-//! [`RawConfig`] into a [`Config`], or reports the first broken rule with the position of the
-//! value that breaks it.
+//! The rules TOML cannot express: ranges, address families, uniqueness, capacities, health-check
+//! settings. Turns the [`RawConfig`] into a [`Config`], or reports the first broken rule with the
+//! position of the value that breaks it.
+//!
+//! Health settings come in layers: a backend's `health` table over its VIP's `[vip.health]` over
+//! the defaults. Each key is taken from the most specific layer that has it, and the rules are
+//! checked on the merged result. When a rule involves several keys, the error points at the one
+//! written in the backend's table if any (the override is what broke a VIP-level table that was
+//! valid on its own), else at the key the rule is about.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::{Range, RangeInclusive};
 use std::path::Path;
+use std::time::Duration;
 
 use lb_common::{DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, NO_BACKEND};
 use toml::Spanned;
 
-use super::raw::{RawBackend, RawConfig, RawVip};
+use super::raw::{RawBackend, RawConfig, RawDuration, RawHealth, RawVip};
 use super::{
-    BackendConfig, Config, ConfigError, DEFAULT_WEIGHT, MAX_RING_SIZE, MIN_FLOW_TABLE_SIZE,
-    MIN_RING_SIZE, Protocol, VipConfig, XdpModeSetting,
+    BackendConfig, CheckKind, Config, ConfigError, DEFAULT_MIN_HEALTHY, DEFAULT_WEIGHT,
+    HealthConfig, MAX_RING_SIZE, MIN_FLOW_TABLE_SIZE, MIN_INTERVAL, MIN_RING_SIZE, OnAllDown,
+    Protocol, VipConfig, XdpModeSetting,
 };
 use crate::maglev::is_prime;
 
 /// Linux's IFNAMSIZ (16) minus the terminating NUL.
 const MAX_INTERFACE_NAME_BYTES: usize = 15;
+
+/// What a duration looks like, for messages.
+pub(super) const DURATION_FORMAT: &str =
+    "a number and a unit, such as \"100ms\", \"1s\", \"1.5s\" or \"2m\"";
+
+/// Longest accepted duration string, and most digits in one of its numbers (see `duration`).
+const MAX_DURATION_CHARS: usize = 64;
+const MAX_DURATION_DIGITS: usize = 9;
+
+/// The health-check keys that apply to one check kind only, in the order they are checked.
+const KIND_SPECIFIC_KEYS: [(&str, CheckKind); 6] = [
+    ("path", CheckKind::Http),
+    ("expect_status", CheckKind::Http),
+    ("host", CheckKind::Http),
+    ("send", CheckKind::Udp),
+    ("expect", CheckKind::Udp),
+    ("command", CheckKind::Exec),
+];
 
 pub(super) fn validate(raw: RawConfig, text: &str, path: &Path) -> Result<Config, ConfigError> {
     Validator { text, path }.config(raw)
@@ -273,6 +300,24 @@ impl Validator<'_> {
                 ));
             }
 
+            let min_healthy = match &raw_vip.min_healthy {
+                None => DEFAULT_MIN_HEALTHY,
+                Some(value) => self.integer_in("min_healthy", value, 1..=u32::MAX)?,
+            };
+            let on_all_down = raw_vip
+                .on_all_down
+                .as_ref()
+                .map_or(OnAllDown::Drop, |value| *value.get_ref());
+            let vip_health = raw_vip.health.as_ref();
+            let health = self.health(
+                &Layers {
+                    vip: vip_health,
+                    backend: None,
+                },
+                (port, protocol),
+                &Owner::Vip(name),
+            )?;
+
             let mut backends = Vec::with_capacity(raw_vip.backend.len());
             let mut seen_backends: HashMap<IpAddr, usize> = HashMap::new();
             for raw_backend in &raw_vip.backend {
@@ -288,7 +333,8 @@ impl Validator<'_> {
                         ),
                     ));
                 }
-                let backend = self.backend(raw_backend, name, address)?;
+                let backend =
+                    self.backend(raw_backend, name, address, (port, protocol), vip_health)?;
                 let line = self.line_of(raw_backend.address.span());
                 if let Some(first_line) = seen_backends.insert(backend.address, line) {
                     return Err(self.error(
@@ -301,12 +347,16 @@ impl Validator<'_> {
                 }
                 backends.push(backend);
             }
+            self.enough_primaries(raw_vip, min_healthy, &backends)?;
 
             vips.push(VipConfig {
                 name: name.to_string(),
                 address,
                 port,
                 protocol,
+                min_healthy,
+                on_all_down,
+                health,
                 backends,
             });
         }
@@ -344,11 +394,50 @@ impl Validator<'_> {
         }
     }
 
+    /// `min_healthy` primaries must exist for the primary pool ever to serve; a VIP without
+    /// backends is allowed (its traffic is dropped and counted).
+    fn enough_primaries(
+        &self,
+        raw_vip: &RawVip,
+        min_healthy: u32,
+        backends: &[BackendConfig],
+    ) -> Result<(), ConfigError> {
+        let primaries = backends.iter().filter(|backend| !backend.standby).count();
+        if backends.is_empty() || primaries >= min_healthy as usize {
+            return Ok(());
+        }
+        let name = raw_vip.name.get_ref();
+        match &raw_vip.min_healthy {
+            Some(value) => Err(self.error(
+                value.span(),
+                format!(
+                    "min_healthy = {min_healthy} but vip `{name}` has only {primaries} primary backends (standby ones do not count)"
+                ),
+            )),
+            // The default, 1, is only broken when every backend is a standby: point at the first.
+            None => {
+                let span = raw_vip
+                    .backend
+                    .iter()
+                    .find_map(|backend| backend.get_ref().standby.as_ref())
+                    .map_or_else(|| raw_vip.name.span(), Spanned::span);
+                Err(self.error(
+                    span,
+                    format!(
+                        "min_healthy = {min_healthy} (the default) but vip `{name}` has only {primaries} primary backends: every backend is a standby"
+                    ),
+                ))
+            }
+        }
+    }
+
     fn backend(
         &self,
         raw: &RawBackend,
         vip_name: &str,
         vip_address: IpAddr,
+        vip_service: (u16, Protocol),
+        vip_health: Option<&RawHealth>,
     ) -> Result<BackendConfig, ConfigError> {
         let address = self.address("backend", &raw.address)?;
         if address.is_ipv4() != vip_address.is_ipv4() {
@@ -365,7 +454,303 @@ impl Validator<'_> {
             None => DEFAULT_WEIGHT,
             Some(weight) => self.integer_in("weight", weight, 0..=u32::MAX)?,
         };
-        Ok(BackendConfig { address, weight })
+        let standby = raw
+            .standby
+            .as_ref()
+            .is_some_and(|standby| *standby.get_ref());
+        let health = self.health(
+            &Layers {
+                vip: vip_health,
+                backend: raw.health.as_ref(),
+            },
+            vip_service,
+            &Owner::Backend {
+                vip: vip_name,
+                address,
+            },
+        )?;
+        Ok(BackendConfig {
+            address,
+            weight,
+            standby,
+            health,
+        })
+    }
+
+    /// The effective health settings for `layers`, with every rule checked on the merged result.
+    fn health(
+        &self,
+        layers: &Layers<'_>,
+        (vip_port, vip_protocol): (u16, Protocol),
+        owner: &Owner<'_>,
+    ) -> Result<HealthConfig, ConfigError> {
+        let mut health = HealthConfig::defaults(vip_port, vip_protocol);
+
+        let check = layers.get(|table| table.check.as_ref());
+        if let Some(check) = &check {
+            health.check = *check.value.get_ref();
+        }
+
+        let interval = layers.get(|table| table.interval.as_ref());
+        if let Some(interval) = &interval {
+            health.interval = self.duration("interval", interval.value)?;
+            if health.interval < MIN_INTERVAL {
+                return Err(self.error(
+                    interval.value.span(),
+                    format!(
+                        "interval {} is shorter than the minimum, {}",
+                        humantime::format_duration(health.interval),
+                        humantime::format_duration(MIN_INTERVAL)
+                    ),
+                ));
+            }
+        }
+        let timeout = layers.get(|table| table.timeout.as_ref());
+        if let Some(timeout) = &timeout {
+            health.timeout = self.duration("timeout", timeout.value)?;
+            if health.timeout.is_zero() {
+                return Err(self.error(
+                    timeout.value.span(),
+                    "timeout must be greater than 0 (and at most the interval)",
+                ));
+            }
+        }
+        if let Some(rise) = layers.get(|table| table.rise.as_ref()) {
+            health.rise = self.integer_in("rise", rise.value, 1..=u32::MAX)?;
+        }
+        if let Some(fall) = layers.get(|table| table.fall.as_ref()) {
+            health.fall = self.integer_in("fall", fall.value, 1..=u32::MAX)?;
+        }
+        if let Some(port) = layers.get(|table| table.port.as_ref()) {
+            health.port = self.port(port.value)?;
+        }
+
+        self.kind_specific_keys(layers, &check, health.check, owner)?;
+
+        if let Some(path) = layers.get(|table| table.path.as_ref()) {
+            let text = path.value.get_ref();
+            if !text.starts_with('/') {
+                return Err(self.error(
+                    path.value.span(),
+                    format!("path `{text}` must start with `/`"),
+                ));
+            }
+            if has_space_or_control(text) {
+                return Err(self.error(
+                    path.value.span(),
+                    format!("path {text:?} must not contain whitespace or control characters"),
+                ));
+            }
+            health.path = text.clone();
+        }
+        if let Some(statuses) = layers.get(|table| table.expect_status.as_ref()) {
+            if statuses.value.get_ref().is_empty() {
+                return Err(self.error(
+                    statuses.value.span(),
+                    "expect_status must not be empty: list the HTTP statuses that mean healthy",
+                ));
+            }
+            health.expect_status = statuses
+                .value
+                .get_ref()
+                .iter()
+                .map(|status| {
+                    // 100..=599 fits a u16.
+                    self.integer_in("expect_status", status, 100..=599)
+                        .map(|status| status as u16)
+                })
+                .collect::<Result<_, _>>()?;
+        }
+        if let Some(host) = layers.get(|table| table.host.as_ref()) {
+            let text = host.value.get_ref();
+            if text.is_empty() || has_space_or_control(text) {
+                return Err(self.error(
+                    host.value.span(),
+                    format!(
+                        "host {text:?} must be a non-empty Host header value without whitespace or control characters (leave `host` out to send none)"
+                    ),
+                ));
+            }
+            health.host = Some(text.clone());
+        }
+        if let Some(send) = layers.get(|table| table.send.as_ref()) {
+            if send.value.get_ref().is_empty() {
+                return Err(self.error(
+                    send.value.span(),
+                    "send must not be empty: it is the payload of the UDP check",
+                ));
+            }
+            health.send = send.value.get_ref().as_bytes().to_vec();
+        }
+        if let Some(expect) = layers.get(|table| table.expect.as_ref()) {
+            if expect.value.get_ref().is_empty() {
+                return Err(self.error(
+                    expect.value.span(),
+                    "expect must not be empty (leave it out to accept any reply)",
+                ));
+            }
+            health.expect = Some(expect.value.get_ref().as_bytes().to_vec());
+        }
+        if let Some(command) = layers.get(|table| table.command.as_ref()) {
+            let words = command.value.get_ref();
+            match words.first() {
+                None => {
+                    return Err(self.error(
+                        command.value.span(),
+                        "command must not be empty: it needs at least the program to run",
+                    ));
+                }
+                Some(program) if program.get_ref().is_empty() => {
+                    return Err(self.error(
+                        program.span(),
+                        "the program (the first word of command) must not be empty",
+                    ));
+                }
+                Some(_) => {}
+            }
+            health.command = words.iter().map(|word| word.get_ref().clone()).collect();
+        }
+
+        // A check kind that needs a key: `check` was written (the default, tcp, needs nothing).
+        let required = match health.check {
+            CheckKind::Udp if health.send.is_empty() => {
+                Some("`send`, the payload to send (a non-empty string)")
+            }
+            CheckKind::Exec if health.command.is_empty() => {
+                Some("`command`, the program and its arguments (a non-empty array of strings)")
+            }
+            _ => None,
+        };
+        if let (Some(required), Some(check)) = (required, &check) {
+            return Err(self.error(
+                check.value.span(),
+                format!(
+                    "check = \"{}\" needs {required}, and {owner} has none",
+                    health.check
+                ),
+            ));
+        }
+
+        if health.timeout > health.interval {
+            let span = blame(&[
+                timeout.as_ref().map(Written::at),
+                interval.as_ref().map(Written::at),
+            ]);
+            return Err(self.error(
+                span,
+                format!(
+                    "timeout {} ({}) is longer than interval {} ({}) for {owner}: the timeout must be > 0 and <= interval",
+                    humantime::format_duration(health.timeout),
+                    self.origin(timeout.as_ref()),
+                    humantime::format_duration(health.interval),
+                    self.origin(interval.as_ref()),
+                ),
+            ));
+        }
+        Ok(health)
+    }
+
+    /// A key of one check kind in the merged settings of another kind is an error.
+    fn kind_specific_keys(
+        &self,
+        layers: &Layers<'_>,
+        check: &Option<Written<'_, CheckKind>>,
+        kind: CheckKind,
+        owner: &Owner<'_>,
+    ) -> Result<(), ConfigError> {
+        for (key, applies_to) in KIND_SPECIFIC_KEYS {
+            if applies_to == kind {
+                continue;
+            }
+            let Some(written) = layers.key_at(key) else {
+                continue;
+            };
+            let span = blame(&[Some(written.clone()), check.as_ref().map(Written::at)]);
+            // The key is what is wrong, so point at it rather than at its value; when the
+            // backend's `check` made an inherited key wrong, point at that `check`'s value.
+            let (span, key_elsewhere) = if span == written.0 {
+                (self.key_span(key, span), String::new())
+            } else {
+                let line = self.line_of(written.0);
+                (span, format!("; `{key}` is set on line {line}"))
+            };
+            return Err(self.error(
+                span,
+                format!(
+                    "`{key}` only applies to check = \"{applies_to}\", but {owner} has check = \"{kind}\" ({}){key_elsewhere}",
+                    self.origin(check.as_ref())
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Where `key` is written, given where its value is: the key just before the `=` that
+    /// precedes the value (bare, quoted, or the last part of a dotted key). Falls back to the
+    /// value when the text there looks otherwise.
+    fn key_span(&self, key: &str, value: Range<usize>) -> Range<usize> {
+        let before = self.text[..value.start].trim_end_matches([' ', '\t']);
+        let Some(before) = before.strip_suffix('=') else {
+            return value;
+        };
+        let before = before.trim_end_matches([' ', '\t']);
+        for written in [key.to_string(), format!("\"{key}\""), format!("'{key}'")] {
+            if let Some(rest) = before.strip_suffix(written.as_str()) {
+                let whole = !rest
+                    .chars()
+                    .next_back()
+                    .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+                if whole {
+                    return rest.len()..before.len();
+                }
+            }
+        }
+        value
+    }
+
+    /// "line N" for a value written in the file, "the default" for one that was not.
+    fn origin<T>(&self, written: Option<&Written<'_, T>>) -> String {
+        match written {
+            Some(written) => format!("line {}", self.line_of(written.value.span())),
+            None => "the default".to_string(),
+        }
+    }
+
+    /// Parses a humantime duration (`"100ms"`, `"1.5s"`, `"2m"`); an error points at the value.
+    fn duration(&self, key: &str, raw: &Spanned<RawDuration>) -> Result<Duration, ConfigError> {
+        let text = raw.get_ref().0.as_str();
+        let error = |why: &str| {
+            self.error(
+                raw.span(),
+                format!("{key} {text:?} is not a duration ({why}): write {DURATION_FORMAT}"),
+            )
+        };
+        // humantime 2.4 panics (Duration::new overflow) on a sum that lands exactly on u64::MAX
+        // seconds; numbers of at most 9 digits in a short string stay far below that.
+        if text.len() > MAX_DURATION_CHARS
+            || text
+                .split(|c: char| !c.is_ascii_digit())
+                .any(|digits| digits.len() > MAX_DURATION_DIGITS)
+        {
+            return Err(error("too many digits"));
+        }
+        humantime::parse_duration(text).map_err(|parse_error| {
+            let why = match &parse_error {
+                humantime::DurationError::Empty => "it is empty".to_string(),
+                humantime::DurationError::UnknownUnit { unit, .. } if unit.is_empty() => {
+                    "it has no unit".to_string()
+                }
+                humantime::DurationError::UnknownUnit { unit, .. } => {
+                    format!("unknown unit `{unit}`")
+                }
+                humantime::DurationError::NumberExpected(_) => "a number is missing".to_string(),
+                humantime::DurationError::NumberOverflow => {
+                    "too large, or finer than a nanosecond".to_string()
+                }
+                _ => parse_error.to_string(),
+            };
+            error(&why)
+        })
     }
 
     /// Parses an address that must name one unicast host; `role` ("vip" or "backend") is for
@@ -388,6 +773,92 @@ impl Validator<'_> {
         }
         Ok(address)
     }
+}
+
+/// Which table a health value was written in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Layer {
+    /// The VIP's `[vip.health]`.
+    Vip,
+    /// A backend's `health` table.
+    Backend,
+}
+
+/// A health value as written, and in which table.
+struct Written<'r, T> {
+    value: &'r Spanned<T>,
+    layer: Layer,
+}
+
+impl<T> Written<'_, T> {
+    fn at(&self) -> (Range<usize>, Layer) {
+        (self.value.span(), self.layer)
+    }
+}
+
+/// The health tables that apply to a backend (or, with `backend: None`, to a VIP's defaults).
+struct Layers<'r> {
+    vip: Option<&'r RawHealth>,
+    backend: Option<&'r RawHealth>,
+}
+
+impl<'r> Layers<'r> {
+    /// A key from the most specific table that has it.
+    fn get<T>(
+        &self,
+        key: impl Fn(&'r RawHealth) -> Option<&'r Spanned<T>>,
+    ) -> Option<Written<'r, T>> {
+        let from = |table: Option<&'r RawHealth>, layer| {
+            table.and_then(&key).map(|value| Written { value, layer })
+        };
+        from(self.backend, Layer::Backend).or_else(|| from(self.vip, Layer::Vip))
+    }
+
+    /// Where a kind-specific key (one of [`KIND_SPECIFIC_KEYS`]) was written, if it was.
+    fn key_at(&self, key: &str) -> Option<(Range<usize>, Layer)> {
+        match key {
+            "path" => self.get(|table| table.path.as_ref()).map(|w| w.at()),
+            "expect_status" => self
+                .get(|table| table.expect_status.as_ref())
+                .map(|w| w.at()),
+            "host" => self.get(|table| table.host.as_ref()).map(|w| w.at()),
+            "send" => self.get(|table| table.send.as_ref()).map(|w| w.at()),
+            "expect" => self.get(|table| table.expect.as_ref()).map(|w| w.at()),
+            "command" => self.get(|table| table.command.as_ref()).map(|w| w.at()),
+            _ => unreachable!("`{key}` is not a kind-specific health key"),
+        }
+    }
+}
+
+/// Whose health settings are being checked, for messages.
+enum Owner<'a> {
+    Vip(&'a str),
+    Backend { vip: &'a str, address: IpAddr },
+}
+
+impl fmt::Display for Owner<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Owner::Vip(name) => write!(f, "vip `{name}`"),
+            Owner::Backend { vip, address } => write!(f, "backend {address} of vip `{vip}`"),
+        }
+    }
+}
+
+/// Where an error about several keys points: the first of `keys` (most relevant first) written in
+/// the backend's table, else the first written at all.
+fn blame(keys: &[Option<(Range<usize>, Layer)>]) -> Range<usize> {
+    let written = || keys.iter().flatten();
+    written()
+        .find(|(_, layer)| *layer == Layer::Backend)
+        .or_else(|| written().next())
+        .map_or(0..0, |(span, _)| span.clone())
+}
+
+/// HTTP paths and Host values go into the request as they are: no room for whitespace or
+/// control characters (which could also smuggle headers).
+fn has_space_or_control(text: &str) -> bool {
+    text.chars().any(|c| c.is_whitespace() || c.is_control())
 }
 
 /// Why `address` cannot be a VIP or a backend, if it cannot.

@@ -1,0 +1,55 @@
+//! Attaching the program: the XDP mode the config asks for, with `auto`'s fallback.
+
+use tracing::warn;
+
+use super::RunError;
+use crate::{
+    config::XdpModeSetting,
+    dataplane::{AttachMode, DataPlane},
+    net::Interface,
+};
+
+/// Attaches as the config asks; `auto` tries native first and falls back to generic (skb) XDP.
+pub(super) fn attach(
+    dataplane: &mut DataPlane,
+    interface: &Interface,
+    setting: XdpModeSetting,
+) -> Result<AttachMode, RunError> {
+    let native = || AttachMode::Native;
+    match setting {
+        XdpModeSetting::Native => dataplane.attach(&interface.name, interface.index, native())?,
+        XdpModeSetting::Skb => {
+            dataplane.attach(&interface.name, interface.index, AttachMode::Skb)?
+        }
+        XdpModeSetting::Auto => {
+            if let Err(e) = dataplane.attach(&interface.name, interface.index, native()) {
+                warn!(
+                    "native XDP on {} failed ({e}); falling back to generic (skb) mode",
+                    interface.name
+                );
+                dataplane.attach(&interface.name, interface.index, AttachMode::Skb)?;
+                return Ok(AttachMode::Skb);
+            }
+        }
+    }
+    Ok(match setting {
+        XdpModeSetting::Skb => AttachMode::Skb,
+        XdpModeSetting::Native | XdpModeSetting::Auto => AttachMode::Native,
+    })
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; lift it so big rings load there too.
+/// Newer kernels charge the memory cgroup instead, so failing here is only worth a debug line.
+pub(super) fn raise_memlock_limit() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads the struct we pass and has no other effect on memory.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        tracing::debug!(
+            "could not raise RLIMIT_MEMLOCK ({}); only kernels before 5.11 need it",
+            std::io::Error::last_os_error()
+        );
+    }
+}

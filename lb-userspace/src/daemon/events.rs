@@ -1,0 +1,85 @@
+//! Applying health results to the data plane, and the log line of every change.
+
+use tracing::{info, warn};
+
+use super::RunError;
+use crate::{
+    balancer::{Balancer, PublishReport},
+    health::{Health, Transition, schedule::CheckReport, supervisor::Supervisor},
+    pool::ActivePool,
+};
+
+/// Feeds one check result to the supervisor; on a state change, rewrites the VIP and logs the
+/// change (and the pool flip it caused, if any). Returns the publish report of a change.
+pub(super) fn on_check_report(
+    balancer: &mut Balancer,
+    supervisor: &mut Supervisor,
+    report: &CheckReport,
+) -> Result<Option<PublishReport>, RunError> {
+    let Some(transition) = supervisor.record(report) else {
+        return Ok(None);
+    };
+    let (v, b) = report.backend;
+    let published = balancer.set_health(v, b, transition.to)?;
+    log_transition(balancer, report, transition, &published);
+    log_flip(balancer, v, &published);
+    Ok(Some(published))
+}
+
+fn log_transition(
+    balancer: &Balancer,
+    report: &CheckReport,
+    t: Transition,
+    published: &PublishReport,
+) {
+    let (v, b) = report.backend;
+    let vip = &balancer.vips[v];
+    let backend = &vip.backends[b];
+    let map_update_us = published.elapsed.as_micros() as u64;
+    let message = format!(
+        "backend {} of vip {}: {} -> {} ({}); map updated in {}us",
+        backend.address, vip.name, t.from, t.to, report.outcome.reason, map_update_us
+    );
+    let fields = (
+        vip.name.as_str(),
+        backend.address,
+        t.from.as_str(),
+        t.to.as_str(),
+    );
+    if t.to == Health::Down {
+        warn!(vip = fields.0, backend = %fields.1, from = fields.2, to = fields.3,
+              reason = %report.outcome.reason, map_update_us, "{message}");
+    } else {
+        info!(vip = fields.0, backend = %fields.1, from = fields.2, to = fields.3,
+              reason = %report.outcome.reason, map_update_us, "{message}");
+    }
+}
+
+fn log_flip(balancer: &Balancer, v: usize, published: &PublishReport) {
+    if published.pool_before == published.pool_after {
+        return;
+    }
+    let vip = &balancer.vips[v];
+    let primaries = vip.backends.iter().filter(|b| !b.standby).count();
+    let healthy = vip
+        .backends
+        .iter()
+        .filter(|b| !b.standby && b.reachable())
+        .count();
+    let message = format!(
+        "vip {}: pool {} -> {} ({healthy} of {primaries} primaries healthy, min_healthy {}; {} backends in the ring)",
+        vip.name, published.pool_before, published.pool_after, vip.min_healthy, published.in_ring
+    );
+    let (from, to) = (
+        published.pool_before.as_str(),
+        published.pool_after.as_str(),
+    );
+    match published.pool_after {
+        ActivePool::Primary => info!(vip = %vip.name, from, to, "{message}"),
+        ActivePool::Standby => warn!(vip = %vip.name, from, to, "{message}"),
+        ActivePool::None => warn!(
+            vip = %vip.name, from, to, on_all_down = vip.on_all_down.as_str(),
+            "{message}; nothing healthy: on_all_down = {}", vip.on_all_down
+        ),
+    }
+}

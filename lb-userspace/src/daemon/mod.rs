@@ -1,0 +1,158 @@
+//! `lb run`: load the program, start the health checks, fill the maps, attach; then apply every
+//! health change and path change as it happens; on SIGINT or SIGTERM detach and report the final
+//! counters.
+
+mod attach;
+mod events;
+mod paths;
+
+use std::time::Duration;
+
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+    time::Instant,
+};
+use tracing::{info, warn};
+
+use crate::{
+    balancer::{Balancer, capacity_of},
+    config::Config,
+    dataplane::{AttachMode, DataPlane},
+    health::{
+        schedule::CheckReport,
+        supervisor::{Supervisor, spawn_checkers},
+    },
+    net::NetlinkHandle,
+    stats::Snapshot,
+};
+
+/// How often unresolved backends are retried and resolved ones re-checked (a backend's MAC can
+/// change when its address moves to another host).
+const REFRESH_INTERVAL: Duration = Duration::from_secs(5);
+/// Extra time, beyond the longest check timeout, that start-up waits for every first result.
+const FIRST_RESULTS_GRACE: Duration = Duration::from_millis(500);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Net(#[from] crate::net::NetError),
+    #[error(transparent)]
+    DataPlane(#[from] crate::dataplane::DataPlaneError),
+    #[error(transparent)]
+    Publish(#[from] crate::balancer::PublishError),
+    #[error("installing the signal handler: {0}")]
+    Signal(#[source] std::io::Error),
+}
+
+/// Runs the load balancer until SIGINT or SIGTERM; returns the final counters.
+pub async fn run(config: Config) -> Result<Snapshot, RunError> {
+    let netlink = NetlinkHandle::new()?;
+    let interface = netlink.interface_by_name(&config.interface).await?;
+    attach::raise_memlock_limit();
+
+    let dataplane = DataPlane::load(capacity_of(&config))?;
+    let mut balancer = Balancer::new(dataplane, &config);
+    let mut supervisor = Supervisor::new(&config);
+    let (report_tx, mut reports) = mpsc::channel::<CheckReport>(1024);
+    let checkers = spawn_checkers(&config, &report_tx);
+    drop(report_tx);
+
+    // Before attaching: every backend's first check result and L2 path, so the first packet
+    // already finds the healthy backends in their rings and no dead one.
+    paths::refresh_paths(&netlink, &interface, &mut balancer).await?;
+    collect_first_results(&config, &mut balancer, &mut supervisor, &mut reports).await?;
+    balancer.publish_all()?;
+
+    let mode = attach::attach(&mut balancer.dataplane, &interface, config.xdp_mode)?;
+    log_attached(&balancer, &interface.name, mode);
+    if mode == AttachMode::Native && interface.kind.as_deref() == Some("veth") {
+        warn!(
+            "{} is a veth: frames sent with native XDP_TX reach its peer only if the peer runs an XDP \
+             program (an XDP_PASS one will do), and senders on veths need `ethtool -K <if> tx off` \
+             (see README, \"Containers and veth\")",
+            interface.name
+        );
+    }
+
+    let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Signal)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
+    let mut refresh = tokio::time::interval(REFRESH_INTERVAL);
+    refresh.tick().await; // the first tick is immediate; paths were just resolved
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => { info!("SIGTERM: detaching"); break; }
+            _ = sigint.recv() => { info!("SIGINT: detaching"); break; }
+            Some(report) = reports.recv() => {
+                if let Err(e) = events::on_check_report(&mut balancer, &mut supervisor, &report) {
+                    warn!("applying a health change failed: {e}");
+                }
+            }
+            _ = refresh.tick() => {
+                if let Err(e) = paths::refresh_paths(&netlink, &interface, &mut balancer).await {
+                    warn!("refreshing backend paths failed: {e}");
+                }
+            }
+        }
+    }
+    for task in checkers {
+        task.abort();
+    }
+    let snapshot = Snapshot::read(&balancer)?;
+    balancer.dataplane.detach()?;
+    info!("detached from {}", interface.name);
+    Ok(snapshot)
+}
+
+/// Waits until every backend has a first check result (or the longest timeout plus a grace
+/// period has passed: a check that has not answered by then counts as not passed yet).
+async fn collect_first_results(
+    config: &Config,
+    balancer: &mut Balancer,
+    supervisor: &mut Supervisor,
+    reports: &mut mpsc::Receiver<CheckReport>,
+) -> Result<(), RunError> {
+    let longest = config
+        .vips
+        .iter()
+        .flat_map(|v| v.backends.iter().map(|b| b.health.timeout))
+        .max()
+        .unwrap_or_default();
+    let deadline = Instant::now() + longest + FIRST_RESULTS_GRACE;
+    while supervisor.pending() > 0 {
+        match tokio::time::timeout_at(deadline, reports.recv()).await {
+            Ok(Some(report)) => {
+                events::on_check_report(balancer, supervisor, &report)?;
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    if supervisor.pending() > 0 {
+        warn!(
+            "{} backends have no check result yet; they join when their first check passes",
+            supervisor.pending()
+        );
+    }
+    Ok(())
+}
+
+fn log_attached(balancer: &Balancer, interface: &str, mode: AttachMode) {
+    let backends: usize = balancer.vips.iter().map(|v| v.backends.len()).sum();
+    let up: usize = balancer
+        .vips
+        .iter()
+        .map(|v| v.backends.iter().filter(|b| b.reachable()).count())
+        .sum();
+    info!(
+        interface,
+        mode = mode.name(),
+        vips = balancer.vips.len(),
+        backends,
+        up,
+        "XDP load balancer attached to {interface} in {} mode ({up} of {backends} backends up)",
+        mode.name()
+    );
+    for vip in &balancer.vips {
+        info!(vip = %vip.name, pool = vip.active_pool.as_str(), "vip {}: serving from the {} pool", vip.name, vip.active_pool);
+    }
+}
