@@ -5,6 +5,8 @@ pub mod check;
 pub mod schedule;
 pub mod state;
 pub mod supervisor;
+#[cfg(test)]
+mod timeline_tests;
 
 use std::sync::Arc;
 
