@@ -17,7 +17,7 @@
 //! on_all_down = "drop"         # drop | pass: what happens to new flows when nothing is healthy
 //!
 //! [vip.health]                 # defaults for this VIP's backends; optional, as is every key
-//! check = "http"               # tcp | http | udp | exec | none
+//! check = "http"               # tcp | http | udp | exec | none; default tcp (none for udp VIPs)
 //! interval = "1s"              # humantime: "100ms", "1.5s", "2m"; >= 10ms
 //! timeout = "500ms"            # > 0 and <= interval
 //! rise = 2                     # consecutive successes to go up

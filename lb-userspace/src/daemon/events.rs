@@ -55,7 +55,7 @@ fn log_transition(
     }
 }
 
-fn log_flip(balancer: &Balancer, v: usize, published: &PublishReport) {
+pub(super) fn log_flip(balancer: &Balancer, v: usize, published: &PublishReport) {
     if published.pool_before == published.pool_after {
         return;
     }

@@ -73,7 +73,8 @@ pub(super) async fn refresh_paths(
         }
     }
     for v in changed_vips {
-        balancer.publish(v)?;
+        let published = balancer.publish(v)?;
+        super::events::log_flip(balancer, v, &published);
     }
     Ok(())
 }
