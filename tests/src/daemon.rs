@@ -246,3 +246,173 @@ impl FinalCounters {
             .map_or(0, |c| c.2)
     }
 }
+
+/// A backend state change as `lb run` logs it (see `lb-userspace/src/daemon/events.rs`):
+/// `<RFC 3339 time> <LEVEL> <target>: backend <addr> of vip <name>: <from> -> <to> (<reason>); map updated in <N>us ...`
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendTransition {
+    /// The log line's timestamp (wall clock: compare with `SystemTime::now()` taken in the test).
+    pub at: std::time::SystemTime,
+    pub vip: String,
+    pub backend: String,
+    pub from: String,
+    pub to: String,
+    /// Why the last check passed or failed, as the daemon words it.
+    pub reason: String,
+    /// The daemon's own measure of how long publishing the change took, up to the VIP record flip.
+    pub map_update: Duration,
+}
+
+/// A VIP's switch between pools as `lb run` logs it:
+/// `<time> <LEVEL> <target>: vip <name>: pool <from> -> <to> (...)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolFlip {
+    pub at: std::time::SystemTime,
+    pub vip: String,
+    pub from: String,
+    pub to: String,
+}
+
+/// `text` without ANSI escape sequences (`ESC [ ... final byte`), in case the log is coloured.
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                // Parameters and intermediates, then one final byte in '@'..='~'.
+                for c in chars.by_ref() {
+                    if ('@'..='~').contains(&c) {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The timestamp at the start of a log line and the rest after the `target: ` prefix.
+fn split_log_line(line: &str) -> Option<(std::time::SystemTime, String)> {
+    let line = strip_ansi(line);
+    let line = line.trim();
+    let (stamp, _) = line.split_once(char::is_whitespace)?;
+    let at = humantime::parse_rfc3339(stamp)
+        .or_else(|_| humantime::parse_rfc3339_weak(stamp))
+        .ok()?;
+    Some((at, line.to_owned()))
+}
+
+impl BackendTransition {
+    /// Parses one log line; `None` if it is not a backend transition.
+    pub fn parse(line: &str) -> Option<Self> {
+        let (at, line) = split_log_line(line)?;
+        let rest = &line[line.find(": backend ")? + ": backend ".len()..];
+        let (backend, rest) = rest.split_once(" of vip ")?;
+        let (vip, rest) = rest.split_once(": ")?;
+        let (from, rest) = rest.split_once(" -> ")?;
+        let (to, rest) = rest.split_once(" (")?;
+        let marker = "); map updated in ";
+        let end_of_reason = rest.find(marker)?;
+        let reason = &rest[..end_of_reason];
+        let number = &rest[end_of_reason + marker.len()..];
+        let digits: String = number.chars().take_while(char::is_ascii_digit).collect();
+        if !number[digits.len()..].starts_with("us") {
+            return None;
+        }
+        Some(Self {
+            at,
+            vip: vip.to_owned(),
+            backend: backend.to_owned(),
+            from: from.to_owned(),
+            to: to.to_owned(),
+            reason: reason.to_owned(),
+            map_update: Duration::from_micros(digits.parse().ok()?),
+        })
+    }
+}
+
+impl PoolFlip {
+    /// Parses one log line; `None` if it is not a pool flip.
+    pub fn parse(line: &str) -> Option<Self> {
+        let (at, line) = split_log_line(line)?;
+        let rest = &line[line.find(": vip ")? + ": vip ".len()..];
+        let (vip, rest) = rest.split_once(": pool ")?;
+        let (from, rest) = rest.split_once(" -> ")?;
+        let to = rest.split_whitespace().next()?;
+        Some(Self {
+            at,
+            vip: vip.to_owned(),
+            from: from.to_owned(),
+            to: to.to_owned(),
+        })
+    }
+}
+
+impl LbDaemon {
+    /// Every backend state change logged so far, in order.
+    pub fn transitions(&self) -> Vec<BackendTransition> {
+        self.log()
+            .lines()
+            .filter_map(BackendTransition::parse)
+            .collect()
+    }
+
+    /// Every pool flip logged so far, in order.
+    pub fn pool_flips(&self) -> Vec<PoolFlip> {
+        self.log().lines().filter_map(PoolFlip::parse).collect()
+    }
+
+    /// The last `lines` lines of the log (for failure messages).
+    pub fn log_tail(&self, lines: usize) -> String {
+        let log = self.log();
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+}
+
+#[cfg(test)]
+mod log_parser_tests {
+    use super::*;
+
+    #[test]
+    fn a_transition_line_is_parsed_with_or_without_colours() {
+        let plain = "2026-11-27T02:01:11.816586Z  WARN lb::daemon::events: backend 10.100.0.11 of vip web: up -> down (connect: Connection refused (os error 111)); map updated in 152us vip=\"web\" backend=10.100.0.11";
+        let t = BackendTransition::parse(plain).expect("parsed");
+        assert_eq!(t.backend, "10.100.0.11");
+        assert_eq!(t.vip, "web");
+        assert_eq!((t.from.as_str(), t.to.as_str()), ("up", "down"));
+        assert_eq!(t.reason, "connect: Connection refused (os error 111)");
+        assert_eq!(t.map_update, Duration::from_micros(152));
+        assert_eq!(
+            t.at,
+            humantime::parse_rfc3339("2026-11-27T02:01:11.816586Z").expect("time")
+        );
+        let coloured = "\u{1b}[2m2026-11-27T02:01:11.816586Z\u{1b}[0m \u{1b}[33m WARN\u{1b}[0m \u{1b}[2mlb::daemon::events\u{1b}[0m\u{1b}[2m:\u{1b}[0m backend 10.100.0.11 of vip web: up -> down (refused); map updated in 7us";
+        let c = BackendTransition::parse(coloured).expect("parsed coloured");
+        assert_eq!((c.at, c.map_update), (t.at, Duration::from_micros(7)));
+        assert!(PoolFlip::parse(plain).is_none());
+    }
+
+    #[test]
+    fn a_pool_flip_line_is_parsed() {
+        let line = "2026-11-27T02:01:12.000001Z  WARN lb::daemon::events: vip web: pool primary -> standby (0 of 3 primaries healthy, min_healthy 1; 1 backends in the ring) vip=web";
+        let f = PoolFlip::parse(line).expect("parsed");
+        assert_eq!(
+            (f.vip.as_str(), f.from.as_str(), f.to.as_str()),
+            ("web", "primary", "standby")
+        );
+        assert!(BackendTransition::parse(line).is_none());
+        assert!(PoolFlip::parse("no timestamp: vip web: pool a -> b").is_none());
+    }
+}

@@ -5,6 +5,7 @@ pub mod bpffs;
 pub mod daemon;
 pub mod frames;
 pub mod links;
+pub mod load;
 pub mod netns;
 pub mod packet_lab;
 pub mod servers;

@@ -1,11 +1,15 @@
-//! `cargo xtask demo`: the load balancer on a built-in topology, with real servers and traffic.
+//! `cargo xtask demo`: the load balancer on a built-in topology, with real servers and traffic,
+//! telling the failover story.
 //!
-//! Builds network namespaces (a bridge "switch", a client, the LB and three backends running TCP
-//! servers with the VIP on their loopback), starts `lb run` on the LB's eth0, sends a few hundred
-//! connections from the client, and prints what the LB counted beside what the backends saw.
-//! Everything is removed on exit, also on Ctrl-C.
+//! Builds network namespaces (a bridge "switch", a client, the LB, three primary backends and one
+//! standby running TCP servers with the VIP on their loopback), starts `lb run` on the LB's eth0,
+//! and then: spreads connections over the primaries; kills one primary and shows it dropped; kills
+//! all primaries and shows the standby serving; restarts them and shows traffic back; prints the
+//! LB's own counters beside what the backends saw, with the timings. Everything is removed on
+//! exit, also on Ctrl-C.
 
 use std::{
+    collections::BTreeMap,
     net::{IpAddr, SocketAddr},
     process::ExitCode,
     sync::atomic::{AtomicBool, Ordering},
@@ -32,8 +36,12 @@ fn interrupted() -> Result<()> {
     Ok(())
 }
 
-const REQUESTS: usize = 300;
 const PREFIX: &str = "lbdemo";
+const PRIMARIES: usize = 3;
+const STANDBY: usize = 3;
+const INTERVAL_MS: u64 = 200;
+const FALL: u64 = 2;
+const RISE: u64 = 2;
 
 fn main() -> ExitCode {
     for signal in [libc::SIGINT, libc::SIGTERM] {
@@ -45,7 +53,7 @@ fn main() -> ExitCode {
             );
         }
     }
-    let result = demo();
+    let result = Demo::build().and_then(|mut demo| demo.run());
     let left = leftovers(PREFIX);
     if !left.is_empty() {
         eprintln!("warning: left behind: {left:?}");
@@ -62,108 +70,215 @@ fn main() -> ExitCode {
     }
 }
 
-fn demo() -> Result<()> {
-    let started = Instant::now();
-    println!("building the topology: switch (bridge), client, lb, 3 backends ...");
-    let options = DsrTopologyOptions {
-        name_prefix: PREFIX.to_owned(),
-        ..Default::default()
-    };
-    let topology = DsrTopology::new(3, options).context("building namespaces (are you root?)")?;
-    topology
-        .attach_xdp_pass_on_lb_port(lb::ebpf_object(), "xdp_pass")
-        .context("attaching XDP_PASS on the LB's bridge port")?;
-    let servers: Vec<TcpIdentityServer> = topology
-        .backend_hosts()
-        .iter()
-        .enumerate()
-        .map(|(i, host)| {
-            TcpIdentityServer::start(
-                topology.backend(i),
-                "0.0.0.0:80".parse().expect("addr"),
-                host.ipv4().to_string(),
-            )
-        })
-        .collect::<Result<_>>()?;
-    let vip = topology.vip_v4();
-    for host in topology.hosts() {
-        println!(
-            "  {:<10} {:<14} {}",
-            host.namespace().name().rsplit('-').next().unwrap_or(""),
-            host.ipv4(),
-            host.mac()
-        );
-    }
-    println!(
-        "  VIP {vip}:80/tcp on every backend's lo (ARP for it suppressed), routed by the client via the LB"
-    );
-    interrupted()?;
-
-    let config = demo_config(&topology);
-    println!("\nstarting `lb run` in the LB namespace with:\n{config}");
-    let daemon = LbDaemon::start(topology.lb(), &config, Launch::Nsenter)?;
-    println!("lb attached after {:.1} s", started.elapsed().as_secs_f64());
-
-    println!("\nsending {REQUESTS} TCP connections from the client to {vip}:80 ...");
-    let target = SocketAddr::new(IpAddr::V4(vip), 80);
-    let traffic_started = Instant::now();
-    let mut failures = Vec::new();
-    let mut client_saw = std::collections::BTreeMap::<String, u64>::new();
-    for i in 0..REQUESTS {
-        interrupted()?;
-        match tcp_request(topology.client(), target, Duration::from_secs(2)) {
-            Ok(identity) => *client_saw.entry(identity).or_default() += 1,
-            Err(e) => failures.push(format!("request {i}: {e:#}")),
-        }
-    }
-    let took = traffic_started.elapsed();
-    println!(
-        "{} answered, {} failed, in {:.2} s",
-        REQUESTS - failures.len(),
-        failures.len(),
-        took.as_secs_f64()
-    );
-    for f in failures.iter().take(5) {
-        println!("  {f}");
-    }
-
-    let counters = daemon.stop()?;
-    println!(
-        "\n{:<14} {:>12} {:>12} {:>12} {:>14} {:>12}",
-        "backend", "lb flows", "lb packets", "lb bytes", "server accepts", "client saw"
-    );
-    for (i, server) in servers.iter().enumerate() {
-        let address = topology.backend_host(i).ipv4().to_string();
-        let (packets, bytes, flows) = counters
-            .backends
-            .get(&("web".to_owned(), address.clone()))
-            .copied()
-            .unwrap_or_default();
-        println!(
-            "{address:<14} {flows:>12} {packets:>12} {bytes:>12} {:>14} {:>12}",
-            server.accepted(),
-            client_saw.get(&address).copied().unwrap_or(0)
-        );
-    }
-    let (packets, bytes, flows) = counters.vips.get("web").copied().unwrap_or_default();
-    println!("{:<14} {flows:>12} {packets:>12} {bytes:>12}", "VIP total");
-    println!("(lb counts client->VIP packets only: with direct server return, replies bypass it)");
-    if !failures.is_empty() {
-        bail!("{} of {REQUESTS} connections failed", failures.len());
-    }
-    Ok(())
+struct Demo {
+    topology: DsrTopology,
+    servers: Vec<Option<TcpIdentityServer>>,
+    /// Connections each backend accepted from servers that were stopped since.
+    accepted_before: Vec<u64>,
+    daemon: Option<LbDaemon>,
+    client_saw: BTreeMap<String, u64>,
 }
 
-fn demo_config(topology: &DsrTopology) -> String {
-    let mut config = format!(
-        "interface = \"eth0\"\nxdp_mode = \"auto\"\nflow_table_size = 65536\nmax_vips = 4\n\n[[vip]]\nname = \"web\"\naddress = \"{}\"\nport = 80\nprotocol = \"tcp\"\n",
-        topology.vip_v4()
-    );
-    for host in topology.backend_hosts() {
-        config.push_str(&format!(
-            "[[vip.backend]]\naddress = \"{}\"\nweight = 100\n",
-            host.ipv4()
-        ));
+impl Demo {
+    fn build() -> Result<Self> {
+        println!("building the topology: switch (bridge), client, lb, 3 primaries, 1 standby ...");
+        let options = DsrTopologyOptions {
+            name_prefix: PREFIX.to_owned(),
+            ..Default::default()
+        };
+        let topology =
+            DsrTopology::new(4, options).context("building namespaces (are you root?)")?;
+        topology
+            .attach_xdp_pass_on_lb_port(lb::ebpf_object(), "xdp_pass")
+            .context("attaching XDP_PASS on the LB's bridge port")?;
+        let mut demo = Self {
+            servers: (0..4).map(|_| None).collect(),
+            accepted_before: vec![0; 4],
+            topology,
+            daemon: None,
+            client_saw: BTreeMap::new(),
+        };
+        for i in 0..4 {
+            demo.start_server(i)?;
+        }
+        for (i, host) in demo.topology.hosts().enumerate() {
+            let role = match i {
+                0 => "client".to_owned(),
+                1 => "lb".to_owned(),
+                b if b - 2 == STANDBY => "standby".to_owned(),
+                b => format!("primary {}", b - 1),
+            };
+            println!("  {role:<10} {:<14} {}", host.ipv4(), host.mac());
+        }
+        println!(
+            "  VIP {}:80/tcp on every backend's lo (ARP for it suppressed), routed by the client via the LB",
+            demo.topology.vip_v4()
+        );
+        Ok(demo)
     }
-    config
+
+    fn backend_address(&self, i: usize) -> String {
+        self.topology.backend_host(i).ipv4().to_string()
+    }
+
+    fn start_server(&mut self, i: usize) -> Result<()> {
+        let server = TcpIdentityServer::start(
+            self.topology.backend(i),
+            "0.0.0.0:80".parse().expect("address"),
+            self.backend_address(i),
+        )?;
+        self.servers[i] = Some(server);
+        Ok(())
+    }
+
+    fn kill_server(&mut self, i: usize) {
+        if let Some(server) = self.servers[i].take() {
+            self.accepted_before[i] += server.accepted();
+        }
+    }
+
+    fn config(&self) -> String {
+        let mut config = format!(
+            "interface = \"eth0\"\nflow_table_size = 65536\nmax_vips = 4\n\n[[vip]]\nname = \"web\"\naddress = \"{}\"\n\
+             port = 80\nprotocol = \"tcp\"\nmin_healthy = 1\non_all_down = \"drop\"\n\n[vip.health]\ncheck = \"tcp\"\n\
+             interval = \"{INTERVAL_MS}ms\"\ntimeout = \"{INTERVAL_MS}ms\"\nrise = {RISE}\nfall = {FALL}\n",
+            self.topology.vip_v4()
+        );
+        for i in 0..4 {
+            config.push_str(&format!(
+                "\n[[vip.backend]]\naddress = \"{}\"\n",
+                self.backend_address(i)
+            ));
+            if i == STANDBY {
+                config.push_str("standby = true\n");
+            }
+        }
+        config
+    }
+
+    fn daemon(&mut self) -> Result<&mut LbDaemon> {
+        self.daemon.as_mut().context("lb is not running")
+    }
+
+    /// `count` connections from the client; prints how they spread.
+    fn traffic(&mut self, count: usize) -> Result<()> {
+        let target = SocketAddr::new(IpAddr::V4(self.topology.vip_v4()), 80);
+        let mut spread = BTreeMap::<String, u64>::new();
+        let mut failures = Vec::new();
+        for i in 0..count {
+            interrupted()?;
+            match tcp_request(self.topology.client(), target, Duration::from_secs(2)) {
+                Ok(identity) => *spread.entry(identity).or_default() += 1,
+                Err(e) => failures.push(format!("connection {i}: {e:#}")),
+            }
+        }
+        let shown: Vec<String> = spread.iter().map(|(b, n)| format!("{b}: {n}")).collect();
+        println!(
+            "  {count} connections -> {} ({} failed)",
+            shown.join(", "),
+            failures.len()
+        );
+        for f in failures.iter().take(3) {
+            println!("    {f}");
+        }
+        for (backend, n) in spread {
+            *self.client_saw.entry(backend).or_default() += n;
+        }
+        Ok(())
+    }
+
+    /// Waits for a daemon log line; returns the time since `since`.
+    fn wait_for(&mut self, line: &str, since: Instant) -> Result<Duration> {
+        self.daemon()?.wait_for_log(line, Duration::from_secs(10))?;
+        Ok(since.elapsed())
+    }
+
+    fn run(&mut self) -> Result<()> {
+        let config = self.config();
+        println!("\nstarting `lb run` in the LB namespace with:\n{config}");
+        let started = Instant::now();
+        self.daemon = Some(LbDaemon::start(
+            self.topology.lb(),
+            &config,
+            Launch::Nsenter,
+        )?);
+        println!(
+            "lb attached after {:.2} s (first health checks included)",
+            started.elapsed().as_secs_f64()
+        );
+        let bound = Duration::from_millis(INTERVAL_MS * FALL + INTERVAL_MS);
+        println!(
+            "health: tcp every {INTERVAL_MS} ms, fall {FALL}, rise {RISE}: detection bound {} ms",
+            bound.as_millis()
+        );
+
+        println!("\n1. traffic spreads over the three primaries; the standby waits");
+        self.traffic(150)?;
+        interrupted()?;
+
+        let victim = self.backend_address(0);
+        println!("\n2. primary {victim} dies (its server stops)");
+        let killed = Instant::now();
+        self.kill_server(0);
+        let took = self.wait_for(&format!("backend {victim} of vip web: up -> down"), killed)?;
+        println!(
+            "  detected and out of the ring {} ms after it died",
+            took.as_millis()
+        );
+        self.traffic(150)?;
+        interrupted()?;
+
+        println!("\n3. the other primaries die too: the standby takes over");
+        let killed = Instant::now();
+        self.kill_server(1);
+        self.kill_server(2);
+        let took = self.wait_for("vip web: pool primary -> standby", killed)?;
+        println!(
+            "  flipped to the standby pool {} ms after they died",
+            took.as_millis()
+        );
+        self.traffic(100)?;
+        interrupted()?;
+
+        println!("\n4. the primaries come back: traffic returns to them");
+        let restarted = Instant::now();
+        for i in 0..PRIMARIES {
+            self.start_server(i)?;
+        }
+        let took = self.wait_for("vip web: pool standby -> primary", restarted)?;
+        println!(
+            "  back on the primary pool {} ms after they restarted",
+            took.as_millis()
+        );
+        // Let the last primaries pass their `rise` checks too.
+        std::thread::sleep(Duration::from_millis(INTERVAL_MS * (RISE + 1)));
+        self.traffic(150)?;
+
+        println!("\nthe daemon's log of the story:");
+        for line in self.daemon()?.log().lines().filter(|l| l.contains("-> ")) {
+            println!("  {line}");
+        }
+        let counters = self.daemon.take().context("lb is not running")?.stop()?;
+        println!(
+            "\n{:<14} {:>10} {:>12} {:>12} {:>12}",
+            "backend", "lb flows", "lb packets", "lb bytes", "client saw"
+        );
+        for i in 0..4 {
+            let address = self.backend_address(i);
+            let (packets, bytes, flows) = counters
+                .backends
+                .get(&("web".to_owned(), address.clone()))
+                .copied()
+                .unwrap_or_default();
+            let saw = self.client_saw.get(&address).copied().unwrap_or(0);
+            println!("{address:<14} {flows:>10} {packets:>12} {bytes:>12} {saw:>12}");
+        }
+        let (packets, bytes, flows) = counters.vips.get("web").copied().unwrap_or_default();
+        println!("{:<14} {flows:>10} {packets:>12} {bytes:>12}", "VIP total");
+        println!(
+            "(lb counts client->VIP packets only: with direct server return, replies bypass it;"
+        );
+        println!(" backends also accepted the LB's own TCP health checks, which do not cross XDP)");
+        Ok(())
+    }
 }
