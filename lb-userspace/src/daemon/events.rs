@@ -10,11 +10,13 @@ use crate::{
 };
 
 /// Feeds one check result to the supervisor; on a state change, rewrites the VIP and logs the
-/// change (and the pool flip it caused, if any). Returns the publish report of a change.
+/// change (and, once the program is attached, the pool flip it caused: before that no packet
+/// sees a pool, and the start-up summary reports each VIP's). Returns the publish report.
 pub(super) fn on_check_report(
     balancer: &mut Balancer,
     supervisor: &mut Supervisor,
     report: &CheckReport,
+    attached: bool,
 ) -> Result<Option<PublishReport>, RunError> {
     let Some(transition) = supervisor.record(report) else {
         return Ok(None);
@@ -22,7 +24,9 @@ pub(super) fn on_check_report(
     let (v, b) = report.backend;
     let published = balancer.set_health(v, b, transition.to)?;
     log_transition(balancer, report, transition, &published);
-    log_flip(balancer, v, &published);
+    if attached {
+        log_flip(balancer, v, &published);
+    }
     Ok(Some(published))
 }
 

@@ -84,7 +84,7 @@ pub async fn run(config: Config) -> Result<Snapshot, RunError> {
             _ = sigterm.recv() => { info!("SIGTERM: detaching"); break; }
             _ = sigint.recv() => { info!("SIGINT: detaching"); break; }
             Some(report) = reports.recv() => {
-                if let Err(e) = events::on_check_report(&mut balancer, &mut supervisor, &report) {
+                if let Err(e) = events::on_check_report(&mut balancer, &mut supervisor, &report, true) {
                     warn!("applying a health change failed: {e}");
                 }
             }
@@ -122,7 +122,7 @@ async fn collect_first_results(
     while supervisor.pending() > 0 {
         match tokio::time::timeout_at(deadline, reports.recv()).await {
             Ok(Some(report)) => {
-                events::on_check_report(balancer, supervisor, &report)?;
+                events::on_check_report(balancer, supervisor, &report, false)?;
             }
             Ok(None) | Err(_) => break,
         }
