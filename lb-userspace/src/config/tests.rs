@@ -1146,27 +1146,37 @@ fn timeout_longer_than_interval() {
 }
 
 #[test]
-fn default_timeout_longer_than_a_short_interval() {
-    // The timeout is not written: point at the interval.
+fn default_timeout_follows_a_shorter_interval() {
+    // Nobody wrote a timeout: the default 500ms would exceed the interval, so it is the interval.
     let text = format!("{BASE}[vip.health]\ninterval = \"200ms\"\n");
-    assert_error(
-        &text,
-        11,
-        12,
-        "timeout 500ms (the default) is longer than interval 200ms (line 11)",
+    let config = parse_ok(&text);
+    assert_eq!(config.vips[0].health.timeout, Duration::from_millis(200));
+    assert_eq!(
+        config.vips[0].backends[0].health.timeout,
+        Duration::from_millis(200)
     );
 }
 
 #[test]
-fn backend_interval_shorter_than_the_vips_timeout() {
-    // Valid for the VIP; the backend's override breaks it, so the error points there.
+fn a_backends_shorter_interval_caps_the_vips_timeout() {
+    // The VIP's timeout is fine for the VIP; under the backend's own shorter interval it is
+    // capped to that interval rather than refused.
     let text =
         format!("{BASE}health = {{ interval = \"200ms\" }}\n[vip.health]\ntimeout = \"300ms\"\n");
+    let config = parse_ok(&text);
+    assert_eq!(config.vips[0].health.timeout, Duration::from_millis(300));
+    let backend = &config.vips[0].backends[0].health;
+    assert_eq!(
+        (backend.interval, backend.timeout),
+        (Duration::from_millis(200), Duration::from_millis(200))
+    );
+    // Written next to the interval, a longer timeout is still an error.
+    let text = format!("{BASE}health = {{ interval = \"200ms\", timeout = \"300ms\" }}\n");
     assert_error(
         &text,
         10,
-        23,
-        "timeout 300ms (line 12) is longer than interval 200ms (line 10) for backend 10.0.0.11 of vip `web`",
+        42,
+        "timeout 300ms (line 10) is longer than interval 200ms (line 10)",
     );
 }
 
@@ -1266,17 +1276,24 @@ fn backend_key_of_the_vips_other_check_kind() {
 }
 
 #[test]
-fn backend_check_that_does_not_fit_the_vips_keys() {
-    // The VIP's http settings are fine on their own; the backend's check makes its inherited
-    // `path` wrong, so the error points at the backend's `check`.
+fn a_backend_with_another_check_kind_ignores_the_vips_keys_for_the_old_kind() {
+    // The issue's own example: an http VIP, one backend checked with tcp at its own interval.
     let text = format!(
-        "{BASE}health = {{ check = \"tcp\", interval = \"2s\" }}\n[vip.health]\ncheck = \"http\"\npath = \"/healthz\"\n"
+        "{BASE}health = {{ check = \"tcp\", interval = \"200ms\" }}\n[vip.health]\ncheck = \"http\"\npath = \"/healthz\"\nexpect_status = [200]\n"
     );
-    assert_error(
-        &text,
-        10,
-        20,
-        "`path` only applies to check = \"http\", but backend 10.0.0.11 of vip `web` has check = \"tcp\" (line 10); `path` is set on line 13",
+    let config = parse_ok(&text);
+    let vip = &config.vips[0].health;
+    assert_eq!(
+        (vip.check, vip.path.as_str()),
+        (CheckKind::Http, "/healthz")
+    );
+    let backend = &config.vips[0].backends[0].health;
+    let mut expected = HealthConfig::defaults(80, Protocol::Tcp);
+    expected.interval = Duration::from_millis(200);
+    expected.timeout = Duration::from_millis(200);
+    assert_eq!(
+        *backend, expected,
+        "http keys do not leak into the tcp backend"
     );
 }
 

@@ -611,6 +611,21 @@ impl Validator<'_> {
             health.command = words.iter().map(|word| word.get_ref().clone()).collect();
         }
 
+        // Keys of other kinds (inherited from the VIP, see `kind_specific_keys`) do not apply.
+        let defaults = HealthConfig::defaults(vip_port, vip_protocol);
+        if health.check != CheckKind::Http {
+            health.path = defaults.path;
+            health.expect_status = defaults.expect_status;
+            health.host = defaults.host;
+        }
+        if health.check != CheckKind::Udp {
+            health.send = defaults.send;
+            health.expect = defaults.expect;
+        }
+        if health.check != CheckKind::Exec {
+            health.command = defaults.command;
+        }
+
         // A check kind that needs a key: `check` was written (the default, tcp, needs nothing).
         let required = match health.check {
             CheckKind::Udp if health.send.is_empty() => {
@@ -631,6 +646,18 @@ impl Validator<'_> {
             ));
         }
 
+        // A timeout nobody wrote next to the interval follows a shorter interval: the default
+        // 500ms, or the VIP's timeout under a backend's own shorter interval.
+        let timeout_layer = timeout.as_ref().map(|t| t.layer);
+        let interval_layer = interval.as_ref().map(|i| i.layer);
+        let timeout_is_inherited = match (timeout_layer, interval_layer) {
+            (None, _) => true,
+            (Some(Layer::Vip), Some(Layer::Backend)) => true,
+            _ => false,
+        };
+        if health.timeout > health.interval && timeout_is_inherited {
+            health.timeout = health.interval;
+        }
         if health.timeout > health.interval {
             let span = blame(&[
                 timeout.as_ref().map(Written::at),
@@ -665,6 +692,11 @@ impl Validator<'_> {
             let Some(written) = layers.key_at(key) else {
                 continue;
             };
+            // A backend that switches to another check kind simply does not use the VIP's keys
+            // for the old kind (they were checked against the VIP's own kind already).
+            if written.1 == Layer::Vip && matches!(owner, Owner::Backend { .. }) {
+                continue;
+            }
             let span = blame(&[Some(written.clone()), check.as_ref().map(Written::at)]);
             // The key is what is wrong, so point at it rather than at its value; when the
             // backend's `check` made an inherited key wrong, point at that `check`'s value.
