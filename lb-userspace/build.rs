@@ -20,7 +20,9 @@ fn main() -> anyhow::Result<()> {
     let skip = env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
     if skip {
         let out_dir = env::var("OUT_DIR").context("OUT_DIR not set")?;
-        std::fs::write(format!("{out_dir}/lb-ebpf"), b"").context("writing empty object")?;
+        for object in ["lb-ebpf", "lb-bench-progs"] {
+            std::fs::write(format!("{out_dir}/{object}"), b"").context("writing empty object")?;
+        }
     }
 
     // The distro toolchain is a stable rustc; `-Z build-std=core` needs unstable features, which

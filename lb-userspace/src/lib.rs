@@ -9,8 +9,16 @@ pub mod maglev;
 pub mod net;
 pub mod pool;
 pub mod stats;
+#[cfg(test)]
+pub(crate) mod testing;
 
 /// The compiled XDP object (built by build.rs for bpfel-unknown-none).
 pub fn ebpf_object() -> &'static [u8] {
     dataplane::object::OBJECT.as_slice()
+}
+
+/// The benchmarks' reference XDP programs: `bench_pass`, `bench_reflect`, `bench_drop`,
+/// `bench_gen`, and their `BENCH_COUNTERS` map.
+pub fn bench_object() -> &'static [u8] {
+    dataplane::object::BENCH_OBJECT.as_slice()
 }
