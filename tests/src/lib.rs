@@ -20,3 +20,4 @@ pub use servers::{
     udp_request, udp_requests,
 };
 pub use topology::{DsrTopology, DsrTopologyOptions, Host, leftovers};
+pub mod bench;
