@@ -5,7 +5,7 @@ use tracing::warn;
 use super::RunError;
 use crate::{
     config::XdpModeSetting,
-    dataplane::{AttachMode, DataPlane},
+    dataplane::{AttachMode, DataPlane, DataPlaneError},
     net::Interface,
 };
 
@@ -23,9 +23,13 @@ pub(super) fn attach(
         }
         XdpModeSetting::Auto => {
             if let Err(e) = dataplane.attach(&interface.name, interface.index, native()) {
+                if matches!(e, DataPlaneError::AlreadyAttached { .. }) {
+                    return Err(e.into());
+                }
                 warn!(
-                    "native XDP on {} failed ({e}); falling back to generic (skb) mode",
-                    interface.name
+                    "native XDP on {} failed ({}); falling back to generic (skb) mode",
+                    interface.name,
+                    error_chain(&e)
                 );
                 dataplane.attach(&interface.name, interface.index, AttachMode::Skb)?;
                 return Ok(AttachMode::Skb);
@@ -52,4 +56,19 @@ pub(super) fn raise_memlock_limit() {
             std::io::Error::last_os_error()
         );
     }
+}
+
+/// `error: cause: cause` on one line.
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }

@@ -33,6 +33,12 @@ pub enum DataPlaneError {
         #[source]
         source: ProgramError,
     },
+    #[error(
+        "{interface} already has an XDP program attached (another `lb run` on it?); \
+         stop that one (its program goes with it), or remove a leftover one with \
+         `ip link set dev {interface} xdp off`"
+    )]
+    AlreadyAttached { interface: String },
     #[error("memory-mapping map `RINGS` failed: {0}")]
     RingMmap(#[source] std::io::Error),
     #[error("{what} {index} is out of range (capacity {capacity})")]
@@ -45,4 +51,18 @@ pub enum DataPlaneError {
 
 pub(crate) fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DataPlaneError {
     move |source| DataPlaneError::Map { name, source }
+}
+
+/// The OS error at the bottom of an error's source chain, if there is one.
+pub(crate) fn os_error(error: &(dyn std::error::Error + 'static)) -> Option<i32> {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if let Some(code) = io.raw_os_error() {
+                return Some(code);
+            }
+        }
+        current = e.source();
+    }
+    None
 }

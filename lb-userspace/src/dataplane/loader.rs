@@ -132,10 +132,22 @@ impl DataPlane {
         let link = self
             .program()
             .attach_to_if_index(ifindex, mode.xdp_mode())
-            .map_err(|source| DataPlaneError::Attach {
-                interface: interface.to_owned(),
-                mode: mode.name(),
-                source,
+            .map_err(|source| {
+                // Another program (in any mode) already holds the interface.
+                if matches!(
+                    super::error::os_error(&source),
+                    Some(libc::EEXIST | libc::EBUSY)
+                ) {
+                    DataPlaneError::AlreadyAttached {
+                        interface: interface.to_owned(),
+                    }
+                } else {
+                    DataPlaneError::Attach {
+                        interface: interface.to_owned(),
+                        mode: mode.name(),
+                        source,
+                    }
+                }
             })?;
         self.link = Some(link);
         Ok(())

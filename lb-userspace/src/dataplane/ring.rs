@@ -27,7 +27,8 @@ impl RingMemory {
     /// Maps the `RINGS` array (`tables * ring_size` slots) of the map behind `fd`.
     pub fn map(fd: impl AsFd, ring_size: u32, tables: u32) -> Result<Self, DataPlaneError> {
         let slots = ring_size as usize * tables as usize;
-        let page = 4096usize;
+        // SAFETY: sysconf has no preconditions.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
         let bytes = (slots * size_of::<RingSlot>()).div_ceil(page) * page;
         let len_bytes = NonZeroUsize::new(bytes).ok_or_else(|| {
             DataPlaneError::RingMmap(std::io::Error::other("ring map has no slots"))
