@@ -126,11 +126,20 @@ mod tests {
     #[test]
     fn sigint_is_forwarded_to_the_child() {
         let mut child = Command::new("sh")
-            .args(["-c", "trap 'exit 42' INT; i=0; while [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done; exit 1"])
+            .args([
+                "-c",
+                "trap 'exit 42' INT; echo ready; i=0; while [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done; exit 1",
+            ])
+            .stdout(std::process::Stdio::piped())
             .spawn()
             .expect("sh runs");
         let forwarding = SigintForwarding::install(child.id()).expect("handler installs");
-        std::thread::sleep(Duration::from_millis(200)); // let sh install its trap
+        // Wait until sh has installed its trap (it says so), however loaded the machine is.
+        let mut ready = String::new();
+        let stdout = child.stdout.take().expect("piped stdout");
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut ready)
+            .expect("reading sh's readiness line");
+        assert_eq!(ready.trim(), "ready");
         let start = Instant::now();
         // SAFETY: sends SIGINT to this process, whose handler is installed above.
         unsafe {
@@ -139,6 +148,9 @@ mod tests {
         let status = child.wait().expect("child waits");
         drop(forwarding);
         assert_eq!(status.code(), Some(42));
-        assert!(start.elapsed() < Duration::from_secs(3));
+        assert!(
+            start.elapsed() < Duration::from_secs(25),
+            "the child waited out its loop"
+        );
     }
 }
