@@ -197,6 +197,17 @@ impl Balancer {
         self.publish(vip_index)
     }
 
+    /// Sets a backend's health in the model only; `publish` makes it live.
+    pub fn mark_health(
+        &mut self,
+        vip_index: usize,
+        backend_index: usize,
+        health: Health,
+    ) -> Result<(), PublishError> {
+        self.backend_mut(vip_index, backend_index)?.health = health;
+        Ok(())
+    }
+
     /// Marks a backend up or down (shorthand for `set_health`) and republishes its VIP.
     pub fn set_up(
         &mut self,

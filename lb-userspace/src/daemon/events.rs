@@ -9,25 +9,38 @@ use crate::{
     pool::ActivePool,
 };
 
-/// Feeds one check result to the supervisor; on a state change, rewrites the VIP and logs the
-/// change (and, once the program is attached, the pool flip it caused: before that no packet
-/// sees a pool, and the start-up summary reports each VIP's). Returns the publish report.
-pub(super) fn on_check_report(
+/// Applies a batch of check results. Every transition is recorded first, then each VIP that
+/// changed is rewritten once, so a mass failure costs one Maglev build per VIP, not one per
+/// backend. Each change is logged with the map update that made it live, and, once the program is
+/// attached, each pool flip too (before that no packet sees a pool; the start-up summary reports
+/// each VIP's).
+pub(super) fn on_check_reports(
     balancer: &mut Balancer,
     supervisor: &mut Supervisor,
-    report: &CheckReport,
+    reports: &[CheckReport],
     attached: bool,
-) -> Result<Option<PublishReport>, RunError> {
-    let Some(transition) = supervisor.record(report) else {
-        return Ok(None);
-    };
-    let (v, b) = report.backend;
-    let published = balancer.set_health(v, b, transition.to)?;
-    log_transition(balancer, report, transition, &published);
-    if attached {
-        log_flip(balancer, v, &published);
+) -> Result<(), RunError> {
+    let mut changes: Vec<(&CheckReport, Transition)> = Vec::new();
+    for report in reports {
+        if let Some(transition) = supervisor.record(report) {
+            let (v, b) = report.backend;
+            balancer.mark_health(v, b, transition.to)?;
+            changes.push((report, transition));
+        }
     }
-    Ok(Some(published))
+    let mut vips: Vec<usize> = changes.iter().map(|(r, _)| r.backend.0).collect();
+    vips.sort_unstable();
+    vips.dedup();
+    for v in vips {
+        let published = balancer.publish(v)?;
+        for (report, transition) in changes.iter().filter(|(r, _)| r.backend.0 == v) {
+            log_transition(balancer, report, *transition, &published);
+        }
+        if attached {
+            log_flip(balancer, v, &published);
+        }
+    }
+    Ok(())
 }
 
 fn log_transition(

@@ -30,6 +30,8 @@ use crate::{
 /// How often unresolved backends are retried and resolved ones re-checked (a backend's MAC can
 /// change when its address moves to another host).
 const REFRESH_INTERVAL: Duration = Duration::from_secs(5);
+/// Most check results applied together (one map update per VIP for the lot).
+const MAX_BATCH: usize = 1024;
 /// Extra time, beyond the longest check timeout, that start-up waits for every first result.
 const FIRST_RESULTS_GRACE: Duration = Duration::from_millis(500);
 
@@ -84,7 +86,16 @@ pub async fn run(config: Config) -> Result<Snapshot, RunError> {
             _ = sigterm.recv() => { info!("SIGTERM: detaching"); break; }
             _ = sigint.recv() => { info!("SIGINT: detaching"); break; }
             Some(report) = reports.recv() => {
-                if let Err(e) = events::on_check_report(&mut balancer, &mut supervisor, &report, true) {
+                // Take whatever else is already waiting, so simultaneous failures are applied
+                // with one map update per VIP.
+                let mut batch = vec![report];
+                while batch.len() < MAX_BATCH {
+                    match reports.try_recv() {
+                        Ok(more) => batch.push(more),
+                        Err(_) => break,
+                    }
+                }
+                if let Err(e) = events::on_check_reports(&mut balancer, &mut supervisor, &batch, true) {
                     warn!("applying a health change failed: {e}");
                 }
             }
@@ -122,7 +133,7 @@ async fn collect_first_results(
     while supervisor.pending() > 0 {
         match tokio::time::timeout_at(deadline, reports.recv()).await {
             Ok(Some(report)) => {
-                events::on_check_report(balancer, supervisor, &report, false)?;
+                events::on_check_reports(balancer, supervisor, &[report], false)?;
             }
             Ok(None) | Err(_) => break,
         }
