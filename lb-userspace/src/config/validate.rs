@@ -650,11 +650,10 @@ impl Validator<'_> {
         // 500ms, or the VIP's timeout under a backend's own shorter interval.
         let timeout_layer = timeout.as_ref().map(|t| t.layer);
         let interval_layer = interval.as_ref().map(|i| i.layer);
-        let timeout_is_inherited = match (timeout_layer, interval_layer) {
-            (None, _) => true,
-            (Some(Layer::Vip), Some(Layer::Backend)) => true,
-            _ => false,
-        };
+        let timeout_is_inherited = matches!(
+            (timeout_layer, interval_layer),
+            (None, _) | (Some(Layer::Vip), Some(Layer::Backend))
+        );
         if health.timeout > health.interval && timeout_is_inherited {
             health.timeout = health.interval;
         }

@@ -57,10 +57,11 @@ pub(crate) fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DataPlaneE
 pub(crate) fn os_error(error: &(dyn std::error::Error + 'static)) -> Option<i32> {
     let mut current = Some(error);
     while let Some(e) = current {
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            if let Some(code) = io.raw_os_error() {
-                return Some(code);
-            }
+        if let Some(code) = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::raw_os_error)
+        {
+            return Some(code);
         }
         current = e.source();
     }

@@ -1,25 +1,22 @@
 //! Tests against a real kernel: two network namespaces joined by a veth pair, built per test and
-//! deleted by a drop guard even when the test panics.
+//! deleted by a drop guard even when the test panics (see [`crate::testing::netns`]).
 //!
 //! ```text
-//!   <prefix>-lb                         <prefix>-be
+//!   lbnet-<pid>-<n>-lb                  lbnet-<pid>-<n>-be
 //!   lbn0 02:77:00:00:00:01  ──veth──  lbn1 02:77:00:00:00:02
 //!   10.77.0.1/24 fd00:77::1/64          10.77.0.2/24 fd00:77::2/64
 //! ```
 //!
-//! Resolution runs inside `<prefix>-lb` on a thread that `setns`es into it: a netlink socket
+//! Resolution runs inside the LB namespace on a thread that `setns`es into it: a netlink socket
 //! belongs to the namespace of the thread that creates it.
 
-use std::fs::File;
 use std::future::Future;
 use std::net::IpAddr;
-use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::ops::Deref;
 use std::time::{Duration, Instant};
 
-use nix::sched::{CloneFlags, setns};
-
 use super::{NetError, NetlinkHandle, format_mac, resolve_backend};
+use crate::testing::netns::{self, End, run};
 
 const LB_IF: &str = "lbn0";
 const BACKEND_IF: &str = "lbn1";
@@ -28,158 +25,46 @@ const BACKEND_MAC: [u8; 6] = [0x02, 0x77, 0, 0, 0, 0x02];
 const BACKEND_V4: &str = "10.77.0.2";
 const BACKEND_V6: &str = "fd00:77::2";
 
-/// Two namespaces and the veth between them; `Drop` deletes both namespaces (and so the veth).
+/// The shared namespace pair with this module's addresses; `lb` names the LB end's namespace.
 struct NsPair {
     lb: String,
-    backend: String,
+    net: netns::NsPair,
 }
 
 impl NsPair {
     fn new() -> Self {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let prefix = format!(
-            "lbnet-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
-        // The guard exists before the first namespace does, so a failure below still cleans up.
-        let pair = Self {
-            lb: format!("{prefix}-lb"),
-            backend: format!("{prefix}-be"),
-        };
-        run("ip", &["netns", "add", &pair.lb]);
-        run("ip", &["netns", "add", &pair.backend]);
-        // No duplicate address detection on the links' link-local addresses: while it runs (1-2 s
-        // after link-up) the kernel sends no neighbour solicitation from them, and IPv6
-        // resolution on a brand-new link would measure DAD, not resolution.
-        for ns in [&pair.lb, &pair.backend] {
-            run(
-                "ip",
-                &[
-                    "netns",
-                    "exec",
-                    ns,
-                    "sysctl",
-                    "-qw",
-                    "net.ipv6.conf.default.accept_dad=0",
-                ],
-            );
-        }
-        pair.ip(
-            &pair.lb,
-            &[
-                "link",
-                "add",
-                LB_IF,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                BACKEND_IF,
-                "netns",
-                &pair.backend,
+        let net = netns::NsPair::new(
+            "lbnet",
+            [
+                End::new("lb", LB_IF, "10.77.0.1/24")
+                    .mac(LB_MAC)
+                    .ipv6("fd00:77::1/64"),
+                End::new("be", BACKEND_IF, "10.77.0.2/24")
+                    .mac(BACKEND_MAC)
+                    .ipv6("fd00:77::2/64"),
             ],
         );
-        for (ns, dev, mac, v4, v6) in [
-            (&pair.lb, LB_IF, LB_MAC, "10.77.0.1/24", "fd00:77::1/64"),
-            (
-                &pair.backend,
-                BACKEND_IF,
-                BACKEND_MAC,
-                "10.77.0.2/24",
-                "fd00:77::2/64",
-            ),
-        ] {
-            pair.ip(
-                ns,
-                &["link", "set", "dev", dev, "address", &format_mac(&mac)],
-            );
-            pair.ip(ns, &["addr", "add", v4, "dev", dev]);
-            pair.ip(ns, &["-6", "addr", "add", v6, "dev", dev, "nodad"]);
-            pair.ip(ns, &["link", "set", "dev", dev, "up"]);
-            pair.ip(ns, &["link", "set", "dev", "lo", "up"]);
-        }
-        pair.wait_ipv6_ready();
-        pair
+        let [lb, _] = net.names();
+        Self { lb, net }
     }
 
-    /// Waits until IPv6 runs on both ends. The kernel starts IPv6 on a link only once it has seen
-    /// the carrier come up (linkwatch, up to a second after `link set up`); until then the peer
-    /// has not joined its solicited-node group and ignores neighbour solicitations. The link-local
-    /// address appears at that moment, so it is the signal.
-    fn wait_ipv6_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        for (ns, dev) in [(&self.lb, LB_IF), (&self.backend, BACKEND_IF)] {
-            loop {
-                let link_local = self.ip(ns, &["-6", "addr", "show", "dev", dev, "scope", "link"]);
-                if link_local.contains("inet6 fe80") && !link_local.contains("tentative") {
-                    break;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "IPv6 not up on {dev} in {ns}: {link_local}"
-                );
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-    }
-
-    fn names(&self) -> [String; 2] {
-        [self.lb.clone(), self.backend.clone()]
-    }
-
-    /// `ip -n NS ARGS...`, which must succeed; returns its standard output.
-    fn ip(&self, ns: &str, args: &[&str]) -> String {
-        let mut all = vec!["-n", ns];
-        all.extend_from_slice(args);
-        run("ip", &all)
-    }
-
-    /// Runs `body` on a new thread inside the LB namespace, on a current-thread tokio runtime
-    /// built there, and returns its result (re-raising its panic).
+    /// Runs `body` inside the LB namespace (see [`netns::run_in`]) and returns its result.
     fn in_lb<F, Fut, T>(&self, body: F) -> T
     where
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = T>,
         T: Send + 'static,
     {
-        let path = format!("/run/netns/{}", self.lb);
-        let thread = std::thread::spawn(move || {
-            let ns = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-            setns(&ns, CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| panic!("setns {path}: {e}"));
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("tokio runtime")
-                .block_on(body())
-        });
-        thread
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        netns::run_in(&self.lb, body)
     }
 }
 
-impl Drop for NsPair {
-    fn drop(&mut self) {
-        for ns in [&self.lb, &self.backend] {
-            // Ignore failures: the namespace may not have been created.
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
-        }
-    }
-}
+impl Deref for NsPair {
+    type Target = netns::NsPair;
 
-fn run(program: &str, args: &[&str]) -> String {
-    let output = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
-    assert!(
-        output.status.success(),
-        "{program} {} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
+    fn deref(&self) -> &netns::NsPair {
+        &self.net
+    }
 }
 
 /// Builds a pair, runs `test` with it, then checks the guard left no namespace behind.

@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::*;
+use crate::testing::netns::{self, End, run};
 
 const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 const LOCALHOST_V6: IpAddr = IpAddr::V6(Ipv6Addr::LOCALHOST);
@@ -865,16 +866,17 @@ async fn exec_of_a_missing_binary_cannot_run() {
 // Against real servers in another network namespace (root)
 // ---------------------------------------------------------------------------------------------
 
-/// Two network namespaces joined by a veth pair; `Drop` deletes both (and so the veth), also
-/// when the test panics.
+/// Two network namespaces joined by a veth pair (see [`crate::testing::netns`]); `Drop` deletes
+/// both (and so the veth), also when the test panics.
 ///
 /// ```text
-///   lbchk-<pid>-<n> (client)           lbchk-<pid>-<n+1> (server)
+///   lbchk-<pid>-<n>-client             lbchk-<pid>-<n>-server
 ///   veth0 10.88.0.1/24  ───── veth ─────  veth1 10.88.0.2/24
 /// ```
 struct NsPair {
     client: String,
     server: String,
+    _net: netns::NsPair,
 }
 
 const NS_CLIENT_IF: &str = "veth0";
@@ -886,106 +888,30 @@ const NS_CLOSED_UDP_PORT: u16 = 7054;
 
 impl NsPair {
     fn new() -> Self {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let pid = std::process::id();
-        let n = NEXT.fetch_add(2, Ordering::Relaxed);
-        // The guard exists before the namespaces do: a failure below still cleans up.
-        let pair = Self {
-            client: format!("lbchk-{pid}-{n}"),
-            server: format!("lbchk-{pid}-{}", n + 1),
-        };
-        run("ip", &["netns", "add", &pair.client]);
-        run("ip", &["netns", "add", &pair.server]);
-        pair.ip(
-            &pair.client,
-            &[
-                "link",
-                "add",
-                NS_CLIENT_IF,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "veth1",
-                "netns",
-                &pair.server,
+        let net = netns::NsPair::new(
+            "lbchk",
+            [
+                End::new("client", NS_CLIENT_IF, "10.88.0.1/24"),
+                End::new("server", "veth1", "10.88.0.2/24"),
             ],
         );
-        for (ns, dev, address) in [
-            (&pair.client, NS_CLIENT_IF, "10.88.0.1/24"),
-            (&pair.server, "veth1", "10.88.0.2/24"),
-        ] {
-            pair.ip(ns, &["addr", "add", address, "dev", dev]);
-            pair.ip(ns, &["link", "set", "dev", dev, "up"]);
-            pair.ip(ns, &["link", "set", "dev", "lo", "up"]);
+        let [client, server] = net.names();
+        Self {
+            client,
+            server,
+            _net: net,
         }
-        pair
     }
 
-    fn ip(&self, ns: &str, args: &[&str]) -> String {
-        let mut all = vec!["-n", ns];
-        all.extend_from_slice(args);
-        run("ip", &all)
-    }
-
-    /// Runs `body` on a new thread inside namespace `ns`, on a current-thread tokio runtime built
-    /// there after `setns` (so its sockets are created in `ns`).
-    fn spawn_in<F, Fut, T>(ns: &str, body: F) -> std::thread::JoinHandle<T>
-    where
-        F: FnOnce() -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = T>,
-        T: Send + 'static,
-    {
-        let path = format!("/run/netns/{ns}");
-        std::thread::spawn(move || {
-            let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
-                .unwrap_or_else(|e| panic!("setns {path}: {e}"));
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("tokio runtime")
-                .block_on(body())
-        })
-    }
-
-    /// Like [`Self::spawn_in`] for the client namespace, waiting for the result (re-raising a
-    /// panic).
+    /// Runs `body` inside the client namespace (see [`netns::run_in`]) and returns its result.
     fn in_client<F, Fut, T>(&self, body: F) -> T
     where
         F: FnOnce() -> Fut + Send + 'static,
         Fut: std::future::Future<Output = T>,
         T: Send + 'static,
     {
-        Self::spawn_in(&self.client, body)
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        netns::run_in(&self.client, body)
     }
-}
-
-impl Drop for NsPair {
-    fn drop(&mut self) {
-        for ns in [&self.client, &self.server] {
-            // Ignore failures: the namespace may not have been created.
-            let _ = std::process::Command::new("ip")
-                .args(["netns", "del", ns])
-                .output();
-        }
-    }
-}
-
-fn run(program: &str, args: &[&str]) -> String {
-    let output = std::process::Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
-    assert!(
-        output.status.success(),
-        "{program} {} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 /// The servers in the server namespace: a TCP listener, an HTTP server and a UDP echo, on
@@ -1003,7 +929,7 @@ impl NsServers {
         let (tcp_stopped_tx, tcp_stopped) = std::sync::mpsc::channel();
         let (stop_tcp, stop_tcp_rx) = tokio::sync::oneshot::channel::<()>();
         let (shutdown, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
-        let thread = NsPair::spawn_in(&pair.server, move || async move {
+        let thread = netns::spawn_in(&pair.server, move || async move {
             let tcp = TcpListener::bind((NS_SERVER, NS_TCP_PORT))
                 .await
                 .expect("bind tcp");
@@ -1121,6 +1047,19 @@ fn each_checker_against_real_servers_in_a_namespace() {
     servers.stop_tcp();
     pair.in_client(move || async move {
         let tcp_target = CheckTarget::new(server, NS_TCP_PORT);
+        // A process forked by a parallel test can hold a copy of the closed listener until it
+        // execs (close-on-exec): wait until the port really refuses, then check the checker.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while tokio::net::TcpStream::connect((server, NS_TCP_PORT))
+            .await
+            .is_ok()
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the stopped listener still accepts"
+            );
+            tokio::time::sleep(ms(20)).await;
+        }
         assert_check(
             &TcpCheck,
             &tcp_target,
