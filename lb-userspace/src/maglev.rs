@@ -84,6 +84,14 @@ pub fn build_table(backends: &[MaglevBackend<'_>], ring_size: u32) -> Vec<u32> {
         .map(|(index, backend)| Candidate::new(index as u32, backend, ring_size))
         .collect();
 
+    let mut taken = TakenSlots::new(ring_size);
+    if candidates.iter().all(|c| c.weight == u64::from(max_weight)) {
+        // Equal weights (the common case): every backend claims exactly once per round, in
+        // order, so the round loop needs no schedule.
+        fill_round_robin(&mut table, &mut candidates, &mut taken, ring_size);
+        return table;
+    }
+
     // Instead of visiting every backend in every round (N × rounds steps, which is N × M when
     // one weight dwarfs the others), schedule each backend's next claim.
     let mut schedule = ClaimSchedule::new(ring_size, candidates.len());
@@ -91,7 +99,6 @@ pub fn build_table(backends: &[MaglevBackend<'_>], ring_size: u32) -> Vec<u32> {
         schedule.push(candidate.advance_to_next_claim(0, max_weight), position);
     }
 
-    let mut taken = TakenSlots::new(ring_size);
     let mut free_slots = table.len();
     while let Some((round, position)) = schedule.pop() {
         let candidate = &mut candidates[position];
@@ -106,6 +113,27 @@ pub fn build_table(backends: &[MaglevBackend<'_>], ring_size: u32) -> Vec<u32> {
         schedule.push(next_round, position);
     }
     table
+}
+
+/// The round loop for equal weights: each candidate in turn claims its next free slot.
+fn fill_round_robin(
+    table: &mut [u32],
+    candidates: &mut [Candidate],
+    taken: &mut TakenSlots,
+    ring_size: u32,
+) {
+    let mut free_slots = table.len();
+    loop {
+        for candidate in candidates.iter_mut() {
+            let slot = candidate.next_free_slot(taken, ring_size);
+            taken.take(slot);
+            table[slot] = candidate.index;
+            free_slots -= 1;
+            if free_slots == 0 {
+                return;
+            }
+        }
+    }
 }
 
 /// The pending claims, one per backend, yielded in the order of the round-by-round loop: by
@@ -480,8 +508,11 @@ mod tests {
     #[test]
     fn the_scheduled_build_matches_the_plain_round_loop() {
         let keys = keys(50);
-        let cases: [(&[u32], u32); 6] = [
+        let cases: [(&[u32], u32); 9] = [
             (&[1; 50], 1021),
+            (&[7; 10], 16381),
+            (&[3, 0, 3, 3, 0], 1021),
+            (&[100; 3], 65537),
             (&[5, 0, 3, 9, 9, 1, 0, 2], 1021),
             (&[u32::MAX, 1, 2, u32::MAX / 3, 7], 1021),
             (&[1, 1000, 3], 16381),
