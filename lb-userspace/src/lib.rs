@@ -6,6 +6,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod health;
 pub mod maglev;
+pub mod metrics;
 pub mod net;
 pub mod pool;
 pub mod stats;

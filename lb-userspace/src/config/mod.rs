@@ -7,6 +7,8 @@
 //! max_vips = 64
 //! max_backends = 4096          # over all VIPs
 //! flow_table_size = 1048576
+//! api = "/run/lb/lb.sock"      # control API's Unix socket: an absolute path (this is the default)
+//! metrics = "127.0.0.1:9100"   # Prometheus `GET /metrics` on this address:port; unset: off
 //!
 //! [[vip]]
 //! name = "web"                 # unique, [A-Za-z0-9_.-]+
@@ -62,8 +64,8 @@ mod tests;
 mod validate;
 
 use std::fmt;
-use std::net::IpAddr;
-use std::path::Path;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -91,6 +93,10 @@ pub const MIN_RING_SIZE: u32 = 1021;
 pub const MAX_RING_SIZE: u32 = 1_000_003;
 /// Smallest accepted `flow_table_size`: below this the LRU would evict live flows constantly.
 pub const MIN_FLOW_TABLE_SIZE: u32 = 1024;
+/// Where the control API listens when the config does not say (`api`).
+pub const DEFAULT_API: &str = "/run/lb/lb.sock";
+/// Longest accepted `api` path in bytes: a Unix socket address holds 108 bytes, NUL included.
+pub const MAX_API_PATH_BYTES: usize = 107;
 
 /// A validated config: every address parsed, every range and cross-reference checked.
 #[derive(Debug, Clone, PartialEq)]
@@ -106,6 +112,11 @@ pub struct Config {
     pub max_backends: u32,
     /// Capacity of the connection-tracking LRU map.
     pub flow_table_size: u32,
+    /// Unix socket of the control API (`lb status`, `lb reload`, ...): an absolute path,
+    /// [`DEFAULT_API`] unless the config says otherwise.
+    pub api: PathBuf,
+    /// Where `GET /metrics` (Prometheus text) is served; `None` (the default): not served.
+    pub metrics: Option<SocketAddr>,
     /// In file order.
     pub vips: Vec<VipConfig>,
 }

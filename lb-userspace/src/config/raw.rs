@@ -32,6 +32,12 @@ pub(super) struct RawConfig {
     pub max_backends: Option<Spanned<i64>>,
     #[serde(default)]
     pub flow_table_size: Option<Spanned<i64>>,
+    /// Checked in validation: an absolute path.
+    #[serde(default)]
+    pub api: Option<Spanned<String>>,
+    /// Parsed in validation, so a bad address gets our message at the value.
+    #[serde(default)]
+    pub metrics: Option<Spanned<String>>,
     /// `[[vip]]` tables; the span of each is its `[[vip]]` header through its last key.
     #[serde(default)]
     pub vip: Vec<Spanned<RawVip>>,

@@ -64,6 +64,8 @@ ring_size = 16381
 max_vips = 8
 max_backends = 16
 flow_table_size = 4096
+api = "/var/run/lb/control.sock"
+metrics = "[::1]:9101"
 
 [[vip]]
 name = "web"
@@ -100,6 +102,8 @@ protocol = "udp"
         max_vips: 8,
         max_backends: 16,
         flow_table_size: 4096,
+        api: "/var/run/lb/control.sock".into(),
+        metrics: Some("[::1]:9101".parse().unwrap()),
         vips: vec![
             VipConfig {
                 name: "web".into(),
@@ -163,6 +167,8 @@ fn defaults() {
     assert_eq!(config.max_vips, lb_common::DEFAULT_MAX_VIPS);
     assert_eq!(config.max_backends, lb_common::DEFAULT_MAX_BACKENDS);
     assert_eq!(config.flow_table_size, lb_common::DEFAULT_FLOW_TABLE_SIZE);
+    assert_eq!(config.api, Path::new("/run/lb/lb.sock"));
+    assert_eq!(config.metrics, None);
     assert_eq!(config.vips.len(), 1);
     assert_eq!(config.vips[0].backends[0].weight, 100);
 
@@ -338,6 +344,95 @@ fn missing_backend_address_points_at_the_backend() {
 }
 
 // ---- Semantic errors ----
+
+#[test]
+fn api_and_metrics() {
+    let config = parse_ok(&BASE.replace(
+        "interface = \"eth0\"",
+        "interface = \"eth0\"\napi = \"/tmp/lb test/é.sock\"\nmetrics = \"0.0.0.0:9100\"",
+    ));
+    assert_eq!(config.api, Path::new("/tmp/lb test/é.sock"));
+    assert_eq!(config.metrics, Some("0.0.0.0:9100".parse().unwrap()));
+    let config = parse_ok("interface = \"eth0\"\nmetrics = \"[2001:db8::1]:80\"\n");
+    assert_eq!(config.metrics, Some("[2001:db8::1]:80".parse().unwrap()));
+    let longest = format!("/{}", "s".repeat(MAX_API_PATH_BYTES - 1));
+    let config = parse_ok(&format!("interface = \"eth0\"\napi = \"{longest}\"\n"));
+    assert_eq!(config.api, Path::new(&longest));
+}
+
+#[test]
+fn api_must_be_an_absolute_socket_path() {
+    assert_error(
+        "interface = \"eth0\"\napi = \"run/lb.sock\"\n",
+        2,
+        7,
+        "api `run/lb.sock` is not an absolute path",
+    );
+    assert_error(
+        "interface = \"eth0\"\napi = \"\"\n",
+        2,
+        7,
+        "api `` is not an absolute path",
+    );
+    assert_error(
+        "interface = \"eth0\"\n  api =   \"/run/lb/\"\n",
+        2,
+        11,
+        "api `/run/lb/` names a directory, not a socket file",
+    );
+    let too_long = format!("/{}", "s".repeat(MAX_API_PATH_BYTES));
+    assert_error(
+        &format!("interface = \"eth0\"\napi = \"{too_long}\"\n"),
+        2,
+        7,
+        "is longer than 107 bytes, the most a Unix socket path can have",
+    );
+    assert_error(
+        "interface = \"eth0\"\napi = 5\n",
+        2,
+        7,
+        "invalid type: integer `5`, expected a string",
+    );
+}
+
+#[test]
+fn metrics_must_be_an_address_and_port() {
+    for bad in [
+        "localhost:9100",
+        "127.0.0.1",
+        "9100",
+        "::1:9100",
+        "127.0.0.1:70000",
+        "",
+    ] {
+        assert_error(
+            &format!("interface = \"eth0\"\nmetrics = \"{bad}\"\n"),
+            2,
+            11,
+            &format!(
+                "metrics `{bad}` is not an address and port such as \"127.0.0.1:9100\" or \"[::1]:9100\""
+            ),
+        );
+    }
+    assert_error(
+        "interface = \"eth0\"\nmetrics = \"127.0.0.1:0\"\n",
+        2,
+        11,
+        "metrics `127.0.0.1:0` has port 0",
+    );
+    // The error points at the value in the file, wherever it is.
+    let text = BASE.replace(
+        "interface = \"eth0\"",
+        "interface = \"eth0\"\nring_size = 1021\n\n   metrics=\"[::1]\"",
+    );
+    assert_error(&text, 4, 12, "metrics `[::1]` is not an address and port");
+    assert_error(
+        "interface = \"eth0\"\nmetrics = 9100\n",
+        2,
+        11,
+        "invalid type: integer `9100`, expected a string",
+    );
+}
 
 #[test]
 fn port_zero() {
@@ -960,6 +1055,8 @@ fn module_doc_example_parses() {
         .map(|line| format!("{line}\n"))
         .collect();
     let config = parse_ok(&example);
+    assert_eq!(config.api, Path::new(DEFAULT_API));
+    assert_eq!(config.metrics, Some("127.0.0.1:9100".parse().unwrap()));
     let vip = &config.vips[0];
     assert_eq!(vip.health.check, CheckKind::Http);
     assert!(vip.backends[1].standby);

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::{Range, RangeInclusive};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use lb_common::{DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, NO_BACKEND};
@@ -20,9 +20,9 @@ use toml::Spanned;
 
 use super::raw::{RawBackend, RawConfig, RawDuration, RawHealth, RawVip};
 use super::{
-    BackendConfig, CheckKind, Config, ConfigError, DEFAULT_MIN_HEALTHY, DEFAULT_WEIGHT,
-    HealthConfig, MAX_RING_SIZE, MIN_FLOW_TABLE_SIZE, MIN_INTERVAL, MIN_RING_SIZE, OnAllDown,
-    Protocol, VipConfig, XdpModeSetting,
+    BackendConfig, CheckKind, Config, ConfigError, DEFAULT_API, DEFAULT_MIN_HEALTHY,
+    DEFAULT_WEIGHT, HealthConfig, MAX_API_PATH_BYTES, MAX_RING_SIZE, MIN_FLOW_TABLE_SIZE,
+    MIN_INTERVAL, MIN_RING_SIZE, OnAllDown, Protocol, VipConfig, XdpModeSetting,
 };
 use crate::maglev::is_prime;
 
@@ -115,6 +115,12 @@ impl Validator<'_> {
             MIN_FLOW_TABLE_SIZE..=u32::MAX,
         )?;
         self.ring_map_fits(&max_vips, &ring_size)?;
+        let api = self.api(raw.api.as_ref())?;
+        let metrics = raw
+            .metrics
+            .as_ref()
+            .map(|value| self.metrics(value))
+            .transpose()?;
         let vips = self.vips(&raw.vip, &max_vips, &max_backends)?;
         Ok(Config {
             interface,
@@ -123,8 +129,54 @@ impl Validator<'_> {
             max_vips: max_vips.value,
             max_backends: max_backends.value,
             flow_table_size: flow_table_size.value,
+            api,
+            metrics,
             vips,
         })
+    }
+
+    /// The control API's socket path: absolute (the daemon may run from any directory), and
+    /// short enough for a Unix socket address.
+    fn api(&self, value: Option<&Spanned<String>>) -> Result<PathBuf, ConfigError> {
+        let Some(value) = value else {
+            return Ok(PathBuf::from(DEFAULT_API));
+        };
+        let text = value.get_ref();
+        let problem = if !text.starts_with('/') {
+            Some("is not an absolute path".to_string())
+        } else if text.len() > MAX_API_PATH_BYTES {
+            Some(format!(
+                "is longer than {MAX_API_PATH_BYTES} bytes, the most a Unix socket path can have"
+            ))
+        } else if text.contains('\0') {
+            Some("contains a NUL character".to_string())
+        } else if text.ends_with('/') {
+            Some("names a directory, not a socket file".to_string())
+        } else {
+            None
+        };
+        match problem {
+            Some(problem) => Err(self.error(value.span(), format!("api `{text}` {problem}"))),
+            None => Ok(PathBuf::from(text)),
+        }
+    }
+
+    /// The metrics listener: an IP address and a port (no host names: nothing is resolved).
+    fn metrics(&self, value: &Spanned<String>) -> Result<SocketAddr, ConfigError> {
+        let text = value.get_ref();
+        match text.parse::<SocketAddr>() {
+            Ok(address) if address.port() == 0 => Err(self.error(
+                value.span(),
+                format!("metrics `{text}` has port 0; give the port Prometheus scrapes (1..=65535)"),
+            )),
+            Ok(address) => Ok(address),
+            Err(_) => Err(self.error(
+                value.span(),
+                format!(
+                    "metrics `{text}` is not an address and port such as \"127.0.0.1:9100\" or \"[::1]:9100\""
+                ),
+            )),
+        }
     }
 
     /// The kernel's rules for a device name (`dev_valid_name`), so a typo fails here rather
