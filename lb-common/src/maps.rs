@@ -123,7 +123,8 @@ pub struct FlowKey {
 pub struct FlowState {
     pub backend: u32,
     pub vip_id: u32,
-    /// `bpf_ktime_get_ns()` of the last refresh (refreshed at most every `FLOW_REFRESH_NS`).
+    /// `bpf_ktime_get_coarse_ns()` (tick resolution, cheap) of the last refresh (refreshed at
+    /// most every `FLOW_REFRESH_NS`).
     pub last_seen_ns: u64,
 }
 

@@ -1,7 +1,7 @@
 //! Backend choice: an established flow keeps its backend (flow table); a new flow, or one whose
 //! backend went down, takes the backend in its slot of the VIP's live Maglev table.
 
-use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, programs::XdpContext};
+use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
 use lb_common::{
     BACKEND_F_REDIRECT, BACKEND_F_UP, Backend, FLOW_REFRESH_NS, FlowKey, FlowState, NO_BACKEND,
     Reason, VIP_F_PASS_WHEN_EMPTY, VipInfo, flow_hash,
@@ -58,9 +58,9 @@ fn established(flow: &FlowKey, vip: &VipInfo) -> Option<(u32, Backend)> {
     if backend.flags & BACKEND_F_UP == 0 || backend.vip_id != vip.id {
         return None;
     }
-    // SAFETY: `bpf_ktime_get_ns` has no preconditions; `state` is valid as above.
+    // SAFETY: `bpf_ktime_get_coarse_ns` has no preconditions; `state` is valid as above.
     unsafe {
-        let now = bpf_ktime_get_ns();
+        let now = bpf_ktime_get_coarse_ns();
         if now.wrapping_sub((*state).last_seen_ns) > FLOW_REFRESH_NS {
             (*state).last_seen_ns = now;
         }
@@ -88,7 +88,7 @@ fn choose_new(flow: &FlowKey, vip: &VipInfo) -> Result<(u32, Backend), Reason> {
         backend: backend_id,
         vip_id: vip.id,
         // SAFETY: helper without arguments or side effects.
-        last_seen_ns: unsafe { bpf_ktime_get_ns() },
+        last_seen_ns: unsafe { bpf_ktime_get_coarse_ns() },
     };
     // A full table evicts its least recently used entry, so the insert only fails on memory
     // pressure; the packet is forwarded anyway and the next one retries.
