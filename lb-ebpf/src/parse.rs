@@ -111,16 +111,14 @@ fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Result<FlowKey, Reason> {
         return Err(Reason::PassFragment);
     }
     let mut key = FlowKey {
-        src: [0; 16],
-        dst: [0; 16],
+        src: widen(ip.src_addr),
+        dst: widen(ip.dst_addr),
         sport_be: 0,
         dport_be: 0,
         proto: ip.proto,
         family: FAMILY_V4,
         _pad: [0; 2],
     };
-    copy4(&mut key.src, &ip.src_addr);
-    copy4(&mut key.dst, &ip.dst_addr);
     parse_ports(ctx, offset + header_len, offset + total_len, &mut key)?;
     Ok(key)
 }
@@ -204,10 +202,10 @@ fn is_ipv6_extension(next_header: u8) -> bool {
     matches!(next_header, 0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140)
 }
 
+/// An IPv4 address in the 16-byte key form (zero-padded), built whole: zeroing the key first
+/// and then copying in would make LLVM call a byte-by-byte `memset` (BPF has no wide memset).
 #[inline(always)]
-fn copy4(dst: &mut [u8; 16], src: &[u8; 4]) {
-    dst[0] = src[0];
-    dst[1] = src[1];
-    dst[2] = src[2];
-    dst[3] = src[3];
+fn widen(a: [u8; 4]) -> [u8; 16] {
+    let [a0, a1, a2, a3] = a;
+    [a0, a1, a2, a3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
 }

@@ -96,6 +96,9 @@ impl VipState {
 pub struct Balancer {
     pub dataplane: DataPlane,
     pub vips: Vec<VipState>,
+    /// What each `BACKENDS` slot was last written with, so a publish writes only the records
+    /// that changed (one syscall each: at 1000 backends, rewriting all costs a millisecond).
+    written: std::collections::HashMap<u32, lb_common::Backend>,
 }
 
 /// The capacity a config asks for.
@@ -135,7 +138,11 @@ impl Balancer {
             .enumerate()
             .map(|(i, vip)| Self::vip_state(i as u32, vip, &mut next_backend))
             .collect();
-        Self { dataplane, vips }
+        Self {
+            dataplane,
+            vips,
+            written: std::collections::HashMap::new(),
+        }
     }
 
     fn vip_state(id: u32, vip: &VipConfig, next_backend: &mut u32) -> VipState {

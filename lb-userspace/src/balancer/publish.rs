@@ -128,6 +128,9 @@ impl Balancer {
         let maps = &mut self.dataplane.maps;
         for backend in &vip.backends {
             let record = backend_record(vip.id, backend);
+            if self.written.get(&backend.id) == Some(&record) {
+                continue;
+            }
             if record.flags & BACKEND_F_REDIRECT != 0 {
                 maps.tx_ports
                     .set(backend.id, record.ifindex, None, 0)
@@ -139,6 +142,7 @@ impl Balancer {
                     what: "BACKENDS",
                     source,
                 })?;
+            self.written.insert(backend.id, record);
         }
         let table = ring_for_pool(vip, pool_after, maps.rings.ring_size());
         let in_ring = vip
