@@ -4,6 +4,7 @@
 //! machine that has no eBPF toolchain yet.
 
 mod apt;
+mod bench;
 mod checks;
 mod cmd;
 mod demo;
@@ -53,8 +54,19 @@ enum Task {
         )]
         args: Vec<String>,
     },
-    /// Benchmarks (not implemented yet).
-    Bench,
+    /// Run setup, build the release binaries and run the benchmarks (lb-bench) with ARGS (run
+    /// as root): per-packet cost, throughput, control plane. Report in target/bench; missed
+    /// speed targets are reported, never a failure. `cargo xtask bench -- --help` for the ARGS.
+    Bench {
+        /// Arguments for lb-bench: --only per-packet|throughput|control-plane, --quick,
+        /// --trials N, --generator live-frames|pktgen, --out DIR.
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "ARGS"
+        )]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -80,14 +92,15 @@ fn run(task: Task) -> Result<ExitCode> {
             let toolchain = setup::run()?;
             demo::run(&toolchain, &args)
         }
-        Task::Bench => {
-            println!("benchmarks: not implemented yet (issue 4)");
-            Ok(ExitCode::from(2))
+        Task::Bench { args } => {
+            require_root_for("bench")?;
+            let toolchain = setup::run()?;
+            bench::run(&toolchain, &args)
         }
     }
 }
 
-/// The tests and the demo create network namespaces and attach XDP programs.
+/// The tests, the demo and the benchmarks load XDP programs and create network namespaces.
 fn require_root_for(task: &str) -> Result<()> {
     if !cmd::is_root() {
         bail!(
@@ -118,5 +131,17 @@ mod tests {
             ["maglev", "--exact"]
         );
         assert!(test_args(&["xtask", "test"]).is_empty());
+    }
+
+    #[test]
+    fn bench_args_pass_through() {
+        let args = match Cli::try_parse_from(["xtask", "bench", "--quick", "--only", "per-packet"])
+            .expect("parses")
+            .task
+        {
+            Task::Bench { args } => args,
+            _ => panic!("not the bench task"),
+        };
+        assert_eq!(args, ["--quick", "--only", "per-packet"]);
     }
 }

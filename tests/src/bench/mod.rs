@@ -2,6 +2,11 @@
 //! baseline measured in the same run (this machine is shared and noisy: only same-run ratios are
 //! worth quoting).
 
+pub mod control_plane;
+pub mod per_packet;
+pub mod report;
+pub mod throughput;
+
 use std::collections::BTreeMap;
 
 /// One measured quantity: every trial's value, its unit, and what it should be compared with.

@@ -1,0 +1,1119 @@
+//! Per-packet cost of the real XDP program, through `BPF_PROG_TEST_RUN` on the real maps (filled
+//! by the daemon's own `Balancer`), minus a trivial program measured the same way in the same run
+//! (DESIGN.md §6).
+//!
+//! Two ways of running a program, and every figure names its own:
+//!
+//! - **repeat**: one test run with `repeat = N`. The kernel feeds the program's output back in as
+//!   the next input, so this is only used for paths whose output is a valid input for the same
+//!   path (an established flow: the rewritten frame belongs to the same flow; a non-VIP frame
+//!   passes unchanged; the reflector's swapped frame is swapped back). The per-run cost is the
+//!   thread's CPU time over the call divided by N: the kernel's own figure is rounded down to
+//!   whole nanoseconds, too coarse for differences of a few ns. (The kernel's is kept as a param.)
+//! - **loop**: `repeat = 1` calls, a fresh frame per call (a new source port for "new flow"); the
+//!   per-call cost is the kernel-reported duration of each run (exact nanoseconds), averaged.
+//!
+//! Every case is measured in every trial, trial k of all cases before trial k+1, with a rotating
+//! order. A case's net cost in trial k is its cost minus the trivial program's (`bench_pass`)
+//! in trial k by the same method; figures hold the net per-trial values. The established IPv4
+//! path covers the whole backends × flows grid, the other paths one representative point.
+//!
+//! The flow table is pre-filled from userspace with established flows of the lab's VIPs pointing
+//! at real backends, split evenly over the CPUs (the table has per-CPU LRU lists, each holding
+//! `capacity / possible CPUs` entries, and a userspace insert lands in the list of the CPU it runs
+//! on). The measuring thread is pinned to one CPU.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::fd::{AsFd as _, AsRawFd as _, RawFd},
+    path::Path,
+    time::Instant,
+};
+
+use anyhow::{Context as _, Result, ensure};
+use aya::{Ebpf, TestRun as _, TestRunOptions, maps::IterableMap as _, programs::Xdp};
+use lb::{balancer::capacity_of, config::Config};
+use lb_common::{FlowKey, FlowState, PROTO_TCP, PROTO_UDP};
+use nix::{
+    sched::{CpuSet, sched_getaffinity, sched_setaffinity},
+    unistd::Pid,
+};
+
+use super::Figure;
+use crate::{
+    frames::{FrameSpec, L4},
+    packet_lab::{PacketLab, XDP_PASS, XDP_TX, flow_key},
+};
+
+/// The group of every figure made here.
+pub const GROUP: &str = "per_packet";
+
+/// Backend counts of the grid.
+pub const BACKENDS: [u32; 3] = [1, 100, 1000];
+/// Flow-table fill levels of the grid.
+pub const FLOWS: [u32; 3] = [1_000, 100_000, 1_000_000];
+/// Fill levels in `--quick` mode.
+pub const QUICK_FLOWS: [u32; 2] = [1_000, 10_000];
+/// The backend count of the single-point paths.
+pub const REPRESENTATIVE_BACKENDS: u32 = 100;
+/// Maglev table size of the lab (the production default).
+pub const RING_SIZE: u32 = 65537;
+
+#[derive(Clone, Debug)]
+pub struct PerPacketOptions {
+    /// Small counts, for smoke tests: the figures exist but mean little.
+    pub quick: bool,
+    /// Interleaved trials (the median of at least 5 is what the issue asks for).
+    pub trials: usize,
+}
+
+impl PerPacketOptions {
+    pub fn flows(&self) -> &'static [u32] {
+        if self.quick { &QUICK_FLOWS } else { &FLOWS }
+    }
+
+    /// The fill level of the single-point paths: the middle of the grid.
+    pub fn representative_flows(&self) -> u32 {
+        let flows = self.flows();
+        flows[flows.len() / 2]
+    }
+
+    fn repeat(&self) -> u32 {
+        if self.quick { 200_000 } else { 1_000_000 }
+    }
+
+    fn loop_calls(&self) -> usize {
+        if self.quick { 300 } else { 20_000 }
+    }
+
+    fn working_set(&self) -> usize {
+        if self.quick { 256 } else { 16_384 }
+    }
+}
+
+/// Figure names, shared with the report and the smoke test.
+pub mod names {
+    pub const TRIVIAL_REPEAT: &str = "trivial/repeat";
+    pub const TRIVIAL_LOOP: &str = "trivial/loop";
+    pub const REFLECTOR_REPEAT: &str = "reflector/repeat";
+    pub const REFLECTOR_LOOP: &str = "reflector/loop";
+    /// One hot established IPv4 TCP flow, repeat method: the grid the targets are about.
+    pub const ESTABLISHED_V4: &str = "vip_established_v4";
+    /// The same flow through repeat=1 calls (a cross-check of the repeat method).
+    pub const ESTABLISHED_V4_LOOP: &str = "vip_established_v4_loop";
+    /// Established IPv4 flows, a different pre-filled flow on every call (cache-cold entries).
+    pub const ESTABLISHED_V4_SPREAD: &str = "vip_established_v4_spread";
+    pub const NEW_FLOW_V4: &str = "vip_new_flow_v4";
+    pub const ESTABLISHED_V6: &str = "vip_established_v6";
+    pub const ESTABLISHED_UDP: &str = "vip_established_udp";
+    pub const NON_VIP_PASS: &str = "non_vip_pass";
+
+    pub fn point(path: &str, backends: u32, flows: u32) -> String {
+        format!("{path}/backends={backends}/flows={flows}")
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The lab: one loaded program per fill level, each with the same five VIPs.
+
+struct VipSpec {
+    name: &'static str,
+    address: IpAddr,
+    port: u16,
+    protocol: u8,
+    backends: u32,
+}
+
+fn vip_specs() -> Vec<VipSpec> {
+    let v4 = |d| IpAddr::V4(Ipv4Addr::new(10, 200, 0, d));
+    let mut specs: Vec<VipSpec> = BACKENDS
+        .iter()
+        .enumerate()
+        .map(|(i, &backends)| VipSpec {
+            name: ["v4_tcp_a", "v4_tcp_b", "v4_tcp_c"][i],
+            address: v4(i as u8 + 1),
+            port: 80,
+            protocol: PROTO_TCP,
+            backends,
+        })
+        .collect();
+    specs.push(VipSpec {
+        name: "v6_tcp",
+        address: IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0x200, 0, 0, 0, 0, 1)),
+        port: 80,
+        protocol: PROTO_TCP,
+        backends: REPRESENTATIVE_BACKENDS,
+    });
+    specs.push(VipSpec {
+        name: "v4_udp",
+        address: v4(10),
+        port: 53,
+        protocol: PROTO_UDP,
+        backends: REPRESENTATIVE_BACKENDS,
+    });
+    specs
+}
+
+/// An address that is no VIP (same port and protocol as the TCP VIPs).
+const NOT_A_VIP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 99);
+
+fn backend_address(vip: usize, j: u32, v6: bool) -> IpAddr {
+    if v6 {
+        IpAddr::V6(Ipv6Addr::new(
+            0x2001,
+            0xdb8,
+            0x210 + vip as u16,
+            0,
+            0,
+            0,
+            0,
+            j as u16 + 1,
+        ))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(
+            10,
+            10 + vip as u8,
+            (j / 200) as u8,
+            (j % 200) as u8 + 1,
+        ))
+    }
+}
+
+fn lab_config(specs: &[VipSpec], flow_table_size: u32) -> String {
+    let mut toml = format!(
+        "interface = \"bench0\"\nring_size = {RING_SIZE}\nmax_vips = 8\nmax_backends = 4096\n\
+         flow_table_size = {flow_table_size}\n"
+    );
+    for (v, spec) in specs.iter().enumerate() {
+        let protocol = if spec.protocol == PROTO_UDP {
+            "udp"
+        } else {
+            "tcp"
+        };
+        toml.push_str(&format!(
+            "\n[[vip]]\nname = \"{}\"\naddress = \"{}\"\nport = {}\nprotocol = \"{protocol}\"\n\
+             [vip.health]\ncheck = \"none\"\n",
+            spec.name, spec.address, spec.port
+        ));
+        for j in 0..spec.backends {
+            toml.push_str(&format!(
+                "[[vip.backend]]\naddress = \"{}\"\n",
+                backend_address(v, j, spec.address.is_ipv6())
+            ));
+        }
+    }
+    toml
+}
+
+/// Pre-filled flow number `i`: its VIP (index into the specs) and source.
+fn prefill_flow(specs: &[VipSpec], i: u32) -> (usize, IpAddr, u16) {
+    let vip = i as usize % specs.len();
+    let sport = 1024 + (i % 60_000) as u16;
+    let host = i / 60_000;
+    let src = if specs[vip].address.is_ipv6() {
+        IpAddr::V6(Ipv6Addr::new(
+            0x2001,
+            0xdb8,
+            0xff00,
+            0,
+            0,
+            0,
+            (host >> 16) as u16,
+            host as u16 + 1,
+        ))
+    } else {
+        IpAddr::V4(Ipv4Addr::from(
+            u32::from(Ipv4Addr::new(100, 64, 0, 1)) + host,
+        ))
+    };
+    (vip, src, sport)
+}
+
+fn frame(spec: &VipSpec, src: IpAddr, sport: u16, l4: L4) -> Vec<u8> {
+    let mut f = match l4 {
+        L4::Udp => FrameSpec::udp(src, sport, spec.address, spec.port, &[0x5a; 18]),
+        _ => FrameSpec::tcp_syn(src, sport, spec.address, spec.port),
+    };
+    f.l4 = l4;
+    f.build()
+}
+
+const TCP_ACK: L4 = L4::Tcp { flags: 0x10 };
+const TCP_SYN: L4 = L4::Tcp { flags: 0x02 };
+
+fn l4_of(spec: &VipSpec) -> L4 {
+    if spec.protocol == PROTO_UDP {
+        L4::Udp
+    } else {
+        TCP_ACK
+    }
+}
+
+struct Lab {
+    flows: u32,
+    capacity: u32,
+    lab: PacketLab,
+    specs: Vec<VipSpec>,
+    /// Entries counted after the fill.
+    filled: usize,
+}
+
+/// The data plane's flow timestamps (`bpf_ktime_get_coarse_ns`): CLOCK_MONOTONIC_COARSE.
+fn monotonic_coarse_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer to a timespec; CLOCK_MONOTONIC_COARSE always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer to a timespec; the thread CPU clock always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// CPUs this process may run on.
+pub fn allowed_cpus() -> Result<Vec<usize>> {
+    let set = sched_getaffinity(Pid::from_raw(0)).context("sched_getaffinity")?;
+    Ok((0..CpuSet::count())
+        .filter(|&c| set.is_set(c).unwrap_or(false))
+        .collect())
+}
+
+fn possible_cpus() -> usize {
+    std::fs::read_to_string("/sys/devices/system/cpu/possible")
+        .ok()
+        .and_then(|s| {
+            s.trim()
+                .split(',')
+                .map(|range| match range.split_once('-') {
+                    Some((a, b)) => Some(b.parse::<usize>().ok()? - a.parse::<usize>().ok()? + 1),
+                    None => range.parse::<usize>().ok().map(|_| 1),
+                })
+                .sum::<Option<usize>>()
+        })
+        .unwrap_or(1)
+}
+
+/// Pins the calling thread to `cpu`; returns the previous affinity.
+fn pin_to(cpu: usize) -> Result<CpuSet> {
+    let previous = sched_getaffinity(Pid::from_raw(0)).context("sched_getaffinity")?;
+    let mut set = CpuSet::new();
+    set.set(cpu).context("cpu number")?;
+    sched_setaffinity(Pid::from_raw(0), &set).with_context(|| format!("pinning to CPU {cpu}"))?;
+    Ok(previous)
+}
+
+/// `BPF_MAP_UPDATE_BATCH` of `keys`/`values` (the kernel loops over them in one syscall);
+/// falls back to one update per entry where the map has no batch support.
+fn update_batch(fd: RawFd, keys: &[FlowKey], values: &[FlowState]) -> Result<()> {
+    #[repr(C)]
+    #[derive(Default)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+    const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+    #[repr(C)]
+    #[derive(Default)]
+    struct ElemAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    debug_assert_eq!(keys.len(), values.len());
+    for (keys, values) in keys.chunks(65_536).zip(values.chunks(65_536)) {
+        let mut attr = BatchAttr {
+            keys: keys.as_ptr() as u64,
+            values: values.as_ptr() as u64,
+            count: keys.len() as u32,
+            map_fd: fd as u32,
+            ..Default::default()
+        };
+        // SAFETY: `attr` describes `count` keys and values in live, correctly laid-out arrays
+        // (repr(C) types of the map's key and value sizes); the kernel only reads them and
+        // writes `attr.count`.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_UPDATE_BATCH,
+                &mut attr as *mut BatchAttr,
+                size_of::<BatchAttr>() as u32,
+            )
+        };
+        if rc == 0 {
+            continue;
+        }
+        let err = std::io::Error::last_os_error();
+        let done = attr.count as usize;
+        if !matches!(
+            err.raw_os_error(),
+            Some(libc::EINVAL | libc::EOPNOTSUPP | 524)
+        ) {
+            return Err(err).context("BPF_MAP_UPDATE_BATCH on FLOWS");
+        }
+        for (key, value) in keys.iter().zip(values).skip(done) {
+            let attr = ElemAttr {
+                map_fd: fd as u32,
+                key: key as *const FlowKey as u64,
+                value: value as *const FlowState as u64,
+                ..Default::default()
+            };
+            // SAFETY: as above, for one key and value.
+            let rc = unsafe {
+                libc::syscall(
+                    libc::SYS_bpf,
+                    BPF_MAP_UPDATE_ELEM,
+                    &attr as *const ElemAttr,
+                    size_of::<ElemAttr>() as u32,
+                )
+            };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error())
+                    .context("BPF_MAP_UPDATE_ELEM on FLOWS");
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Lab {
+    /// Loads a lab whose flow table holds `flows` pre-filled entries (plus head-room for the
+    /// flows the measurement itself inserts) and fills it.
+    fn new(flows: u32, loop_calls: usize, cpus: &[usize]) -> Result<Self> {
+        let specs = vip_specs();
+        // Each CPU's LRU list holds capacity / possible CPUs entries; the fill puts
+        // flows / allowed CPUs into each allowed CPU's list, and the measuring CPU also takes the
+        // measurement's own flows.
+        let per_cpu = (flows as usize).div_ceil(cpus.len()) + loop_calls + 4096;
+        let capacity = (per_cpu * possible_cpus())
+            .max(lb_common::DEFAULT_FLOW_TABLE_SIZE as usize)
+            .try_into()
+            .context("flow table too large")?;
+        let config_text = lab_config(&specs, capacity);
+        // Validate first so a bad config is an error, not a panic.
+        Config::parse(&config_text, Path::new("bench-lab.toml"))
+            .map(|c| capacity_of(&c))
+            .map_err(|e| anyhow::anyhow!("bench lab config: {e}"))?;
+        let lab = PacketLab::new(&config_text);
+        let mut lab = Lab {
+            flows,
+            capacity,
+            lab,
+            specs,
+            filled: 0,
+        };
+        lab.fill(cpus)?;
+        Ok(lab)
+    }
+
+    fn fill(&mut self, cpus: &[usize]) -> Result<()> {
+        let now = monotonic_coarse_ns();
+        let balancer = &self.lab.balancer;
+        let (keys, values): (Vec<FlowKey>, Vec<FlowState>) = (0..self.flows)
+            .map(|i| {
+                let (v, src, sport) = prefill_flow(&self.specs, i);
+                let spec = &self.specs[v];
+                let vip = &balancer.vips[v];
+                let backend = &vip.backends[i as usize / self.specs.len() % vip.backends.len()];
+                (
+                    flow_key(src, sport, spec.address, spec.port, spec.protocol),
+                    FlowState {
+                        backend: backend.id,
+                        vip_id: vip.id,
+                        last_seen_ns: now,
+                    },
+                )
+            })
+            .unzip();
+        let fd = balancer.dataplane.maps.flows.map().fd().as_fd().as_raw_fd();
+        let n = cpus.len();
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = cpus
+                .iter()
+                .enumerate()
+                .map(|(c, &cpu)| {
+                    let keys: Vec<FlowKey> = keys.iter().skip(c).step_by(n).copied().collect();
+                    let values: Vec<FlowState> =
+                        values.iter().skip(c).step_by(n).copied().collect();
+                    scope.spawn(move || -> Result<()> {
+                        pin_to(cpu)?;
+                        update_batch(fd, &keys, &values)
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .try_for_each(|w| w.join().expect("fill thread panicked"))
+        })?;
+        self.filled = self.count();
+        ensure!(
+            self.filled == self.flows as usize,
+            "the flow table holds {} entries after inserting {} (capacity {}): the LRU evicted",
+            self.filled,
+            self.flows,
+            self.capacity
+        );
+        Ok(())
+    }
+
+    fn count(&self) -> usize {
+        self.lab.balancer.dataplane.maps.flow_count()
+    }
+
+    fn vip_index(&self, backends: u32, protocol: u8, v6: bool) -> usize {
+        self.specs
+            .iter()
+            .position(|s| {
+                s.backends == backends && s.protocol == protocol && s.address.is_ipv6() == v6
+            })
+            .expect("the lab has this VIP")
+    }
+
+    fn new_flows_counter(&self, vip: usize) -> Result<u64> {
+        let id = self.lab.balancer.vips[vip].id;
+        Ok(self.lab.balancer.dataplane.maps.vip_counters(id)?.new_flows)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cases
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Method {
+    Repeat,
+    Loop,
+}
+
+impl Method {
+    fn name(self) -> &'static str {
+        match self {
+            Method::Repeat => "repeat",
+            Method::Loop => "loop",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Program {
+    Trivial,
+    Reflector,
+    /// The load balancer of lab number `usize`.
+    Lb(usize),
+}
+
+/// What a case expects of every run, checked outside the timed part.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Expect {
+    /// This verdict, and no new flow in the VIP's counters.
+    Established { verdict: u32, vip: usize },
+    /// XDP_TX and one new flow per call.
+    NewFlows { vip: usize },
+    /// This verdict.
+    Verdict(u32),
+}
+
+struct Case {
+    name: String,
+    path: &'static str,
+    method: Method,
+    program: Program,
+    frames: Vec<Vec<u8>>,
+    /// Flow keys the case inserts (new flows), removed after each trial.
+    inserted: Vec<FlowKey>,
+    expect: Expect,
+    backends: Option<u32>,
+    flows: Option<u32>,
+    note: &'static str,
+    /// Per trial: ns per run, gross.
+    samples: Vec<f64>,
+    /// Per trial: the kernel's own ns per run (rounded down by the kernel for repeat runs).
+    kernel_samples: Vec<f64>,
+    /// Size of the program as the kernel holds it (for "where the time goes").
+    program_info: Vec<(&'static str, String)>,
+}
+
+struct Bench {
+    ebpf: Ebpf,
+}
+
+const TRIVIAL_PROGRAM: &str = "bench_pass";
+const REFLECTOR_PROGRAM: &str = "bench_reflect";
+
+impl Bench {
+    fn load() -> Result<Self> {
+        let mut ebpf = Ebpf::load(lb::bench_object()).context("loading the bench object")?;
+        for name in [TRIVIAL_PROGRAM, REFLECTOR_PROGRAM] {
+            let xdp: &mut Xdp = ebpf
+                .program_mut(name)
+                .with_context(|| format!("no program {name} in the bench object"))?
+                .try_into()
+                .with_context(|| format!("{name} is not an XDP program"))?;
+            xdp.load()
+                .with_context(|| format!("loading {name} (run as root)"))?;
+        }
+        Ok(Self { ebpf })
+    }
+
+    fn xdp(&mut self, name: &str) -> &mut Xdp {
+        self.ebpf
+            .program_mut(name)
+            .and_then(|p| <&mut Xdp>::try_from(p).ok())
+            .expect("checked at load")
+    }
+}
+
+struct Runner<'a> {
+    bench: &'a mut Bench,
+    labs: &'a mut [Lab],
+}
+
+impl Runner<'_> {
+    fn program(&mut self, program: Program) -> &mut Xdp {
+        match program {
+            Program::Trivial => self.bench.xdp(TRIVIAL_PROGRAM),
+            Program::Reflector => self.bench.xdp(REFLECTOR_PROGRAM),
+            Program::Lb(lab) => self.labs[lab].lab.balancer.dataplane.program(),
+        }
+    }
+
+    /// Runs one trial of `case`: returns (gross ns per run, kernel ns per run). The warm-up
+    /// trial may create the established flows it then uses.
+    fn trial(&mut self, case: &Case, repeat: u32, warmup: bool) -> Result<(f64, f64)> {
+        let lab = match case.program {
+            Program::Lb(lab) => Some(lab),
+            _ => None,
+        };
+        let counter_vip = match case.expect {
+            Expect::Established { vip, .. } | Expect::NewFlows { vip } => Some(vip),
+            Expect::Verdict(_) => None,
+        };
+        let new_before = match (lab, counter_vip) {
+            (Some(l), Some(v)) => self.labs[l].new_flows_counter(v)?,
+            _ => 0,
+        };
+        let want = match case.expect {
+            Expect::Established { verdict, .. } => verdict,
+            Expect::NewFlows { .. } => XDP_TX,
+            Expect::Verdict(v) => v,
+        };
+        let runs;
+        let measured = match case.method {
+            Method::Repeat => {
+                let frame = &case.frames[0];
+                let program = self.program(case.program);
+                let cpu_before = thread_cpu_ns();
+                let result = program
+                    .test_run(TestRunOptions {
+                        data_in: Some(frame),
+                        repeat,
+                        ..TestRunOptions::new()
+                    })
+                    .with_context(|| format!("test run of {}", case.name))?;
+                let cpu = thread_cpu_ns() - cpu_before;
+                ensure!(
+                    result.return_value == want,
+                    "{}: verdict {} instead of {want}",
+                    case.name,
+                    result.return_value
+                );
+                runs = u64::from(repeat);
+                (
+                    cpu as f64 / f64::from(repeat),
+                    result.duration.as_nanos() as f64,
+                )
+            }
+            Method::Loop => {
+                let program = self.program(case.program);
+                let mut kernel_ns = 0u128;
+                let mut wrong = 0usize;
+                let mut calls = 0u64;
+                for frame in &case.frames {
+                    let result = program
+                        .test_run(TestRunOptions {
+                            data_in: Some(frame),
+                            ..TestRunOptions::new()
+                        })
+                        .with_context(|| format!("test run of {}", case.name))?;
+                    kernel_ns += result.duration.as_nanos();
+                    wrong += usize::from(result.return_value != want);
+                    calls += 1;
+                }
+                ensure!(
+                    wrong == 0,
+                    "{}: {wrong} of {calls} runs returned another verdict than {want}",
+                    case.name
+                );
+                runs = calls;
+                let per_call = kernel_ns as f64 / calls as f64;
+                (per_call, per_call)
+            }
+        };
+        if let (Some(l), Some(v)) = (lab, counter_vip) {
+            let new_flows = self.labs[l].new_flows_counter(v)? - new_before;
+            match case.expect {
+                Expect::Established { .. } => ensure!(
+                    warmup || new_flows == 0,
+                    "{}: {new_flows} new flows on an established path",
+                    case.name
+                ),
+                Expect::NewFlows { .. } => ensure!(
+                    new_flows == runs,
+                    "{}: {new_flows} new flows in {runs} runs",
+                    case.name
+                ),
+                Expect::Verdict(_) => {}
+            }
+        }
+        if let Some(l) = lab {
+            let flows = &mut self.labs[l].lab.balancer.dataplane.maps.flows;
+            for key in &case.inserted {
+                flows
+                    .remove(key)
+                    .with_context(|| format!("{}: removing a measured new flow", case.name))?;
+            }
+        }
+        Ok(measured)
+    }
+}
+
+fn point_name(path: &str, backends: Option<u32>, flows: Option<u32>) -> String {
+    match (backends, flows) {
+        (Some(b), Some(f)) => names::point(path, b, f),
+        (None, Some(f)) => format!("{path}/flows={f}"),
+        _ => path.to_owned(),
+    }
+}
+
+fn build_cases(opts: &PerPacketOptions, labs: &[Lab]) -> Vec<Case> {
+    let calls = opts.loop_calls();
+    let rep_flows = opts.representative_flows();
+    let mut cases = Vec::new();
+    let case = |path: &'static str,
+                method: Method,
+                program: Program,
+                frames: Vec<Vec<u8>>,
+                expect: Expect,
+                backends: Option<u32>,
+                flows: Option<u32>,
+                note: &'static str| Case {
+        name: match program {
+            Program::Lb(_) => point_name(path, backends, flows),
+            _ => format!("{path}/{}", method.name()),
+        },
+        path,
+        method,
+        program,
+        frames,
+        inserted: Vec::new(),
+        expect,
+        backends,
+        flows,
+        note,
+        samples: Vec::new(),
+        kernel_samples: Vec::new(),
+        program_info: Vec::new(),
+    };
+
+    // Frames for loop runs of the reference programs: a fresh SYN per call, like "new flow".
+    let specs = vip_specs();
+    let syn_frames = |base: u8| -> Vec<(IpAddr, u16, Vec<u8>)> {
+        let spec = &specs[1];
+        (0..calls)
+            .map(|n| {
+                let src = IpAddr::V4(Ipv4Addr::new(198, 18, base, (n / 50_000) as u8 + 1));
+                let sport = 1024 + (n % 50_000) as u16;
+                (src, sport, frame(spec, src, sport, TCP_SYN))
+            })
+            .collect()
+    };
+    let reference_frames: Vec<Vec<u8>> = syn_frames(0).into_iter().map(|(_, _, f)| f).collect();
+    let hot = IpAddr::V4(Ipv4Addr::new(198, 19, 0, 1));
+    let reflect_frame = frame(&specs[1], hot, 40_000, TCP_ACK);
+    for method in [Method::Repeat, Method::Loop] {
+        let frames = match method {
+            Method::Repeat => vec![reflect_frame.clone()],
+            Method::Loop => reference_frames.clone(),
+        };
+        cases.push(case(
+            "trivial",
+            method,
+            Program::Trivial,
+            frames.clone(),
+            Expect::Verdict(XDP_PASS),
+            None,
+            None,
+            "bench_pass: returns XDP_PASS (gross cost; subtracted from every other figure)",
+        ));
+        cases.push(case(
+            "reflector",
+            method,
+            Program::Reflector,
+            frames,
+            Expect::Verdict(XDP_TX),
+            None,
+            None,
+            "bench_reflect: MAC swap + XDP_TX, the floor of any L2 forwarder",
+        ));
+    }
+
+    for (l, lab) in labs.iter().enumerate() {
+        let f = lab.flows;
+        let rep = f == rep_flows;
+        for &b in &BACKENDS {
+            let v = lab.vip_index(b, PROTO_TCP, false);
+            let spec = &lab.specs[v];
+            let hot_src = IpAddr::V4(Ipv4Addr::new(198, 19, 0, 1));
+            let hot_frame = frame(spec, hot_src, 40_000, TCP_ACK);
+            let established = Expect::Established {
+                verdict: XDP_TX,
+                vip: v,
+            };
+            cases.push(case(
+                names::ESTABLISHED_V4,
+                Method::Repeat,
+                Program::Lb(l),
+                vec![hot_frame.clone()],
+                established,
+                Some(b),
+                Some(f),
+                "one established IPv4 TCP flow, repeat=N (idempotent: the output is the same flow)",
+            ));
+            // A working set of pre-filled flows of this VIP, spread over the fill order.
+            let of_vip = (f as usize).div_ceil(lab.specs.len());
+            let set = of_vip.min(opts.working_set());
+            let stride = (of_vip / set.max(1)).max(1);
+            let mut spread: Vec<Vec<u8>> = (0..set)
+                .map(|n| {
+                    let i = ((n * stride) * lab.specs.len() + v) as u32;
+                    let (pv, src, sport) = prefill_flow(&lab.specs, i);
+                    debug_assert_eq!(pv, v);
+                    frame(spec, src, sport, TCP_ACK)
+                })
+                .collect();
+            // Visit them in a scrambled order, `calls` times in all.
+            let mut order: Vec<usize> = (0..calls).map(|n| n % spread.len()).collect();
+            let mut x = 0x9e37_79b9_u32;
+            for i in (1..order.len()).rev() {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                order.swap(i, x as usize % (i + 1));
+            }
+            spread = order.into_iter().map(|n| spread[n].clone()).collect();
+            cases.push(case(
+                names::ESTABLISHED_V4_SPREAD,
+                Method::Loop,
+                Program::Lb(l),
+                spread,
+                established,
+                Some(b),
+                Some(f),
+                "established IPv4 TCP flows from the pre-filled table, a different one per call \
+                 (working set of min(16384, flows of the VIP)), repeat=1 calls",
+            ));
+            if rep && b == REPRESENTATIVE_BACKENDS {
+                cases.push(case(
+                    names::ESTABLISHED_V4_LOOP,
+                    Method::Loop,
+                    Program::Lb(l),
+                    vec![hot_frame; calls],
+                    established,
+                    Some(b),
+                    Some(f),
+                    "the one established IPv4 TCP flow of vip_established_v4, repeat=1 calls",
+                ));
+            }
+        }
+        // New flows: at the representative backend count, every fill level.
+        let v = lab.vip_index(REPRESENTATIVE_BACKENDS, PROTO_TCP, false);
+        let spec = &lab.specs[v];
+        let fresh = syn_frames(1);
+        let mut new_flow = case(
+            names::NEW_FLOW_V4,
+            Method::Loop,
+            Program::Lb(l),
+            fresh.iter().map(|(_, _, f)| f.clone()).collect(),
+            Expect::NewFlows { vip: v },
+            Some(REPRESENTATIVE_BACKENDS),
+            Some(f),
+            "IPv4 TCP SYN of a flow not in the table (a fresh source port per call; the flows are \
+             removed after each trial so the fill level stays), repeat=1 calls",
+        );
+        new_flow.inserted = fresh
+            .iter()
+            .map(|&(src, sport, _)| flow_key(src, sport, spec.address, spec.port, PROTO_TCP))
+            .collect();
+        cases.push(new_flow);
+        if !rep {
+            continue;
+        }
+        let v6 = lab.vip_index(REPRESENTATIVE_BACKENDS, PROTO_TCP, true);
+        let hot6 = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0xc1, 0, 0, 0, 0, 1));
+        cases.push(case(
+            names::ESTABLISHED_V6,
+            Method::Repeat,
+            Program::Lb(l),
+            vec![frame(&lab.specs[v6], hot6, 40_000, TCP_ACK)],
+            Expect::Established {
+                verdict: XDP_TX,
+                vip: v6,
+            },
+            Some(REPRESENTATIVE_BACKENDS),
+            Some(f),
+            "one established IPv6 TCP flow, repeat=N",
+        ));
+        let udp = lab.vip_index(REPRESENTATIVE_BACKENDS, PROTO_UDP, false);
+        cases.push(case(
+            names::ESTABLISHED_UDP,
+            Method::Repeat,
+            Program::Lb(l),
+            vec![frame(&lab.specs[udp], hot, 40_000, l4_of(&lab.specs[udp]))],
+            Expect::Established {
+                verdict: XDP_TX,
+                vip: udp,
+            },
+            Some(REPRESENTATIVE_BACKENDS),
+            Some(f),
+            "one established IPv4 UDP flow (18-byte payload), repeat=N",
+        ));
+        let not_vip = FrameSpec {
+            l4: TCP_ACK,
+            ..FrameSpec::tcp_syn(hot, 40_000, IpAddr::V4(NOT_A_VIP), 80)
+        }
+        .build();
+        cases.push(case(
+            names::NON_VIP_PASS,
+            Method::Repeat,
+            Program::Lb(l),
+            vec![not_vip],
+            Expect::Verdict(XDP_PASS),
+            None,
+            Some(f),
+            "IPv4 TCP to an address that is no VIP: parse, VIP lookup miss, XDP_PASS; repeat=N",
+        ));
+    }
+    cases
+}
+
+/// Measures every case; returns the figures (net of the trivial program, except the trivial
+/// program's own).
+pub fn run(opts: &PerPacketOptions) -> Result<Vec<Figure>> {
+    ensure!(opts.trials >= 1, "at least one trial");
+    let cpus = allowed_cpus()?;
+    ensure!(!cpus.is_empty(), "no CPU to run on");
+    let measure_cpu = *cpus.last().expect("not empty");
+
+    let mut bench = Bench::load()?;
+    let mut labs = Vec::new();
+    for &flows in opts.flows() {
+        let started = Instant::now();
+        let lab = Lab::new(flows, opts.loop_calls(), &cpus)?;
+        eprintln!(
+            "per-packet: lab with {flows} flows in a table of {} ready in {:.1} s",
+            lab.capacity,
+            started.elapsed().as_secs_f64()
+        );
+        labs.push(lab);
+    }
+    let previous = pin_to(measure_cpu)?;
+    let result = measure(opts, &mut bench, &mut labs, measure_cpu);
+    sched_setaffinity(Pid::from_raw(0), &previous).context("restoring the CPU affinity")?;
+    let cases = result?;
+    for lab in &labs {
+        let count = lab.count();
+        if count.abs_diff(lab.filled) > lab.filled / 100 + 16 {
+            eprintln!(
+                "warning: the table of the {}-flow lab holds {count} entries after the run",
+                lab.flows
+            );
+        }
+    }
+    Ok(figures(&cases, &labs, opts, measure_cpu))
+}
+
+fn measure(
+    opts: &PerPacketOptions,
+    bench: &mut Bench,
+    labs: &mut [Lab],
+    cpu: usize,
+) -> Result<Vec<Case>> {
+    let mut cases = build_cases(opts, labs);
+    let repeat = opts.repeat();
+    let mut runner = Runner { bench, labs };
+    // One untimed round: inserts the hot flows, warms caches and the JIT'd code.
+    for case in &cases {
+        runner.trial(case, repeat / 10, true)?;
+    }
+    eprintln!(
+        "per-packet: {} cases x {} trials on CPU {cpu} (repeat={repeat}, loop={} calls)",
+        cases.len(),
+        opts.trials,
+        opts.loop_calls()
+    );
+    let n = cases.len();
+    for trial in 0..opts.trials {
+        let started = Instant::now();
+        for i in 0..n {
+            let c = (i + trial * 7) % n;
+            let (gross, kernel) = runner.trial(&cases[c], repeat, false)?;
+            cases[c].samples.push(gross);
+            cases[c].kernel_samples.push(kernel);
+        }
+        eprintln!(
+            "per-packet: trial {}/{} done in {:.1} s",
+            trial + 1,
+            opts.trials,
+            started.elapsed().as_secs_f64()
+        );
+    }
+    for case in &mut cases {
+        if let Ok(info) = runner.program(case.program).info() {
+            let name = info.name_as_str().unwrap_or("?").to_owned();
+            case.program_info = vec![
+                ("program", name),
+                (
+                    "program_xlated_insns",
+                    info.size_translated()
+                        .map_or("?".to_owned(), |b| (b / 8).to_string()),
+                ),
+                ("program_jited_bytes", info.size_jitted().to_string()),
+                (
+                    "program_verified_insns",
+                    info.verified_instruction_count()
+                        .map_or("?".to_owned(), |n| n.to_string()),
+                ),
+            ];
+        }
+    }
+    Ok(cases)
+}
+
+fn median(values: &[f64]) -> f64 {
+    Figure {
+        group: String::new(),
+        name: String::new(),
+        unit: String::new(),
+        samples: values.to_vec(),
+        baseline: None,
+        params: BTreeMap::new(),
+    }
+    .median()
+}
+
+fn figures(cases: &[Case], labs: &[Lab], opts: &PerPacketOptions, cpu: usize) -> Vec<Figure> {
+    let trivial = |method: Method| {
+        cases
+            .iter()
+            .find(|c| c.program == Program::Trivial && c.method == method)
+            .expect("trivial case")
+    };
+    cases
+        .iter()
+        .map(|case| {
+            let mut params = BTreeMap::new();
+            params.insert("path".to_owned(), case.path.to_owned());
+            params.insert("method".to_owned(), case.method.name().to_owned());
+            params.insert(
+                "runs_per_trial".to_owned(),
+                match case.method {
+                    Method::Repeat => opts.repeat().to_string(),
+                    Method::Loop => case.frames.len().to_string(),
+                },
+            );
+            params.insert("frame_bytes".to_owned(), case.frames[0].len().to_string());
+            params.insert("cpu".to_owned(), cpu.to_string());
+            for (key, value) in &case.program_info {
+                params.insert((*key).to_owned(), value.clone());
+            }
+            params.insert("what".to_owned(), case.note.to_owned());
+            params.insert(
+                "gross_median_ns".to_owned(),
+                format!("{:.2}", median(&case.samples)),
+            );
+            params.insert(
+                "kernel_median_ns".to_owned(),
+                format!("{:.2}", median(&case.kernel_samples)),
+            );
+            if let Some(b) = case.backends {
+                params.insert("backends".to_owned(), b.to_string());
+            }
+            if let Some(f) = case.flows {
+                params.insert("flows".to_owned(), f.to_string());
+            }
+            if let Program::Lb(l) = case.program {
+                params.insert(
+                    "flow_table_capacity".to_owned(),
+                    labs[l].capacity.to_string(),
+                );
+                params.insert("ring_size".to_owned(), RING_SIZE.to_string());
+            }
+            let (samples, baseline) = if case.program == Program::Trivial {
+                (case.samples.clone(), None)
+            } else {
+                let base = trivial(case.method);
+                params.insert("minus".to_owned(), base.name.clone());
+                let net = case
+                    .samples
+                    .iter()
+                    .zip(&base.samples)
+                    .map(|(g, t)| g - t)
+                    .collect();
+                let baseline = match case.program {
+                    Program::Lb(_) => Some(format!("reflector/{}", case.method.name())),
+                    _ => None,
+                };
+                (net, baseline)
+            };
+            Figure {
+                group: GROUP.to_owned(),
+                name: case.name.clone(),
+                unit: "ns".to_owned(),
+                samples,
+                baseline,
+                params,
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lab_config_parses_and_has_the_grid() {
+        let text = lab_config(&vip_specs(), 1 << 20);
+        let config = Config::parse(&text, Path::new("t.toml")).expect("valid");
+        let counts: Vec<usize> = config.vips.iter().map(|v| v.backends.len()).collect();
+        assert_eq!(counts, [1, 100, 1000, 100, 100]);
+    }
+
+    #[test]
+    fn prefilled_flows_are_distinct() {
+        let specs = vip_specs();
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..300_000 {
+            let (v, src, sport) = prefill_flow(&specs, i);
+            let s = &specs[v];
+            assert!(seen.insert(flow_key(src, sport, s.address, s.port, s.protocol)));
+        }
+    }
+}

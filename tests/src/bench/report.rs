@@ -1,0 +1,868 @@
+//! The benchmark report: a table on stdout, `report.json`, `report.md`, the targets of issue 4
+//! (reached or missed), and the SVG plots `cost_vs_flows.svg` and `throughput.svg`.
+//!
+//! `report.json`:
+//!
+//! ```json
+//! {
+//!   "machine": { "cpu": "AMD EPYC", "cores": 2, "kernel": "6.18.44", "date": "2026-01-01T00:00:00Z" },
+//!   "command": "lb-bench --trials 7",
+//!   "figures": [
+//!     { "group": "per_packet", "name": "vip_established_v4/backends=1/flows=1000", "unit": "ns",
+//!       "min": 30.1, "median": 31.0, "max": 33.2, "samples": [31.0, ...],
+//!       "baseline": "reflector/repeat", "baseline_median": 2.1, "ratio": 14.7,
+//!       "params": { "backends": "1", ... } }
+//!   ],
+//!   "targets": [ { "name": "...", "goal": "...", "value": 14.7, "unit": "x", "reached": false,
+//!                  "detail": "..." } ]
+//! }
+//! ```
+//!
+//! `ratio` is the figure's median over its baseline's median (`null` without a baseline, or when
+//! the baseline's median is not above zero: a net cost lost in the noise has no ratio).
+//! `reached` is `null` for a target whose figures were not measured in this run.
+
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context as _, Result};
+use plotters::prelude::*;
+use serde_json::{Value, json};
+
+use super::{
+    Figure,
+    control_plane::{maglev_name, state_change_name},
+    per_packet::names,
+};
+
+/// The machine a run was made on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Machine {
+    /// `model name` from /proc/cpuinfo.
+    pub cpu: String,
+    /// Online CPUs.
+    pub cores: usize,
+    /// `uname -r`.
+    pub kernel: String,
+    /// UTC, ISO 8601.
+    pub date: String,
+}
+
+impl Machine {
+    pub fn detect() -> Self {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu = cpuinfo
+            .lines()
+            .find_map(|l| {
+                let (key, value) = l.split_once(':')?;
+                (key.trim() == "model name").then(|| value.trim().to_owned())
+            })
+            .unwrap_or_else(|| "unknown".to_owned());
+        let cores = cpuinfo
+            .lines()
+            .filter(|l| l.split(':').next().is_some_and(|k| k.trim() == "processor"))
+            .count()
+            .max(1);
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_else(|_| "unknown".to_owned());
+        Self {
+            cpu,
+            cores,
+            kernel,
+            date: utc_now(),
+        }
+    }
+}
+
+/// Now as `YYYY-MM-DDTHH:MM:SSZ`.
+pub fn utc_now() -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+/// One of issue 4's targets, evaluated on this run's figures.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Target {
+    pub name: String,
+    /// The goal in words, e.g. "<= 2x".
+    pub goal: String,
+    /// The value compared with the goal, if measured.
+    pub value: Option<f64>,
+    pub unit: String,
+    /// `None`: not measured in this run.
+    pub reached: Option<bool>,
+    /// Where the value comes from.
+    pub detail: String,
+}
+
+impl Target {
+    pub fn verdict(&self) -> &'static str {
+        match self.reached {
+            Some(true) => "reached",
+            Some(false) => "MISSED",
+            None => "not measured",
+        }
+    }
+}
+
+fn find<'a>(figures: &'a [Figure], name: &str) -> Option<&'a Figure> {
+    figures.iter().find(|f| f.name == name)
+}
+
+fn baseline_median(figures: &[Figure], figure: &Figure) -> Option<f64> {
+    let base = find(figures, figure.baseline.as_deref()?)?;
+    Some(base.median())
+}
+
+/// The figure's median over its baseline's median; `None` without a baseline or when the
+/// baseline's median is not above zero (a net cost lost in the noise has no meaningful ratio).
+pub fn ratio(figures: &[Figure], figure: &Figure) -> Option<f64> {
+    let base = baseline_median(figures, figure)?;
+    (base > 0.0).then(|| figure.median() / base)
+}
+
+fn param(figure: &Figure, key: &str) -> Option<u64> {
+    figure.params.get(key)?.parse().ok()
+}
+
+/// The established-IPv4 grid: (backends, flows, figure).
+fn established_grid<'a>(figures: &'a [Figure], path: &str) -> Vec<(u64, u64, &'a Figure)> {
+    let prefix = format!("{path}/");
+    let mut grid: Vec<_> = figures
+        .iter()
+        .filter(|f| f.name.starts_with(&prefix))
+        .filter_map(|f| Some((param(f, "backends")?, param(f, "flows")?, f)))
+        .collect();
+    grid.sort_by_key(|&(b, f, _)| (b, f));
+    grid
+}
+
+/// Issue 4's targets.
+pub fn targets(figures: &[Figure]) -> Vec<Target> {
+    let mut out = Vec::new();
+    let grid = established_grid(figures, names::ESTABLISHED_V4);
+
+    // Established IPv4 path <= 2x the reflector (both net of the trivial program).
+    let ratios: Vec<(String, f64)> = grid
+        .iter()
+        .filter_map(|(b, f, fig)| Some((format!("b={b} f={f}"), ratio(figures, fig)?)))
+        .collect();
+    let worst = ratios.iter().map(|r| r.1).reduce(f64::max);
+    let best = ratios.iter().map(|r| r.1).reduce(f64::min);
+    out.push(Target {
+        name: "established IPv4 path vs reflector (net ns, repeat method)".to_owned(),
+        goal: "<= 2x".to_owned(),
+        value: worst,
+        unit: "x".to_owned(),
+        reached: worst.map(|w| w <= 2.0),
+        detail: match (best, worst) {
+            (Some(b), Some(_)) => {
+                // For scale: the same comparison before subtracting the trivial program (which
+                // every XDP program pays in this harness).
+                let gross = |f: &Figure| -> f64 {
+                    f.params
+                        .get("gross_median_ns")
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(f64::NAN)
+                };
+                let worst_gross = grid.iter().map(|g| gross(g.2)).fold(f64::NAN, f64::max);
+                let reflector = find(figures, names::REFLECTOR_REPEAT);
+                let reflector_gross = reflector.map_or(f64::NAN, gross);
+                format!(
+                    "worst of {} grid points (best {b:.2}x); reflector net {:.2} ns; gross \
+                     (trivial program included) worst {worst_gross:.1} ns vs reflector \
+                     {reflector_gross:.1} ns = {:.2}x",
+                    ratios.len(),
+                    reflector.map_or(f64::NAN, Figure::median),
+                    worst_gross / reflector_gross
+                )
+            }
+            _ => "per-packet not measured".to_owned(),
+        },
+    });
+
+    // Flat within 10% over flows and backends.
+    let medians: Vec<f64> = grid.iter().map(|(_, _, f)| f.median()).collect();
+    let flat = (medians.len() >= 2).then(|| {
+        let max = medians.iter().copied().fold(f64::MIN, f64::max);
+        let min = medians.iter().copied().fold(f64::MAX, f64::min);
+        (max / min - 1.0) * 100.0
+    });
+    out.push(Target {
+        name: "established IPv4 path flat over 1k..1M flows and 1..1000 backends".to_owned(),
+        goal: "max/min - 1 <= 10%".to_owned(),
+        value: flat,
+        unit: "%".to_owned(),
+        reached: flat.map(|v| v <= 10.0),
+        detail: if medians.is_empty() {
+            "per-packet not measured".to_owned()
+        } else {
+            format!(
+                "net medians over {} grid points: {}",
+                medians.len(),
+                grid.iter()
+                    .map(|(b, f, fig)| format!("b={b} f={f}: {:.1}", fig.median()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        },
+    });
+
+    // Throughput ratios: the throughput module makes them figures (one sample per trial).
+    for (name, numerator, denominator, goal, min) in [
+        (
+            "throughput: lb vs reflector",
+            "throughput/lb",
+            "throughput/reflector",
+            ">= 0.8x",
+            0.8,
+        ),
+        (
+            "throughput: lb vs nftables DNAT",
+            "throughput/lb",
+            "throughput/nftables_dnat",
+            ">= 5x",
+            5.0,
+        ),
+    ] {
+        let ratio_name = format!(
+            "{numerator}_vs_{}",
+            denominator.trim_start_matches("throughput/")
+        );
+        // The ratio figure names the figures it divides (the throughput module may compare
+        // like with like, e.g. both on fresh frames).
+        let ratio_figure = find(figures, &ratio_name);
+        let named = |key: &str, default: &str| {
+            ratio_figure
+                .and_then(|f| f.params.get(key).cloned())
+                .unwrap_or_else(|| default.to_owned())
+        };
+        let (numerator, denominator) = (
+            named("numerator", numerator),
+            named("denominator", denominator),
+        );
+        let value = ratio_figure.map(Figure::median).or_else(|| {
+            Some(find(figures, &numerator)?.median() / find(figures, &denominator)?.median())
+        });
+        out.push(Target {
+            name: name.to_owned(),
+            goal: goal.to_owned(),
+            value,
+            unit: "x".to_owned(),
+            reached: value.map(|v| v >= min),
+            detail: match value {
+                Some(_) => format!(
+                    "{}; {numerator} {} Mpps, {denominator} {} Mpps",
+                    if ratio_figure.is_some() {
+                        format!("{ratio_name} (median of per-trial ratios)")
+                    } else {
+                        "ratio of the medians".to_owned()
+                    },
+                    fmt_num(find(figures, &numerator).map_or(f64::NAN, Figure::median)),
+                    fmt_num(find(figures, &denominator).map_or(f64::NAN, Figure::median))
+                ),
+                None => "throughput not measured".to_owned(),
+            },
+        });
+    }
+
+    let maglev = find(figures, &maglev_name(1000, 65537)).map(Figure::median);
+    out.push(Target {
+        name: "Maglev build, 1000 backends, M=65537".to_owned(),
+        goal: "< 10 ms".to_owned(),
+        value: maglev,
+        unit: "ms".to_owned(),
+        reached: maglev.map(|v| v < 10.0),
+        detail: maglev.map_or("control plane not measured".to_owned(), |_| {
+            maglev_name(1000, 65537)
+        }),
+    });
+
+    let changes: Vec<(u32, f64)> = super::control_plane::BACKENDS
+        .iter()
+        .filter_map(|&n| Some((n, find(figures, &state_change_name(n))?.median())))
+        .collect();
+    let worst = changes.iter().map(|c| c.1).reduce(f64::max);
+    out.push(Target {
+        name: "backend state change -> new ring live, M=65537".to_owned(),
+        goal: "< 1 ms".to_owned(),
+        value: worst,
+        unit: "ms".to_owned(),
+        reached: worst.map(|v| v < 1.0),
+        detail: if changes.is_empty() {
+            "control plane not measured".to_owned()
+        } else {
+            format!(
+                "worst median over backend counts: {}",
+                changes
+                    .iter()
+                    .map(|(n, v)| format!("{n} backends {v:.3} ms"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        },
+    });
+    out
+}
+
+/// A number for a table: about four significant digits.
+pub fn fmt_num(v: f64) -> String {
+    if !v.is_finite() {
+        return "-".to_owned();
+    }
+    let a = v.abs();
+    if a >= 1000.0 {
+        format!("{v:.0}")
+    } else if a >= 100.0 {
+        format!("{v:.1}")
+    } else if a >= 10.0 {
+        format!("{v:.2}")
+    } else if a >= 0.01 || a == 0.0 {
+        format!("{v:.3}")
+    } else {
+        format!("{v:.2e}")
+    }
+}
+
+fn groups(figures: &[Figure]) -> Vec<&str> {
+    let mut groups: Vec<&str> = Vec::new();
+    for f in figures {
+        if !groups.contains(&f.group.as_str()) {
+            groups.push(&f.group);
+        }
+    }
+    groups
+}
+
+struct Row {
+    cells: Vec<String>,
+}
+
+fn rows(figures: &[Figure], group: &str) -> Vec<Row> {
+    figures
+        .iter()
+        .filter(|f| f.group == group)
+        .map(|f| Row {
+            cells: vec![
+                f.name.clone(),
+                f.unit.clone(),
+                fmt_num(f.min()),
+                fmt_num(f.median()),
+                fmt_num(f.max()),
+                f.samples.len().to_string(),
+                f.baseline.clone().unwrap_or_else(|| "-".to_owned()),
+                baseline_median(figures, f).map_or("-".to_owned(), fmt_num),
+                ratio(figures, f).map_or("-".to_owned(), |r| format!("{}x", fmt_num(r))),
+            ],
+        })
+        .collect()
+}
+
+const HEADER: [&str; 9] = [
+    "figure", "unit", "min", "median", "max", "n", "baseline", "base med", "ratio",
+];
+
+/// The plain-text table printed on stdout, then the targets.
+pub fn text_table(machine: &Machine, figures: &[Figure], targets: &[Target]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "machine: {} ({} cores), kernel {}, {}",
+        machine.cpu, machine.cores, machine.kernel, machine.date
+    );
+    for group in groups(figures) {
+        let rows = rows(figures, group);
+        let mut widths: Vec<usize> = HEADER.iter().map(|h| h.len()).collect();
+        for row in &rows {
+            for (w, c) in widths.iter_mut().zip(&row.cells) {
+                *w = (*w).max(c.chars().count());
+            }
+        }
+        let _ = writeln!(out, "\n[{group}]");
+        let line = |cells: &[String]| {
+            cells
+                .iter()
+                .zip(&widths)
+                .enumerate()
+                .map(|(i, (c, w))| {
+                    if i == 0 || i == 1 || i == 6 {
+                        format!("{c:<w$}")
+                    } else {
+                        format!("{c:>w$}")
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("  ")
+                .trim_end()
+                .to_owned()
+        };
+        let header: Vec<String> = HEADER.iter().map(|h| (*h).to_owned()).collect();
+        let _ = writeln!(out, "{}", line(&header));
+        for row in &rows {
+            let _ = writeln!(out, "{}", line(&row.cells));
+        }
+    }
+    let _ = writeln!(out, "\n[targets]");
+    for t in targets {
+        let _ = writeln!(
+            out,
+            "{:<12} {} {}: {} ({})",
+            t.verdict(),
+            t.name,
+            t.goal,
+            t.value
+                .map_or("-".to_owned(), |v| format!("{}{}", fmt_num(v), t.unit)),
+            t.detail
+        );
+    }
+    out
+}
+
+/// `report.md`.
+pub fn markdown(
+    machine: &Machine,
+    command: &str,
+    figures: &[Figure],
+    targets: &[Target],
+) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "# Benchmark report\n");
+    let _ = writeln!(out, "| machine | |\n|---|---|");
+    let _ = writeln!(out, "| CPU | {} |", machine.cpu);
+    let _ = writeln!(out, "| cores | {} |", machine.cores);
+    let _ = writeln!(out, "| kernel | {} |", machine.kernel);
+    let _ = writeln!(out, "| date | {} |", machine.date);
+    let _ = writeln!(out, "| command | `{command}` |\n");
+    let _ = writeln!(out, "## Targets\n");
+    let _ = writeln!(
+        out,
+        "| target | goal | value | | from |\n|---|---|---|---|---|"
+    );
+    for t in targets {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | **{}** | {} |",
+            t.name,
+            t.goal,
+            t.value
+                .map_or("-".to_owned(), |v| format!("{}{}", fmt_num(v), t.unit)),
+            t.verdict(),
+            t.detail
+        );
+    }
+    for group in groups(figures) {
+        let _ = writeln!(out, "\n## {group}\n");
+        let _ = writeln!(out, "| {} |", HEADER.join(" | "));
+        let _ = writeln!(out, "|---|---|--:|--:|--:|--:|---|--:|--:|");
+        for row in rows(figures, group) {
+            let mut cells = row.cells;
+            cells[0] = format!("`{}`", cells[0]);
+            if cells[6] != "-" {
+                cells[6] = format!("`{}`", cells[6]);
+            }
+            let _ = writeln!(out, "| {} |", cells.join(" | "));
+        }
+    }
+    out
+}
+
+fn num(v: f64) -> Value {
+    if v.is_finite() { json!(v) } else { Value::Null }
+}
+
+/// `report.json`.
+pub fn json(machine: &Machine, command: &str, figures: &[Figure], targets: &[Target]) -> Value {
+    let figures_json: Vec<Value> = figures
+        .iter()
+        .map(|f| {
+            json!({
+                "group": f.group,
+                "name": f.name,
+                "unit": f.unit,
+                "min": num(f.min()),
+                "median": num(f.median()),
+                "max": num(f.max()),
+                "samples": f.samples.iter().map(|&s| num(s)).collect::<Vec<_>>(),
+                "baseline": f.baseline,
+                "baseline_median": baseline_median(figures, f).map_or(Value::Null, num),
+                "ratio": ratio(figures, f).map_or(Value::Null, num),
+                "params": f.params,
+            })
+        })
+        .collect();
+    let targets_json: Vec<Value> = targets
+        .iter()
+        .map(|t| {
+            json!({
+                "name": t.name,
+                "goal": t.goal,
+                "value": t.value.map_or(Value::Null, num),
+                "unit": t.unit,
+                "reached": t.reached,
+                "detail": t.detail,
+            })
+        })
+        .collect();
+    json!({
+        "machine": {
+            "cpu": machine.cpu,
+            "cores": machine.cores,
+            "kernel": machine.kernel,
+            "date": machine.date,
+        },
+        "command": command,
+        "figures": figures_json,
+        "targets": targets_json,
+    })
+}
+
+const COLORS: [RGBColor; 6] = [
+    RGBColor(0x1f, 0x77, 0xb4),
+    RGBColor(0xd6, 0x27, 0x28),
+    RGBColor(0x2c, 0xa0, 0x2c),
+    RGBColor(0xff, 0x7f, 0x0e),
+    RGBColor(0x94, 0x67, 0xbd),
+    RGBColor(0x8c, 0x56, 0x4b),
+];
+
+fn plot_error(e: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::anyhow!("drawing the plot: {e}")
+}
+
+/// One panel of `cost_vs_flows.svg`: net ns against flows (log x), a line per backend count,
+/// min..max bars, the reflector's net cost as a grey line.
+fn cost_panel(
+    area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
+    figures: &[Figure],
+    path: &str,
+    title: &str,
+    reflector: Option<&Figure>,
+) -> Result<()> {
+    let grid = established_grid(figures, path);
+    let flows: Vec<f64> = grid.iter().map(|g| g.1 as f64).collect();
+    let x_min = flows.iter().copied().fold(f64::MAX, f64::min) / 2.0;
+    let x_max = flows.iter().copied().fold(f64::MIN, f64::max) * 2.0;
+    let y_max = grid
+        .iter()
+        .map(|g| g.2.max())
+        .chain(reflector.map(Figure::max))
+        .fold(0.0, f64::max)
+        * 1.15;
+    let y_min = grid
+        .iter()
+        .map(|g| g.2.min())
+        .chain(reflector.map(Figure::min))
+        .fold(0.0, f64::min);
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, ("sans-serif", 16))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(55)
+        .build_cartesian_2d((x_min..x_max).log_scale(), y_min..y_max.max(1.0))
+        .map_err(plot_error)?;
+    chart
+        .configure_mesh()
+        .x_desc("flows in the flow table (log)")
+        .y_desc("net ns per packet (minus trivial)")
+        .x_label_formatter(&|x| {
+            if *x >= 1e6 {
+                format!("{}M", x / 1e6)
+            } else if *x >= 1e3 {
+                format!("{}k", x / 1e3)
+            } else {
+                format!("{x}")
+            }
+        })
+        .draw()
+        .map_err(plot_error)?;
+    let mut backends: Vec<u64> = grid.iter().map(|g| g.0).collect();
+    backends.dedup();
+    for (i, b) in backends.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        let points: Vec<(f64, f64)> = grid
+            .iter()
+            .filter(|g| g.0 == *b)
+            .map(|g| (g.1 as f64, g.2.median()))
+            .collect();
+        chart
+            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
+            .map_err(plot_error)?
+            .label(if *b == 1 {
+                "1 backend".to_owned()
+            } else {
+                format!("{b} backends")
+            })
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+        chart
+            .draw_series(points.iter().map(|&p| Circle::new(p, 3, color.filled())))
+            .map_err(plot_error)?;
+        chart
+            .draw_series(grid.iter().filter(|g| g.0 == *b).map(|g| {
+                ErrorBar::new_vertical(g.1 as f64, g.2.min(), g.2.median(), g.2.max(), color, 6)
+            }))
+            .map_err(plot_error)?;
+    }
+    if let Some(r) = reflector {
+        let grey = RGBColor(0x80, 0x80, 0x80);
+        chart
+            .draw_series(DashedLineSeries::new(
+                vec![(x_min, r.median()), (x_max, r.median())],
+                6,
+                4,
+                grey.stroke_width(1),
+            ))
+            .map_err(plot_error)?
+            .label(format!("reflector ({})", r.name))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], grey));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.85))
+        .draw()
+        .map_err(plot_error)?;
+    Ok(())
+}
+
+/// `cost_vs_flows.svg`; `false` when there is nothing to plot.
+pub fn plot_cost_vs_flows(figures: &[Figure], path: &Path) -> Result<bool> {
+    if established_grid(figures, names::ESTABLISHED_V4).is_empty() {
+        return Ok(false);
+    }
+    let spread = !established_grid(figures, names::ESTABLISHED_V4_SPREAD).is_empty();
+    let size = if spread { (1200, 500) } else { (700, 500) };
+    let root = SVGBackend::new(path, size).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_error)?;
+    let panels = if spread {
+        let (a, b) = root.split_horizontally(600);
+        vec![a, b]
+    } else {
+        vec![root.clone()]
+    };
+    cost_panel(
+        &panels[0],
+        figures,
+        names::ESTABLISHED_V4,
+        "established IPv4 flow, one hot flow (repeat=N)",
+        find(figures, names::REFLECTOR_REPEAT),
+    )?;
+    if spread {
+        cost_panel(
+            &panels[1],
+            figures,
+            names::ESTABLISHED_V4_SPREAD,
+            "established IPv4, a different flow per call (repeat=1)",
+            find(figures, names::REFLECTOR_LOOP),
+        )?;
+    }
+    root.present().map_err(plot_error)?;
+    Ok(true)
+}
+
+/// `throughput.svg`: Mpps per setup (median bars, min..max whiskers); `false` without figures.
+pub fn plot_throughput(figures: &[Figure], path: &Path) -> Result<bool> {
+    let bars: Vec<&Figure> = figures
+        .iter()
+        .filter(|f| f.group == "throughput" && f.unit == "Mpps")
+        .collect();
+    if bars.is_empty() {
+        return Ok(false);
+    }
+    let labels: Vec<String> = bars
+        .iter()
+        .map(|f| f.name.trim_start_matches("throughput/").to_owned())
+        .collect();
+    let y_max = bars.iter().map(|f| f.max()).fold(0.0, f64::max) * 1.2;
+    let root = SVGBackend::new(path, (160 * bars.len() as u32 + 200, 480)).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_error)?;
+    let n = bars.len();
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "throughput per setup (median, min..max over trials)",
+            ("sans-serif", 16),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(55)
+        .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), 0f64..y_max.max(0.1))
+        .map_err(plot_error)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(n)
+        .x_label_formatter(&|x| {
+            let i = x.round();
+            if (x - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < labels.len() {
+                labels[i as usize].clone()
+            } else {
+                String::new()
+            }
+        })
+        .y_desc("Mpps (one core)")
+        .draw()
+        .map_err(plot_error)?;
+    for (i, f) in bars.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        let x = i as f64;
+        chart
+            .draw_series(std::iter::once(Rectangle::new(
+                [(x - 0.3, 0.0), (x + 0.3, f.median())],
+                color.mix(0.8).filled(),
+            )))
+            .map_err(plot_error)?;
+        chart
+            .draw_series(std::iter::once(ErrorBar::new_vertical(
+                x,
+                f.min(),
+                f.median(),
+                f.max(),
+                BLACK,
+                10,
+            )))
+            .map_err(plot_error)?;
+        chart
+            .draw_series(std::iter::once(Text::new(
+                fmt_num(f.median()),
+                (x - 0.15, f.max() + y_max * 0.03),
+                ("sans-serif", 13),
+            )))
+            .map_err(plot_error)?;
+    }
+    root.present().map_err(plot_error)?;
+    Ok(true)
+}
+
+/// What `write` produced.
+#[derive(Clone, Debug, Default)]
+pub struct Written {
+    pub files: Vec<PathBuf>,
+    pub skipped: Vec<String>,
+}
+
+/// Writes `report.json`, `report.md` and the plots into `out`, returns the stdout table too.
+pub fn write(
+    out: &Path,
+    machine: &Machine,
+    command: &str,
+    figures: &[Figure],
+) -> Result<(String, Written)> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let targets = targets(figures);
+    let mut written = Written::default();
+    let json_path = out.join("report.json");
+    let text = serde_json::to_string_pretty(&json(machine, command, figures, &targets))?;
+    std::fs::write(&json_path, text + "\n")
+        .with_context(|| format!("writing {}", json_path.display()))?;
+    written.files.push(json_path);
+    let md_path = out.join("report.md");
+    std::fs::write(&md_path, markdown(machine, command, figures, &targets))
+        .with_context(|| format!("writing {}", md_path.display()))?;
+    written.files.push(md_path);
+    for (file, plot) in [
+        (
+            "cost_vs_flows.svg",
+            plot_cost_vs_flows as fn(&[Figure], &Path) -> Result<bool>,
+        ),
+        ("throughput.svg", plot_throughput),
+    ] {
+        let path = out.join(file);
+        if plot(figures, &path)? {
+            written.files.push(path);
+        } else {
+            // A stale plot of an earlier run would contradict this report.
+            let _ = std::fs::remove_file(&path);
+            written
+                .skipped
+                .push(format!("{file}: no figures for it in this run"));
+        }
+    }
+    Ok((text_table(machine, figures, &targets), written))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn fig(group: &str, name: &str, samples: &[f64], baseline: Option<&str>) -> Figure {
+        let mut params = BTreeMap::new();
+        let mut parts = name.split('/');
+        parts.next();
+        for p in parts {
+            if let Some((k, v)) = p.split_once('=') {
+                params.insert(k.to_owned(), v.to_owned());
+            }
+        }
+        Figure {
+            group: group.to_owned(),
+            name: name.to_owned(),
+            unit: "ns".to_owned(),
+            samples: samples.to_vec(),
+            baseline: baseline.map(str::to_owned),
+            params,
+        }
+    }
+
+    #[test]
+    fn date_is_iso() {
+        let d = utc_now();
+        assert_eq!(d.len(), 20, "{d}");
+        assert!(d.starts_with("20") && d.ends_with('Z'), "{d}");
+    }
+
+    #[test]
+    fn targets_from_figures() {
+        let figures = vec![
+            fig("per_packet", "reflector/repeat", &[2.0, 2.0, 2.0], None),
+            fig(
+                "per_packet",
+                "vip_established_v4/backends=1/flows=1000",
+                &[3.0, 3.0, 3.0],
+                Some("reflector/repeat"),
+            ),
+            fig(
+                "per_packet",
+                "vip_established_v4/backends=1000/flows=1000000",
+                &[3.2, 3.3, 3.1],
+                Some("reflector/repeat"),
+            ),
+        ];
+        let t = targets(&figures);
+        assert_eq!(t[0].value, Some(1.6));
+        assert_eq!(t[0].reached, Some(true));
+        assert!((t[1].value.unwrap() - 6.666).abs() < 0.01);
+        assert_eq!(t[1].reached, Some(true));
+        assert_eq!(t[2].reached, None);
+        assert_eq!(t[4].reached, None);
+        let v = json(&Machine::detect(), "x", &figures, &t);
+        assert_eq!(v["figures"][1]["ratio"], json!(1.5));
+        assert!(markdown(&Machine::detect(), "x", &figures, &t).contains("| **reached** |"));
+    }
+}

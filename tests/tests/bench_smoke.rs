@@ -1,0 +1,120 @@
+//! The benchmark binary runs end to end in quick mode and writes a well-formed report. No timing
+//! is asserted: speed is measured by `cargo xtask bench`, never asserted in tests.
+
+use std::{path::PathBuf, process::Command};
+
+use lb_tests::bench::{
+    control_plane::{self, maglev_name, state_change_name},
+    per_packet::{self, names},
+};
+use serde_json::Value;
+
+/// Removes the output directory even when an assertion fails.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn expected_names() -> Vec<String> {
+    let mut expected: Vec<String> = [
+        names::TRIVIAL_REPEAT,
+        names::TRIVIAL_LOOP,
+        names::REFLECTOR_REPEAT,
+        names::REFLECTOR_LOOP,
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let rep_b = per_packet::REPRESENTATIVE_BACKENDS;
+    let flows = per_packet::QUICK_FLOWS;
+    let rep_f = flows[flows.len() / 2];
+    for f in flows {
+        for b in per_packet::BACKENDS {
+            expected.push(names::point(names::ESTABLISHED_V4, b, f));
+            expected.push(names::point(names::ESTABLISHED_V4_SPREAD, b, f));
+        }
+        expected.push(names::point(names::NEW_FLOW_V4, rep_b, f));
+    }
+    expected.push(names::point(names::ESTABLISHED_V4_LOOP, rep_b, rep_f));
+    expected.push(names::point(names::ESTABLISHED_V6, rep_b, rep_f));
+    expected.push(names::point(names::ESTABLISHED_UDP, rep_b, rep_f));
+    expected.push(format!("{}/flows={rep_f}", names::NON_VIP_PASS));
+    for m in control_plane::RING_SIZES {
+        for n in control_plane::BACKENDS {
+            expected.push(maglev_name(n, m));
+        }
+    }
+    for n in control_plane::BACKENDS {
+        expected.push(state_change_name(n));
+    }
+    expected
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn quick_per_packet_and_control_plane_write_a_complete_report() {
+    let out = TempDir(std::env::temp_dir().join(format!("lb-bench-smoke-{}", std::process::id())));
+    let output = Command::new(env!("CARGO_BIN_EXE_lb-bench"))
+        .args([
+            "--quick",
+            "--only",
+            "per-packet",
+            "--only",
+            "control-plane",
+            "--out",
+        ])
+        .arg(&out.0)
+        .output()
+        .expect("lb-bench starts");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "lb-bench failed ({}):\n{stdout}\n{stderr}",
+        output.status
+    );
+    assert!(stdout.contains("[targets]"), "no targets in:\n{stdout}");
+
+    let text = std::fs::read_to_string(out.0.join("report.json")).expect("report.json written");
+    let report: Value = serde_json::from_str(&text).expect("report.json parses");
+    for key in ["cpu", "cores", "kernel", "date"] {
+        assert!(
+            !report["machine"][key].is_null(),
+            "machine.{key} missing: {}",
+            report["machine"]
+        );
+    }
+    let figures = report["figures"].as_array().expect("figures array");
+    let by_name = |name: &str| figures.iter().find(|f| f["name"] == name);
+    for name in expected_names() {
+        let figure = by_name(&name).unwrap_or_else(|| panic!("no figure {name} in the report"));
+        let median = figure["median"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{name}: median is not a finite number: {figure}"));
+        let samples = figure["samples"].as_array().expect("samples");
+        assert!(samples.len() >= 5, "{name}: {} samples", samples.len());
+        for key in ["min", "max", "unit"] {
+            assert!(!figure[key].is_null(), "{name}: {key} missing");
+        }
+        // The reflector's figures are the net cost of a 3-instruction program over the trivial
+        // one: a few ns, which noise can push to or below zero. Everything else costs far more.
+        if !name.starts_with("reflector/") {
+            assert!(median > 0.0, "{name}: median {median}");
+        }
+        if let Some(baseline) = figure["baseline"].as_str() {
+            assert!(
+                by_name(baseline).is_some(),
+                "{name}: baseline {baseline} not in the report"
+            );
+        }
+    }
+    let targets = report["targets"].as_array().expect("targets array");
+    assert_eq!(targets.len(), 6, "{targets:?}");
+
+    let md = std::fs::read_to_string(out.0.join("report.md")).expect("report.md written");
+    assert!(md.contains("vip_established_v4/backends=1000"), "{md}");
+    let svg = std::fs::read_to_string(out.0.join("cost_vs_flows.svg")).expect("SVG written");
+    assert!(svg.starts_with("<svg") && svg.contains("</svg>"), "{svg}");
+}
