@@ -5,6 +5,7 @@
 mod attach;
 mod events;
 mod paths;
+mod telemetry;
 
 use std::time::Duration;
 
@@ -18,6 +19,7 @@ use tracing::{info, warn};
 use crate::{
     balancer::{Balancer, capacity_of},
     config::Config,
+    daemon::telemetry::Telemetry,
     dataplane::{AttachMode, DataPlane},
     health::{
         schedule::CheckReport,
@@ -30,6 +32,8 @@ use crate::{
 /// How often unresolved backends are retried and resolved ones re-checked (a backend's MAC can
 /// change when its address moves to another host).
 const REFRESH_INTERVAL: Duration = Duration::from_secs(5);
+/// How often the metrics are refreshed from the data plane's counters.
+const METRICS_INTERVAL: Duration = Duration::from_secs(1);
 /// Most check results applied together (one map update per VIP for the lot).
 const MAX_BATCH: usize = 1024;
 /// Extra time, beyond the longest check timeout, that start-up waits for every first result.
@@ -43,6 +47,8 @@ pub enum RunError {
     DataPlane(#[from] crate::dataplane::DataPlaneError),
     #[error(transparent)]
     Publish(#[from] crate::balancer::PublishError),
+    #[error(transparent)]
+    Telemetry(#[from] telemetry::TelemetryError),
     #[error("installing the signal handler: {0}")]
     Signal(#[source] std::io::Error),
 }
@@ -65,6 +71,10 @@ pub async fn run(config: Config) -> Result<Snapshot, RunError> {
     paths::refresh_paths(&netlink, &interface, &mut balancer).await?;
     collect_first_results(&config, &mut balancer, &mut supervisor, &mut reports).await?;
     balancer.publish_all()?;
+    let telemetry = match config.metrics {
+        Some(address) => Some(Telemetry::start(address, &balancer).await?),
+        None => None,
+    };
 
     let mode = attach::attach(&mut balancer.dataplane, &interface, config.xdp_mode)?;
     log_attached(&balancer, &interface.name, mode);
@@ -81,6 +91,8 @@ pub async fn run(config: Config) -> Result<Snapshot, RunError> {
     let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
     let mut refresh = tokio::time::interval(REFRESH_INTERVAL);
     refresh.tick().await; // the first tick is immediate; paths were just resolved
+    let mut metrics_tick = tokio::time::interval(METRICS_INTERVAL);
+    let mut census_tick = tokio::time::interval(telemetry::FLOW_CENSUS_INTERVAL);
     loop {
         tokio::select! {
             _ = sigterm.recv() => { info!("SIGTERM: detaching"); break; }
@@ -95,8 +107,21 @@ pub async fn run(config: Config) -> Result<Snapshot, RunError> {
                         Err(_) => break,
                     }
                 }
+                if let Some(telemetry) = &telemetry {
+                    telemetry.observe(&balancer, &batch);
+                }
                 if let Err(e) = events::on_check_reports(&mut balancer, &mut supervisor, &batch, true) {
                     warn!("applying a health change failed: {e}");
+                }
+            }
+            _ = metrics_tick.tick(), if telemetry.is_some() => {
+                if let Some(telemetry) = &telemetry {
+                    telemetry.refresh(&balancer);
+                }
+            }
+            _ = census_tick.tick(), if telemetry.is_some() => {
+                if let Some(telemetry) = &telemetry {
+                    telemetry.census();
                 }
             }
             _ = refresh.tick() => {
@@ -108,6 +133,9 @@ pub async fn run(config: Config) -> Result<Snapshot, RunError> {
     }
     for task in checkers {
         task.abort();
+    }
+    if let Some(telemetry) = telemetry {
+        telemetry.stop().await;
     }
     let snapshot = Snapshot::read(&balancer)?;
     balancer.dataplane.detach()?;

@@ -1,0 +1,152 @@
+//! The metrics endpoint of a running `lb`: Prometheus text whose counters are the data plane's.
+
+use std::{
+    io::{Read, Write},
+    net::{IpAddr, SocketAddr, TcpStream},
+    time::Duration,
+};
+
+use lb_tests::{
+    daemon::{Launch, LbDaemon},
+    servers::{TcpIdentityServer, tcp_requests},
+    topology::{DsrTopology, DsrTopologyOptions, leftovers},
+};
+
+const METRICS: &str = "127.0.0.1:19100";
+
+fn scrape(topology: &DsrTopology) -> String {
+    topology.lb().run(|| {
+        let mut stream = TcpStream::connect(METRICS).expect("connect to the metrics endpoint");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")
+            .expect("request");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).expect("response");
+        response
+    })
+}
+
+/// The value of one sample line `name{labels} value`.
+fn sample(body: &str, series: &str) -> Option<u64> {
+    body.lines()
+        .find_map(|line| {
+            line.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
+        .map(|value| value.trim().parse::<f64>().expect("numeric sample") as u64)
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn the_metrics_endpoint_serves_the_data_planes_counters() {
+    let prefix = "lbmetrics";
+    {
+        let options = DsrTopologyOptions {
+            name_prefix: prefix.to_owned(),
+            ..Default::default()
+        };
+        let topo = DsrTopology::new(3, options).expect("topology");
+        topo.attach_xdp_pass_on_lb_port(lb::ebpf_object(), "xdp_pass")
+            .expect("xdp_pass");
+        let _servers: Vec<TcpIdentityServer> = (0..3)
+            .map(|i| {
+                TcpIdentityServer::start(
+                    topo.backend(i),
+                    "0.0.0.0:80".parse().unwrap(),
+                    topo.backend_host(i).ipv4().to_string(),
+                )
+                .expect("server")
+            })
+            .collect();
+        let mut config = format!(
+            "interface = \"eth0\"\nflow_table_size = 65536\nmax_vips = 2\nmetrics = \"{METRICS}\"\n\n[[vip]]\nname = \"web\"\naddress = \"{}\"\nport = 80\nprotocol = \"tcp\"\n",
+            topo.vip_v4()
+        );
+        for host in topo.backend_hosts() {
+            config.push_str(&format!("[[vip.backend]]\naddress = \"{}\"\n", host.ipv4()));
+        }
+        let daemon = LbDaemon::start(topo.lb(), &config, Launch::Nsenter).expect("lb run");
+        let outcome = tcp_requests(
+            topo.client(),
+            SocketAddr::new(IpAddr::V4(topo.vip_v4()), 80),
+            60,
+            Duration::from_secs(3),
+        )
+        .expect("client");
+        assert!(outcome.failures.is_empty(), "{:?}", outcome.failures);
+        std::thread::sleep(Duration::from_millis(1500)); // one metrics refresh (1 s)
+
+        let response = scrape(&topo);
+        let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+        assert!(head.starts_with("HTTP/1.1 200"), "status: {head}");
+        for line in body
+            .lines()
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        {
+            let (series, value) = line
+                .rsplit_once(' ')
+                .unwrap_or_else(|| panic!("not `series value`: {line}"));
+            assert!(series.starts_with("lb_"), "unexpected series {series}");
+            value
+                .parse::<f64>()
+                .unwrap_or_else(|_| panic!("not a number in {line}"));
+        }
+        for family in [
+            "lb_vip_packets_total",
+            "lb_vip_bytes_total",
+            "lb_backend_packets_total",
+            "lb_backend_bytes_total",
+            "lb_backend_new_flows_total",
+            "lb_backend_up",
+            "lb_vip_active_pool",
+            "lb_health_check_duration_seconds",
+            "lb_xdp_verdicts_total",
+            "lb_flow_table_entries",
+        ] {
+            assert!(
+                body.contains(&format!("# TYPE {family}")),
+                "no {family} family in:\n{body}"
+            );
+        }
+        let counters = daemon.stop().expect("lb stops");
+        for host in topo.backend_hosts() {
+            let address = host.ipv4().to_string();
+            let series = |name: &str| format!("{name}{{vip=\"web\",backend=\"{address}\"}}");
+            let (packets, bytes, flows) = counters.backends[&("web".to_owned(), address.clone())];
+            assert_eq!(
+                sample(body, &series("lb_backend_new_flows_total")),
+                Some(flows),
+                "{address} flows:\n{body}"
+            );
+            assert_eq!(
+                sample(body, &series("lb_backend_packets_total")),
+                Some(packets),
+                "{address} packets"
+            );
+            assert_eq!(
+                sample(body, &series("lb_backend_bytes_total")),
+                Some(bytes),
+                "{address} bytes"
+            );
+            assert_eq!(
+                sample(body, &series("lb_backend_up")),
+                Some(1),
+                "{address} up"
+            );
+            assert_eq!(
+                Some(flows),
+                outcome.per_identity.get(&address).copied(),
+                "{address}: LB flows vs answers"
+            );
+        }
+        assert_eq!(
+            sample(body, "lb_vip_active_pool{vip=\"web\",pool=\"primary\"}"),
+            Some(1),
+            "active pool:\n{body}"
+        );
+    }
+    assert_eq!(leftovers(prefix), Vec::<String>::new());
+}
