@@ -16,7 +16,10 @@ use lb_tests::{
 
 const TIMEOUT: Duration = Duration::from_secs(3);
 
-fn config(topology: &DsrTopology) -> String {
+/// `xdp_mode`: "native" exercises the driver path (with XDP_PASS on the bridge port and tx
+/// checksum offload off on the senders, as DESIGN.md §5 requires); "auto" takes generic XDP on a
+/// veth, which needs neither.
+fn config(topology: &DsrTopology, xdp_mode: &str) -> String {
     let backends_v4: String = topology
         .backend_hosts()
         .iter()
@@ -29,6 +32,7 @@ fn config(topology: &DsrTopology) -> String {
         .collect();
     format!(
         r#"interface = "eth0"
+xdp_mode = "{xdp_mode}"
 flow_table_size = 65536
 max_vips = 4
 
@@ -121,7 +125,13 @@ fn tcp_connections_spread_over_all_backends_and_the_host_is_untouched() {
         )
         .expect("lb host service");
 
-        let daemon = LbDaemon::start(topo.lb(), &config(topo), Launch::Nsenter).expect("lb run");
+        let daemon =
+            LbDaemon::start(topo.lb(), &config(topo, "native"), Launch::Nsenter).expect("lb run");
+        assert!(
+            daemon.log().contains("in native mode"),
+            "xdp_mode = native: {}",
+            daemon.log()
+        );
         assert!(
             xdp_attached(topo),
             "no XDP program on the LB's eth0 while lb runs"
@@ -209,8 +219,13 @@ fn ipv6_tcp_and_udp_vips_work_when_started_with_ip_netns_exec() {
     {
         let lab = lab(prefix);
         let topo = &lab.topology;
-        let daemon = LbDaemon::start(topo.lb(), &config(topo), Launch::IpNetnsExec)
+        let daemon = LbDaemon::start(topo.lb(), &config(topo, "auto"), Launch::IpNetnsExec)
             .expect("lb run via ip netns exec");
+        assert!(
+            daemon.log().contains("in skb mode"),
+            "auto on a veth takes generic XDP: {}",
+            daemon.log()
+        );
 
         let vip6 = SocketAddr::new(IpAddr::V6(topo.vip_v6()), 443);
         let tcp6 = tcp_requests(topo.client(), vip6, 90, TIMEOUT).expect("client v6");

@@ -185,6 +185,7 @@ fn config() -> String {
         .collect();
     format!(
         r#"interface = "eth0"
+xdp_mode = "native"
 flow_table_size = 4096
 max_vips = 2
 

@@ -1,6 +1,6 @@
 //! Attaching the program: the XDP mode the config asks for, with `auto`'s fallback.
 
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::RunError;
 use crate::{
@@ -9,7 +9,10 @@ use crate::{
     net::Interface,
 };
 
-/// Attaches as the config asks; `auto` tries native first and falls back to generic (skb) XDP.
+/// Attaches as the config asks. `auto` tries native first and falls back to generic (skb) XDP;
+/// on a veth it takes generic at once: native `XDP_TX` into a veth is only delivered when the
+/// peer runs an XDP program, and frames from local sockets keep an unfinished checksum (DESIGN.md
+/// §5), two surprises generic mode does not have.
 pub(super) fn attach(
     dataplane: &mut DataPlane,
     interface: &Interface,
@@ -20,6 +23,16 @@ pub(super) fn attach(
         XdpModeSetting::Native => dataplane.attach(&interface.name, interface.index, native())?,
         XdpModeSetting::Skb => {
             dataplane.attach(&interface.name, interface.index, AttachMode::Skb)?
+        }
+        XdpModeSetting::Auto if interface.kind.as_deref() == Some("veth") => {
+            info!(
+                "{} is a veth: using generic (skb) XDP, which needs nothing from the peer; \
+                 xdp_mode = \"native\" forces native XDP (then the peer must run an XDP program \
+                 and local senders need `ethtool -K <if> tx off`; see README, \"Containers and veth\")",
+                interface.name
+            );
+            dataplane.attach(&interface.name, interface.index, AttachMode::Skb)?;
+            return Ok(AttachMode::Skb);
         }
         XdpModeSetting::Auto => {
             if let Err(e) = dataplane.attach(&interface.name, interface.index, native()) {
