@@ -125,7 +125,17 @@ mod tests {
     /// A SIGINT sent to xtask alone reaches the child, and xtask itself survives it.
     #[test]
     fn sigint_is_forwarded_to_the_child() {
-        let mut child = Command::new("sh")
+        let mut command = Command::new("sh");
+        // A test run started in the background (nohup, `cmd &` in a script) inherits SIGINT
+        // ignored, and a shell cannot trap a signal ignored on entry: restore the default.
+        // SAFETY: runs in the forked child before exec; signal(2) is async-signal-safe.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+                libc::signal(libc::SIGINT, libc::SIG_DFL);
+                Ok(())
+            });
+        }
+        let mut child = command
             .args([
                 "-c",
                 "trap 'exit 42' INT; echo ready; i=0; while [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done; exit 1",
