@@ -4,9 +4,9 @@
 //! A benchmark, not a test: missed speed targets are reported by `lb-bench`, never turned into a
 //! failure. The exit status is `lb-bench`'s, non-zero only when a part could not run.
 
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 
 use crate::cmd;
 
@@ -15,31 +15,7 @@ const BENCH_BIN: &str = "lb-bench";
 /// Builds the release binaries (`lb` for the throughput setups, `lb-bench`), runs `lb-bench`
 /// with `args` and returns its exit code.
 pub fn run(ebpf_toolchain: &str, args: &[String]) -> Result<ExitCode> {
-    let mut build = cmd::cargo(ebpf_toolchain);
-    build.args([
-        "build",
-        "--release",
-        "-p",
-        "lb-userspace",
-        "-p",
-        "tests",
-        "--bins",
-    ]);
-    println!("building: {}", cmd::display(&build));
-    cmd::run(&mut build)?;
-    let bin = cmd::target_dir().join("release").join(BENCH_BIN);
-    if !bin.is_file() {
-        bail!(
-            "{} was not built: the `tests` crate must provide a `{BENCH_BIN}` binary",
-            bin.display()
-        );
-    }
-    let mut bench = Command::new(&bin);
-    bench.args(args).current_dir(cmd::workspace_root());
-    println!("running: {}", cmd::display(&bench));
-    let mut child = bench
-        .spawn()
-        .with_context(|| format!("could not start {}", bin.display()))?;
+    let mut child = cmd::build_and_spawn_release_bin(ebpf_toolchain, BENCH_BIN, args)?;
     // A Ctrl-C reaches lb-bench too (same process group); xtask waits for it to finish.
     let previous = ignore_sigint();
     let status = child.wait().context("waiting for lb-bench failed");

@@ -142,6 +142,40 @@ fn quote(word: &OsStr) -> String {
     }
 }
 
+/// Builds the release `lb` and the `tests` crate's binaries, then starts `target/release/<name>`
+/// with `args` from the workspace root (the demo and the benchmarks are such binaries).
+pub fn build_and_spawn_release_bin(
+    ebpf_toolchain: &str,
+    name: &str,
+    args: &[String],
+) -> Result<std::process::Child> {
+    let mut build = cargo(ebpf_toolchain);
+    build.args([
+        "build",
+        "--release",
+        "-p",
+        "lb-userspace",
+        "-p",
+        "tests",
+        "--bins",
+    ]);
+    println!("building: {}", display(&build));
+    run(&mut build)?;
+    let bin = target_dir().join("release").join(name);
+    if !bin.is_file() {
+        bail!(
+            "{} was not built: the `tests` crate must provide a `{name}` binary",
+            bin.display()
+        );
+    }
+    let mut command = Command::new(&bin);
+    command.args(args).current_dir(workspace_root());
+    println!("running: {}", display(&command));
+    command
+        .spawn()
+        .with_context(|| format!("could not start {}", bin.display()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

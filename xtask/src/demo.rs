@@ -1,10 +1,10 @@
 //! `cargo xtask demo`: build the release binaries and run `lb-demo`.
 
 use std::ffi::c_void;
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicI32, Ordering};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 
 use crate::cmd;
 
@@ -12,20 +12,7 @@ const DEMO_BIN: &str = "lb-demo";
 
 /// Builds the release binaries, runs the demo with `args` and returns its exit code.
 pub fn run(ebpf_toolchain: &str, args: &[String]) -> Result<ExitCode> {
-    build(ebpf_toolchain)?;
-    let bin = cmd::target_dir().join("release").join(DEMO_BIN);
-    if !bin.is_file() {
-        bail!(
-            "{} was not built: the `tests` crate must provide a `{DEMO_BIN}` binary",
-            bin.display()
-        );
-    }
-    let mut demo = Command::new(&bin);
-    demo.args(args).current_dir(cmd::workspace_root());
-    println!("running: {}", cmd::display(&demo));
-    let mut child = demo
-        .spawn()
-        .with_context(|| format!("could not start {}", bin.display()))?;
+    let mut child = cmd::build_and_spawn_release_bin(ebpf_toolchain, DEMO_BIN, args)?;
     let forwarding = match SigintForwarding::install(child.id()) {
         Ok(forwarding) => forwarding,
         Err(err) => {
@@ -38,21 +25,6 @@ pub fn run(ebpf_toolchain: &str, args: &[String]) -> Result<ExitCode> {
     let status = child.wait().context("waiting for the demo failed");
     drop(forwarding);
     Ok(cmd::exit_code(status?))
-}
-
-fn build(ebpf_toolchain: &str) -> Result<()> {
-    let mut build = cmd::cargo(ebpf_toolchain);
-    build.args([
-        "build",
-        "--release",
-        "-p",
-        "lb-userspace",
-        "-p",
-        "tests",
-        "--bins",
-    ]);
-    println!("building: {}", cmd::display(&build));
-    cmd::run(&mut build)
 }
 
 /// The child SIGINT goes to while `SigintForwarding` is installed (0: none).
@@ -120,6 +92,7 @@ extern "C" fn forward_sigint(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::process::Command;
     use std::time::{Duration, Instant};
 
     /// A SIGINT sent to xtask alone reaches the child, and xtask itself survives it.
