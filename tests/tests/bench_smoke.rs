@@ -30,17 +30,18 @@ fn expected_names() -> Vec<String> {
     let rep_b = per_packet::REPRESENTATIVE_BACKENDS;
     let flows = per_packet::QUICK_FLOWS;
     let rep_f = flows[flows.len() / 2];
-    for f in flows {
+    // Every VIP path over the whole backends × flows grid; the non-VIP path at every fill level.
+    for path in names::GRID_PATHS {
         for b in per_packet::BACKENDS {
-            expected.push(names::point(names::ESTABLISHED_V4, b, f));
-            expected.push(names::point(names::ESTABLISHED_V4_SPREAD, b, f));
+            for f in flows {
+                expected.push(names::point(path, b, f));
+            }
         }
-        expected.push(names::point(names::NEW_FLOW_V4, rep_b, f));
+    }
+    for f in flows {
+        expected.push(names::flows_point(names::NON_VIP_PASS, f));
     }
     expected.push(names::point(names::ESTABLISHED_V4_LOOP, rep_b, rep_f));
-    expected.push(names::point(names::ESTABLISHED_V6, rep_b, rep_f));
-    expected.push(names::point(names::ESTABLISHED_UDP, rep_b, rep_f));
-    expected.push(format!("{}/flows={rep_f}", names::NON_VIP_PASS));
     for m in control_plane::RING_SIZES {
         for n in control_plane::BACKENDS {
             expected.push(maglev_name(n, m));
@@ -113,8 +114,33 @@ fn quick_per_packet_and_control_plane_write_a_complete_report() {
     let targets = report["targets"].as_array().expect("targets array");
     assert_eq!(targets.len(), 6, "{targets:?}");
 
+    // The grid, and nothing else, in the per-packet group.
+    let per_packet_figures = figures
+        .iter()
+        .filter(|f| f["group"] == per_packet::GROUP)
+        .count();
+    let expected_per_packet = expected_names()
+        .iter()
+        .filter(|n| !n.starts_with("maglev_build/") && !n.starts_with("state_change/"))
+        .count();
+    assert_eq!(per_packet_figures, expected_per_packet);
+    for f in per_packet::QUICK_FLOWS {
+        let name = names::flows_point(names::NON_VIP_PASS, f);
+        let params = &by_name(&name).expect("checked above")["params"];
+        assert!(
+            params["backends"]
+                .as_str()
+                .is_some_and(|b| b.starts_with("n/a")),
+            "{name}: {params}"
+        );
+    }
+
     let md = std::fs::read_to_string(out.0.join("report.md")).expect("report.md written");
     assert!(md.contains("vip_established_v4/backends=1000"), "{md}");
+    assert!(
+        md.contains("net median ns by path, backends and flows"),
+        "{md}"
+    );
     let svg = std::fs::read_to_string(out.0.join("cost_vs_flows.svg")).expect("SVG written");
     assert!(svg.starts_with("<svg") && svg.contains("</svg>"), "{svg}");
 }

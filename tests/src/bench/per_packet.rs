@@ -15,8 +15,9 @@
 //!
 //! Every case is measured in every trial, trial k of all cases before trial k+1, with a rotating
 //! order. A case's net cost in trial k is its cost minus the trivial program's (`bench_pass`)
-//! in trial k by the same method; figures hold the net per-trial values. The established IPv4
-//! path covers the whole backends × flows grid, the other paths one representative point.
+//! in trial k by the same method; figures hold the net per-trial values. Every VIP path (new
+//! IPv4 flow; established IPv4, IPv6 and UDP flows, one hot flow and spread over the table) covers
+//! the whole backends × flows grid; the non-VIP path, which reads no backend set, each fill level.
 //!
 //! The flow table is pre-filled from userspace with established flows of the lab's VIPs pointing
 //! at real backends, split evenly over the CPUs (the table has per-CPU LRU lists, each holding
@@ -55,7 +56,8 @@ pub const BACKENDS: [u32; 3] = [1, 100, 1000];
 pub const FLOWS: [u32; 3] = [1_000, 100_000, 1_000_000];
 /// Fill levels in `--quick` mode.
 pub const QUICK_FLOWS: [u32; 2] = [1_000, 10_000];
-/// The backend count of the single-point paths.
+/// The backend count of the one single-point figure (`vip_established_v4_loop`, a cross-check
+/// of the two methods) and of the IPv6 and UDP lines in the report's plot.
 pub const REPRESENTATIVE_BACKENDS: u32 = 100;
 /// Maglev table size of the lab (the production default).
 pub const RING_SIZE: u32 = 65537;
@@ -73,7 +75,7 @@ impl PerPacketOptions {
         if self.quick { &QUICK_FLOWS } else { &FLOWS }
     }
 
-    /// The fill level of the single-point paths: the middle of the grid.
+    /// The fill level of the single-point figure: the middle of the grid.
     pub fn representative_flows(&self) -> u32 {
         let flows = self.flows();
         flows[flows.len() / 2]
@@ -105,17 +107,41 @@ pub mod names {
     /// Established IPv4 flows, a different pre-filled flow on every call (cache-cold entries).
     pub const ESTABLISHED_V4_SPREAD: &str = "vip_established_v4_spread";
     pub const NEW_FLOW_V4: &str = "vip_new_flow_v4";
+    /// One hot established IPv6 TCP flow, repeat method.
     pub const ESTABLISHED_V6: &str = "vip_established_v6";
+    /// Established IPv6 TCP flows, a different pre-filled flow on every call.
+    pub const ESTABLISHED_V6_SPREAD: &str = "vip_established_v6_spread";
+    /// One hot established IPv4 UDP flow, repeat method.
     pub const ESTABLISHED_UDP: &str = "vip_established_udp";
+    /// Established IPv4 UDP flows, a different pre-filled flow on every call.
+    pub const ESTABLISHED_UDP_SPREAD: &str = "vip_established_udp_spread";
+    /// No VIP: the same at every backend count, so named by the fill level only.
     pub const NON_VIP_PASS: &str = "non_vip_pass";
+
+    /// The VIP paths measured over the whole backends × flows grid, in report order.
+    pub const GRID_PATHS: [&str; 7] = [
+        ESTABLISHED_V4,
+        ESTABLISHED_V4_SPREAD,
+        NEW_FLOW_V4,
+        ESTABLISHED_V6,
+        ESTABLISHED_V6_SPREAD,
+        ESTABLISHED_UDP,
+        ESTABLISHED_UDP_SPREAD,
+    ];
 
     pub fn point(path: &str, backends: u32, flows: u32) -> String {
         format!("{path}/backends={backends}/flows={flows}")
     }
+
+    /// A figure of a path that does not depend on the backend count.
+    pub fn flows_point(path: &str, flows: u32) -> String {
+        format!("{path}/flows={flows}")
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
-// The lab: one loaded program per fill level, each with the same five VIPs.
+// The lab: one loaded program per fill level, each with the same nine VIPs: IPv4 TCP, IPv6 TCP
+// and IPv4 UDP, each with 1, 100 and 1000 backends.
 
 struct VipSpec {
     name: &'static str,
@@ -126,33 +152,37 @@ struct VipSpec {
 }
 
 fn vip_specs() -> Vec<VipSpec> {
+    const NAMES: [[&str; BACKENDS.len()]; 3] = [
+        ["v4_tcp_a", "v4_tcp_b", "v4_tcp_c"],
+        ["v6_tcp_a", "v6_tcp_b", "v6_tcp_c"],
+        ["v4_udp_a", "v4_udp_b", "v4_udp_c"],
+    ];
     let v4 = |d| IpAddr::V4(Ipv4Addr::new(10, 200, 0, d));
-    let mut specs: Vec<VipSpec> = BACKENDS
+    let v6 = |d| IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0x200, 0, 0, 0, 0, d));
+    NAMES
         .iter()
         .enumerate()
-        .map(|(i, &backends)| VipSpec {
-            name: ["v4_tcp_a", "v4_tcp_b", "v4_tcp_c"][i],
-            address: v4(i as u8 + 1),
-            port: 80,
-            protocol: PROTO_TCP,
-            backends,
+        .flat_map(|(kind, names)| {
+            BACKENDS
+                .iter()
+                .zip(names)
+                .enumerate()
+                .map(move |(i, (&backends, &name))| {
+                    let (address, port, protocol) = match kind {
+                        0 => (v4(i as u8 + 1), 80, PROTO_TCP),
+                        1 => (v6(i as u16 + 1), 80, PROTO_TCP),
+                        _ => (v4(i as u8 + 10), 53, PROTO_UDP),
+                    };
+                    VipSpec {
+                        name,
+                        address,
+                        port,
+                        protocol,
+                        backends,
+                    }
+                })
         })
-        .collect();
-    specs.push(VipSpec {
-        name: "v6_tcp",
-        address: IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0x200, 0, 0, 0, 0, 1)),
-        port: 80,
-        protocol: PROTO_TCP,
-        backends: REPRESENTATIVE_BACKENDS,
-    });
-    specs.push(VipSpec {
-        name: "v4_udp",
-        address: v4(10),
-        port: 53,
-        protocol: PROTO_UDP,
-        backends: REPRESENTATIVE_BACKENDS,
-    });
-    specs
+        .collect()
 }
 
 /// An address that is no VIP (same port and protocol as the TCP VIPs).
@@ -182,7 +212,7 @@ fn backend_address(vip: usize, j: u32, v6: bool) -> IpAddr {
 
 fn lab_config(specs: &[VipSpec], flow_table_size: u32) -> String {
     let mut toml = format!(
-        "interface = \"bench0\"\nring_size = {RING_SIZE}\nmax_vips = 8\nmax_backends = 4096\n\
+        "interface = \"bench0\"\nring_size = {RING_SIZE}\nmax_vips = 16\nmax_backends = 4096\n\
          flow_table_size = {flow_table_size}\n"
     );
     for (v, spec) in specs.iter().enumerate() {
@@ -697,10 +727,69 @@ impl Runner<'_> {
 fn point_name(path: &str, backends: Option<u32>, flows: Option<u32>) -> String {
     match (backends, flows) {
         (Some(b), Some(f)) => names::point(path, b, f),
-        (None, Some(f)) => format!("{path}/flows={f}"),
+        (None, Some(f)) => names::flows_point(path, f),
         _ => path.to_owned(),
     }
 }
+
+/// Fresh IPv4 TCP SYNs to `spec`, one per call: (source, source port, frame). `base` keeps the
+/// sources of different uses apart.
+fn syn_frames(spec: &VipSpec, base: u8, calls: usize) -> Vec<(IpAddr, u16, Vec<u8>)> {
+    (0..calls)
+        .map(|n| {
+            let src = IpAddr::V4(Ipv4Addr::new(198, 18, base, (n / 50_000) as u8 + 1));
+            let sport = 1024 + (n % 50_000) as u16;
+            (src, sport, frame(spec, src, sport, TCP_SYN))
+        })
+        .collect()
+}
+
+/// Indices of pre-filled flows of VIP `v` (of `vips`) in a table filled with `flows`: a working
+/// set of min(`working_set`, flows of the VIP), spread evenly over the fill order.
+fn spread_indices(flows: u32, vips: usize, v: usize, working_set: usize) -> Vec<u32> {
+    // Pre-filled flow i belongs to VIP i % vips: this VIP has the i < flows with i ≡ v.
+    let of_vip = (flows as usize).saturating_sub(v).div_ceil(vips);
+    let set = of_vip.min(working_set).max(1);
+    let stride = (of_vip / set).max(1);
+    (0..set).map(|n| ((n * stride) * vips + v) as u32).collect()
+}
+
+/// `calls` frames of established flows of VIP `v` from the pre-filled table (`spread_indices`),
+/// visited in a scrambled order.
+fn spread_frames(lab: &Lab, v: usize, calls: usize, working_set: usize) -> Vec<Vec<u8>> {
+    let spec = &lab.specs[v];
+    let frames: Vec<Vec<u8>> = spread_indices(lab.flows, lab.specs.len(), v, working_set)
+        .into_iter()
+        .map(|i| {
+            let (pv, src, sport) = prefill_flow(&lab.specs, i);
+            debug_assert_eq!(pv, v);
+            frame(spec, src, sport, l4_of(spec))
+        })
+        .collect();
+    // Visit them in a scrambled order, `calls` times in all.
+    let mut order: Vec<usize> = (0..calls).map(|n| n % frames.len()).collect();
+    let mut x = 0x9e37_79b9_u32;
+    for i in (1..order.len()).rev() {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        order.swap(i, x as usize % (i + 1));
+    }
+    order.into_iter().map(|n| frames[n].clone()).collect()
+}
+
+/// The order of the paths in the report (cases are sorted by it, then by backends and flows).
+const PATH_ORDER: [&str; 9] = [
+    names::ESTABLISHED_V4,
+    names::ESTABLISHED_V4_SPREAD,
+    names::ESTABLISHED_V4_LOOP,
+    names::NEW_FLOW_V4,
+    names::ESTABLISHED_V6,
+    names::ESTABLISHED_V6_SPREAD,
+    names::ESTABLISHED_UDP,
+    names::ESTABLISHED_UDP_SPREAD,
+    names::NON_VIP_PASS,
+];
 
 fn build_cases(opts: &PerPacketOptions, labs: &[Lab]) -> Vec<Case> {
     let calls = opts.loop_calls();
@@ -734,18 +823,12 @@ fn build_cases(opts: &PerPacketOptions, labs: &[Lab]) -> Vec<Case> {
 
     // Frames for loop runs of the reference programs: a fresh SYN per call, like "new flow".
     let specs = vip_specs();
-    let syn_frames = |base: u8| -> Vec<(IpAddr, u16, Vec<u8>)> {
-        let spec = &specs[1];
-        (0..calls)
-            .map(|n| {
-                let src = IpAddr::V4(Ipv4Addr::new(198, 18, base, (n / 50_000) as u8 + 1));
-                let sport = 1024 + (n % 50_000) as u16;
-                (src, sport, frame(spec, src, sport, TCP_SYN))
-            })
-            .collect()
-    };
-    let reference_frames: Vec<Vec<u8>> = syn_frames(0).into_iter().map(|(_, _, f)| f).collect();
+    let reference_frames: Vec<Vec<u8>> = syn_frames(&specs[1], 0, calls)
+        .into_iter()
+        .map(|(_, _, f)| f)
+        .collect();
     let hot = IpAddr::V4(Ipv4Addr::new(198, 19, 0, 1));
+    let hot6 = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0xc1, 0, 0, 0, 0, 1));
     let reflect_frame = frame(&specs[1], hot, 40_000, TCP_ACK);
     for method in [Method::Repeat, Method::Loop] {
         let frames = match method {
@@ -774,132 +857,112 @@ fn build_cases(opts: &PerPacketOptions, labs: &[Lab]) -> Vec<Case> {
         ));
     }
 
+    let mut lb_cases = Vec::new();
     for (l, lab) in labs.iter().enumerate() {
         let f = lab.flows;
-        let rep = f == rep_flows;
         for &b in &BACKENDS {
-            let v = lab.vip_index(b, PROTO_TCP, false);
-            let spec = &lab.specs[v];
-            let hot_src = IpAddr::V4(Ipv4Addr::new(198, 19, 0, 1));
-            let hot_frame = frame(spec, hot_src, 40_000, TCP_ACK);
-            let established = Expect::Established {
-                verdict: XDP_TX,
-                vip: v,
-            };
-            cases.push(case(
-                names::ESTABLISHED_V4,
-                Method::Repeat,
-                Program::Lb(l),
-                vec![hot_frame.clone()],
-                established,
-                Some(b),
-                Some(f),
-                "one established IPv4 TCP flow, repeat=N (idempotent: the output is the same flow)",
-            ));
-            // A working set of pre-filled flows of this VIP, spread over the fill order.
-            let of_vip = (f as usize).div_ceil(lab.specs.len());
-            let set = of_vip.min(opts.working_set());
-            let stride = (of_vip / set.max(1)).max(1);
-            let mut spread: Vec<Vec<u8>> = (0..set)
-                .map(|n| {
-                    let i = ((n * stride) * lab.specs.len() + v) as u32;
-                    let (pv, src, sport) = prefill_flow(&lab.specs, i);
-                    debug_assert_eq!(pv, v);
-                    frame(spec, src, sport, TCP_ACK)
-                })
-                .collect();
-            // Visit them in a scrambled order, `calls` times in all.
-            let mut order: Vec<usize> = (0..calls).map(|n| n % spread.len()).collect();
-            let mut x = 0x9e37_79b9_u32;
-            for i in (1..order.len()).rev() {
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
-                order.swap(i, x as usize % (i + 1));
-            }
-            spread = order.into_iter().map(|n| spread[n].clone()).collect();
-            cases.push(case(
-                names::ESTABLISHED_V4_SPREAD,
-                Method::Loop,
-                Program::Lb(l),
-                spread,
-                established,
-                Some(b),
-                Some(f),
-                "established IPv4 TCP flows from the pre-filled table, a different one per call \
-                 (working set of min(16384, flows of the VIP)), repeat=1 calls",
-            ));
-            if rep && b == REPRESENTATIVE_BACKENDS {
-                cases.push(case(
-                    names::ESTABLISHED_V4_LOOP,
-                    Method::Loop,
+            // The three kinds of VIP with this backend count: the established paths.
+            for (path, spread_path, protocol, v6, src, note, spread_note) in [
+                (
+                    names::ESTABLISHED_V4,
+                    names::ESTABLISHED_V4_SPREAD,
+                    PROTO_TCP,
+                    false,
+                    hot,
+                    "one established IPv4 TCP flow, repeat=N (idempotent: the output is the \
+                     same flow)",
+                    "established IPv4 TCP flows from the pre-filled table, a different one per \
+                     call (working set of min(16384, flows of the VIP)), repeat=1 calls",
+                ),
+                (
+                    names::ESTABLISHED_V6,
+                    names::ESTABLISHED_V6_SPREAD,
+                    PROTO_TCP,
+                    true,
+                    hot6,
+                    "one established IPv6 TCP flow, repeat=N",
+                    "established IPv6 TCP flows from the pre-filled table, a different one per \
+                     call (working set of min(16384, flows of the VIP)), repeat=1 calls",
+                ),
+                (
+                    names::ESTABLISHED_UDP,
+                    names::ESTABLISHED_UDP_SPREAD,
+                    PROTO_UDP,
+                    false,
+                    hot,
+                    "one established IPv4 UDP flow (18-byte payload), repeat=N",
+                    "established IPv4 UDP flows (18-byte payload) from the pre-filled table, a \
+                     different one per call (working set of min(16384, flows of the VIP)), \
+                     repeat=1 calls",
+                ),
+            ] {
+                let v = lab.vip_index(b, protocol, v6);
+                let spec = &lab.specs[v];
+                let hot_frame = frame(spec, src, 40_000, l4_of(spec));
+                let established = Expect::Established {
+                    verdict: XDP_TX,
+                    vip: v,
+                };
+                lb_cases.push(case(
+                    path,
+                    Method::Repeat,
                     Program::Lb(l),
-                    vec![hot_frame; calls],
+                    vec![hot_frame.clone()],
                     established,
                     Some(b),
                     Some(f),
-                    "the one established IPv4 TCP flow of vip_established_v4, repeat=1 calls",
+                    note,
                 ));
+                lb_cases.push(case(
+                    spread_path,
+                    Method::Loop,
+                    Program::Lb(l),
+                    spread_frames(lab, v, calls, opts.working_set()),
+                    established,
+                    Some(b),
+                    Some(f),
+                    spread_note,
+                ));
+                if path == names::ESTABLISHED_V4 && f == rep_flows && b == REPRESENTATIVE_BACKENDS {
+                    lb_cases.push(case(
+                        names::ESTABLISHED_V4_LOOP,
+                        Method::Loop,
+                        Program::Lb(l),
+                        vec![hot_frame; calls],
+                        established,
+                        Some(b),
+                        Some(f),
+                        "the one established IPv4 TCP flow of vip_established_v4, repeat=1 calls",
+                    ));
+                }
             }
+            // New flows to the IPv4 TCP VIP with this backend count.
+            let v = lab.vip_index(b, PROTO_TCP, false);
+            let spec = &lab.specs[v];
+            let fresh = syn_frames(spec, 1, calls);
+            let mut new_flow = case(
+                names::NEW_FLOW_V4,
+                Method::Loop,
+                Program::Lb(l),
+                fresh.iter().map(|(_, _, f)| f.clone()).collect(),
+                Expect::NewFlows { vip: v },
+                Some(b),
+                Some(f),
+                "IPv4 TCP SYN of a flow not in the table (a fresh source port per call; the flows \
+                 are removed after each trial so the fill level stays), repeat=1 calls",
+            );
+            new_flow.inserted = fresh
+                .iter()
+                .map(|&(src, sport, _)| flow_key(src, sport, spec.address, spec.port, PROTO_TCP))
+                .collect();
+            lb_cases.push(new_flow);
         }
-        // New flows: at the representative backend count, every fill level.
-        let v = lab.vip_index(REPRESENTATIVE_BACKENDS, PROTO_TCP, false);
-        let spec = &lab.specs[v];
-        let fresh = syn_frames(1);
-        let mut new_flow = case(
-            names::NEW_FLOW_V4,
-            Method::Loop,
-            Program::Lb(l),
-            fresh.iter().map(|(_, _, f)| f.clone()).collect(),
-            Expect::NewFlows { vip: v },
-            Some(REPRESENTATIVE_BACKENDS),
-            Some(f),
-            "IPv4 TCP SYN of a flow not in the table (a fresh source port per call; the flows are \
-             removed after each trial so the fill level stays), repeat=1 calls",
-        );
-        new_flow.inserted = fresh
-            .iter()
-            .map(|&(src, sport, _)| flow_key(src, sport, spec.address, spec.port, PROTO_TCP))
-            .collect();
-        cases.push(new_flow);
-        if !rep {
-            continue;
-        }
-        let v6 = lab.vip_index(REPRESENTATIVE_BACKENDS, PROTO_TCP, true);
-        let hot6 = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0xc1, 0, 0, 0, 0, 1));
-        cases.push(case(
-            names::ESTABLISHED_V6,
-            Method::Repeat,
-            Program::Lb(l),
-            vec![frame(&lab.specs[v6], hot6, 40_000, TCP_ACK)],
-            Expect::Established {
-                verdict: XDP_TX,
-                vip: v6,
-            },
-            Some(REPRESENTATIVE_BACKENDS),
-            Some(f),
-            "one established IPv6 TCP flow, repeat=N",
-        ));
-        let udp = lab.vip_index(REPRESENTATIVE_BACKENDS, PROTO_UDP, false);
-        cases.push(case(
-            names::ESTABLISHED_UDP,
-            Method::Repeat,
-            Program::Lb(l),
-            vec![frame(&lab.specs[udp], hot, 40_000, l4_of(&lab.specs[udp]))],
-            Expect::Established {
-                verdict: XDP_TX,
-                vip: udp,
-            },
-            Some(REPRESENTATIVE_BACKENDS),
-            Some(f),
-            "one established IPv4 UDP flow (18-byte payload), repeat=N",
-        ));
         let not_vip = FrameSpec {
             l4: TCP_ACK,
             ..FrameSpec::tcp_syn(hot, 40_000, IpAddr::V4(NOT_A_VIP), 80)
         }
         .build();
-        cases.push(case(
+        lb_cases.push(case(
             names::NON_VIP_PASS,
             Method::Repeat,
             Program::Lb(l),
@@ -907,9 +970,14 @@ fn build_cases(opts: &PerPacketOptions, labs: &[Lab]) -> Vec<Case> {
             Expect::Verdict(XDP_PASS),
             None,
             Some(f),
-            "IPv4 TCP to an address that is no VIP: parse, VIP lookup miss, XDP_PASS; repeat=N",
+            "IPv4 TCP to an address that is no VIP: parse, VIP lookup miss, XDP_PASS; repeat=N \
+             (no backend set is read: the same at every backend count)",
         ));
     }
+    // Report order: by path, then backends, then flows (the labs are in fill order).
+    let rank = |c: &Case| PATH_ORDER.iter().position(|p| *p == c.path);
+    lb_cases.sort_by_key(|c| (rank(c), c.backends));
+    cases.extend(lb_cases);
     cases
 }
 
@@ -1052,8 +1120,19 @@ fn figures(cases: &[Case], labs: &[Lab], opts: &PerPacketOptions, cpu: usize) ->
                 "kernel_median_ns".to_owned(),
                 format!("{:.2}", median(&case.kernel_samples)),
             );
-            if let Some(b) = case.backends {
-                params.insert("backends".to_owned(), b.to_string());
+            match (case.backends, case.program) {
+                (Some(b), _) => {
+                    params.insert("backends".to_owned(), b.to_string());
+                }
+                (None, Program::Lb(_)) => {
+                    params.insert(
+                        "backends".to_owned(),
+                        "n/a: not a VIP, no backend set is read (the cost does not depend on \
+                         the backend count)"
+                            .to_owned(),
+                    );
+                }
+                _ => {}
             }
             if let Some(f) = case.flows {
                 params.insert("flows".to_owned(), f.to_string());
@@ -1103,7 +1182,22 @@ mod tests {
         let text = lab_config(&vip_specs(), 1 << 20);
         let config = Config::parse(&text, Path::new("t.toml")).expect("valid");
         let counts: Vec<usize> = config.vips.iter().map(|v| v.backends.len()).collect();
-        assert_eq!(counts, [1, 100, 1000, 100, 100]);
+        assert_eq!(counts, [1, 100, 1000, 1, 100, 1000, 1, 100, 1000]);
+    }
+
+    #[test]
+    fn spread_flows_are_prefilled_flows_of_their_vip() {
+        let vips = vip_specs().len();
+        for flows in FLOWS.into_iter().chain(QUICK_FLOWS) {
+            for v in 0..vips {
+                let of_vip = (0..flows).filter(|i| *i as usize % vips == v).count();
+                let indices = spread_indices(flows, vips, v, 16_384);
+                assert_eq!(indices.len(), of_vip.min(16_384), "flows {flows}, vip {v}");
+                assert!(indices.iter().all(|&i| i < flows && i as usize % vips == v));
+                let distinct: std::collections::HashSet<_> = indices.iter().collect();
+                assert_eq!(distinct.len(), indices.len());
+            }
+        }
     }
 
     #[test]

@@ -1,6 +1,11 @@
 //! The benchmark report: a table on stdout, `report.json`, `report.md`, the targets of issue 4
 //! (reached or missed), and the SVG plots `cost_vs_flows.svg` and `throughput.svg`.
 //!
+//! `report.md` has, after the per-packet table, the same medians as a grid: a row per path and
+//! backend count, a column per fill level. `cost_vs_flows.svg` plots the established IPv4 path (a
+//! line per backend count) and, dashed, the established IPv6 and UDP paths at
+//! `REPRESENTATIVE_BACKENDS`.
+//!
 //! `report.json`:
 //!
 //! ```json
@@ -35,7 +40,7 @@ use serde_json::{Value, json};
 use super::{
     Figure,
     control_plane::{maglev_name, state_change_name},
-    per_packet::names,
+    per_packet::{self, REPRESENTATIVE_BACKENDS, names},
 };
 
 /// The machine a run was made on.
@@ -485,6 +490,68 @@ pub fn markdown(
             }
             let _ = writeln!(out, "| {} |", cells.join(" | "));
         }
+        if group == per_packet::GROUP {
+            out.push_str(&per_packet_grid(figures));
+        }
+    }
+    out
+}
+
+/// The per-packet medians as a grid (Markdown): a row per path and backend count, a column per
+/// fill level; empty without per-packet figures of the load balancer.
+fn per_packet_grid(figures: &[Figure]) -> String {
+    let points: Vec<(&str, String, u64, f64)> = figures
+        .iter()
+        .filter(|f| f.group == per_packet::GROUP)
+        .filter_map(|f| {
+            let path = f.name.split('/').next()?;
+            let flows = param(f, "flows")?;
+            let backends = match param(f, "backends") {
+                Some(b) => b.to_string(),
+                None => "n/a".to_owned(),
+            };
+            Some((path, backends, flows, f.median()))
+        })
+        .collect();
+    let mut flows: Vec<u64> = points.iter().map(|p| p.2).collect();
+    flows.sort_unstable();
+    flows.dedup();
+    let mut rows: Vec<(&str, &str)> = Vec::new();
+    for (path, backends, _, _) in &points {
+        if !rows.contains(&(path, backends.as_str())) {
+            rows.push((path, backends));
+        }
+    }
+    if rows.is_empty() {
+        return String::new();
+    }
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\n### {}: net median ns by path, backends and flows\n",
+        per_packet::GROUP
+    );
+    let _ = writeln!(
+        out,
+        "| path | backends | {} |",
+        flows
+            .iter()
+            .map(|f| format!("flows={f}"))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    let _ = writeln!(out, "|---|--:|{}", "--:|".repeat(flows.len()));
+    for (path, backends) in rows {
+        let cells: Vec<String> = flows
+            .iter()
+            .map(|&f| {
+                points
+                    .iter()
+                    .find(|p| p.0 == path && p.1 == backends && p.2 == f)
+                    .map_or("-".to_owned(), |p| fmt_num(p.3))
+            })
+            .collect();
+        let _ = writeln!(out, "| `{path}` | {backends} | {} |", cells.join(" | "));
     }
     out
 }
@@ -553,28 +620,46 @@ fn plot_error(e: impl std::fmt::Display) -> anyhow::Error {
 }
 
 /// One panel of `cost_vs_flows.svg`: net ns against flows (log x), a line per backend count,
-/// min..max bars, the reflector's net cost as a grey line.
+/// min..max bars, the reflector's net cost as a grey line, and `dashed` other paths (path,
+/// label) at `REPRESENTATIVE_BACKENDS`, medians only.
 fn cost_panel(
     area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
     figures: &[Figure],
     path: &str,
     title: &str,
     reflector: Option<&Figure>,
+    dashed: &[(&str, &str)],
 ) -> Result<()> {
     let grid = established_grid(figures, path);
+    let dashed: Vec<(&str, Vec<(f64, f64)>)> = dashed
+        .iter()
+        .map(|&(path, label)| {
+            let points: Vec<(f64, f64)> = established_grid(figures, path)
+                .iter()
+                .filter(|g| g.0 == u64::from(REPRESENTATIVE_BACKENDS))
+                .map(|g| (g.1 as f64, g.2.median()))
+                .collect();
+            (label, points)
+        })
+        .filter(|(_, points)| !points.is_empty())
+        .collect();
+    let dashed_y = || dashed.iter().flat_map(|d| d.1.iter().map(|p| p.1));
     let flows: Vec<f64> = grid.iter().map(|g| g.1 as f64).collect();
     let x_min = flows.iter().copied().fold(f64::MAX, f64::min) / 2.0;
     let x_max = flows.iter().copied().fold(f64::MIN, f64::max) * 2.0;
+    // Head-room above the highest bar for the legend (upper left).
     let y_max = grid
         .iter()
         .map(|g| g.2.max())
         .chain(reflector.map(Figure::max))
+        .chain(dashed_y())
         .fold(0.0, f64::max)
-        * 1.15;
+        * 1.5;
     let y_min = grid
         .iter()
         .map(|g| g.2.min())
         .chain(reflector.map(Figure::min))
+        .chain(dashed_y())
         .fold(0.0, f64::min);
     let mut chart = ChartBuilder::on(area)
         .caption(title, ("sans-serif", 16))
@@ -611,9 +696,9 @@ fn cost_panel(
             .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
             .map_err(plot_error)?
             .label(if *b == 1 {
-                "1 backend".to_owned()
+                "IPv4 TCP, 1 backend".to_owned()
             } else {
-                format!("{b} backends")
+                format!("IPv4 TCP, {b} backends")
             })
             .legend(move |(x, y)| {
                 PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
@@ -625,6 +710,26 @@ fn cost_panel(
             .draw_series(grid.iter().filter(|g| g.0 == *b).map(|g| {
                 ErrorBar::new_vertical(g.1 as f64, g.2.min(), g.2.median(), g.2.max(), color, 6)
             }))
+            .map_err(plot_error)?;
+    }
+    for (i, (label, points)) in dashed.iter().enumerate() {
+        let color = COLORS[(backends.len() + i) % COLORS.len()];
+        chart
+            .draw_series(DashedLineSeries::new(
+                points.clone(),
+                8,
+                5,
+                color.stroke_width(2),
+            ))
+            .map_err(plot_error)?
+            .label(format!(
+                "{label}, {REPRESENTATIVE_BACKENDS} backends (dashed)"
+            ))
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+        chart
+            .draw_series(points.iter().map(|&p| Circle::new(p, 3, color.filled())))
             .map_err(plot_error)?;
     }
     if let Some(r) = reflector {
@@ -669,16 +774,24 @@ pub fn plot_cost_vs_flows(figures: &[Figure], path: &Path) -> Result<bool> {
         &panels[0],
         figures,
         names::ESTABLISHED_V4,
-        "established IPv4 flow, one hot flow (repeat=N)",
+        "established flow, one hot flow (repeat=N)",
         find(figures, names::REFLECTOR_REPEAT),
+        &[
+            (names::ESTABLISHED_V6, "IPv6 TCP"),
+            (names::ESTABLISHED_UDP, "IPv4 UDP"),
+        ],
     )?;
     if spread {
         cost_panel(
             &panels[1],
             figures,
             names::ESTABLISHED_V4_SPREAD,
-            "established IPv4, a different flow per call (repeat=1)",
+            "established, a different flow per call (repeat=1)",
             find(figures, names::REFLECTOR_LOOP),
+            &[
+                (names::ESTABLISHED_V6_SPREAD, "IPv6 TCP"),
+                (names::ESTABLISHED_UDP_SPREAD, "IPv4 UDP"),
+            ],
         )?;
     }
     root.present().map_err(plot_error)?;
@@ -863,6 +976,19 @@ mod tests {
         assert_eq!(t[4].reached, None);
         let v = json(&Machine::detect(), "x", &figures, &t);
         assert_eq!(v["figures"][1]["ratio"], json!(1.5));
-        assert!(markdown(&Machine::detect(), "x", &figures, &t).contains("| **reached** |"));
+        let md = markdown(&Machine::detect(), "x", &figures, &t);
+        assert!(md.contains("| **reached** |"), "{md}");
+        assert!(
+            md.contains("| path | backends | flows=1000 | flows=1000000 |\n|---|--:|--:|--:|\n"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| `vip_established_v4` | 1 | 3.000 | - |\n"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| `vip_established_v4` | 1000 | - | 3.200 |\n"),
+            "{md}"
+        );
     }
 }
