@@ -1,9 +1,13 @@
 //! `lb`: the XDP load balancer's command line.
 
+mod cli;
+
 use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
+use cli::control::{AdminArgs, ApiArgs};
+use lb::api::model::Admin;
 use lb::config::Config;
 
 #[derive(Parser)]
@@ -45,12 +49,31 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Show every VIP (address, active pool, counters) and backend (pool, state, weight, last
+    /// check, counters) of the running daemon.
+    Status {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Print the daemon's JSON report (pretty-printed) instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Drain a backend: weight 0, so no new flows; existing flows stay on it.
+    Drain(AdminArgs),
+    /// Disable a backend: forced down whatever its health checks say; its flows move.
+    Disable(AdminArgs),
+    /// Enable a drained or disabled backend: back to its health checks' verdict.
+    Enable(AdminArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::CheckConfig { config } => check_config(&config),
+        Command::Status { api, json } => cli::control::status(&api, json),
+        Command::Drain(args) => cli::control::set_admin(&args, Admin::Drained),
+        Command::Disable(args) => cli::control::set_admin(&args, Admin::Disabled),
+        Command::Enable(args) => cli::control::set_admin(&args, Admin::Enabled),
         Command::Run { config } => {
             init_logging(cli.log_format);
             match run(&config) {

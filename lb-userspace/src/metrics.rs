@@ -494,6 +494,7 @@ mod tests {
             standby,
             health,
             path: None,
+            admin: crate::balancer::Admin::Enabled,
         }
     }
 

@@ -36,6 +36,11 @@ pub fn lb_binary() -> PathBuf {
     dir.join("lb")
 }
 
+/// The control socket a test daemon in `namespace` uses (unless its config says otherwise).
+pub fn api_socket_for(namespace: &NetNs) -> PathBuf {
+    std::env::temp_dir().join(format!("lb-{}.sock", namespace.name()))
+}
+
 /// A running `lb run`; SIGTERM on drop.
 pub struct LbDaemon {
     child: Option<Child>,
@@ -56,6 +61,13 @@ impl LbDaemon {
             );
         }
         let config_path = std::env::temp_dir().join(format!("{}.toml", namespace.name()));
+        // Daemons of tests running side by side each need their own control socket.
+        let api_socket = api_socket_for(namespace);
+        let config = if config.lines().any(|l| l.trim_start().starts_with("api")) {
+            config.to_owned()
+        } else {
+            format!("api = \"{}\"\n{config}", api_socket.display())
+        };
         std::fs::write(&config_path, config)
             .with_context(|| format!("writing {}", config_path.display()))?;
         let mut command = match launch {

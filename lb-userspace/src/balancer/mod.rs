@@ -11,6 +11,7 @@ use std::net::IpAddr;
 
 use lb_common::{FAMILY_V4, FAMILY_V6, VipKey};
 
+pub use crate::api::model::Admin;
 use crate::{
     config::{Config, OnAllDown, VipConfig},
     dataplane::{Capacity, DataPlane},
@@ -45,13 +46,23 @@ pub struct BackendState {
     pub health: Health,
     /// Unknown until the neighbour table gives the backend's MAC.
     pub path: Option<L2Path>,
+    /// The operator's override (`lb drain`, `lb disable`, `lb enable`).
+    pub admin: Admin,
 }
 
 impl BackendState {
-    /// May receive packets: healthy and reachable. Established flows stay on such a backend
-    /// whatever the pools do.
+    /// May receive packets: healthy, reachable and not disabled. Established flows stay on such
+    /// a backend whatever the pools do.
     pub fn reachable(&self) -> bool {
-        self.health == Health::Up && self.path.is_some()
+        self.health == Health::Up && self.path.is_some() && self.admin != Admin::Disabled
+    }
+
+    /// The weight new flows see: 0 while draining.
+    pub fn effective_weight(&self) -> u32 {
+        match self.admin {
+            Admin::Drained => 0,
+            Admin::Enabled | Admin::Disabled => self.weight,
+        }
     }
 
     fn member(&self) -> Member {
@@ -88,7 +99,9 @@ impl VipState {
 
     /// Whether `backend` takes new flows under `pool`.
     pub fn takes_new_flows(backend: &BackendState, pool: ActivePool) -> bool {
-        backend.reachable() && backend.weight > 0 && pool::in_pool(backend.member(), pool)
+        backend.reachable()
+            && backend.effective_weight() > 0
+            && pool::in_pool(backend.member(), pool)
     }
 }
 
@@ -159,6 +172,7 @@ impl Balancer {
                     standby: b.standby,
                     health: Health::Unknown,
                     path: None,
+                    admin: Admin::Enabled,
                 }
             })
             .collect();

@@ -90,7 +90,7 @@ fn ring_for_pool(vip: &VipState, pool: ActivePool, ring_size: u32) -> Vec<u32> {
         .map(|(b, key)| MaglevBackend {
             key,
             weight: if VipState::takes_new_flows(b, pool) {
-                b.weight
+                b.effective_weight()
             } else {
                 0
             },
@@ -198,6 +198,17 @@ impl Balancer {
         health: Health,
     ) -> Result<PublishReport, PublishError> {
         self.backend_mut(vip_index, backend_index)?.health = health;
+        self.publish(vip_index)
+    }
+
+    /// Sets an operator override (drain, disable, enable) and republishes the backend's VIP.
+    pub fn set_admin(
+        &mut self,
+        vip_index: usize,
+        backend_index: usize,
+        admin: super::Admin,
+    ) -> Result<PublishReport, PublishError> {
+        self.backend_mut(vip_index, backend_index)?.admin = admin;
         self.publish(vip_index)
     }
 

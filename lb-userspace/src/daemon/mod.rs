@@ -3,6 +3,7 @@
 //! counters.
 
 mod attach;
+mod control;
 mod events;
 mod paths;
 mod telemetry;
@@ -17,6 +18,7 @@ use tokio::{
 use tracing::{info, warn};
 
 use crate::{
+    api::model::Command,
     balancer::{Balancer, capacity_of},
     config::Config,
     daemon::telemetry::Telemetry,
@@ -49,6 +51,8 @@ pub enum RunError {
     Publish(#[from] crate::balancer::PublishError),
     #[error(transparent)]
     Telemetry(#[from] telemetry::TelemetryError),
+    #[error("control API: {0}")]
+    Api(#[source] std::io::Error),
     #[error("installing the signal handler: {0}")]
     Signal(#[source] std::io::Error),
 }
@@ -71,6 +75,17 @@ pub async fn run(config: Config) -> Result<Snapshot, RunError> {
     paths::refresh_paths(&netlink, &interface, &mut balancer).await?;
     collect_first_results(&config, &mut balancer, &mut supervisor, &mut reports).await?;
     balancer.publish_all()?;
+    // The control API is bound before attaching: a daemon that cannot serve it does not start.
+    let (command_tx, mut commands) = mpsc::channel::<Command>(64);
+    let api_listener = crate::api::server::bind(&config.api).map_err(RunError::Api)?;
+    let (api_stop, api_stopped) = tokio::sync::oneshot::channel::<()>();
+    let api_server = tokio::spawn(crate::api::server::serve_on(
+        api_listener,
+        command_tx,
+        async {
+            let _ = api_stopped.await;
+        },
+    ));
     let telemetry = match config.metrics {
         Some(address) => Some(Telemetry::start(address, &balancer).await?),
         None => None,
@@ -124,6 +139,9 @@ pub async fn run(config: Config) -> Result<Snapshot, RunError> {
                     telemetry.census();
                 }
             }
+            Some(command) = commands.recv() => {
+                control::handle(&mut balancer, &supervisor, command);
+            }
             _ = refresh.tick() => {
                 if let Err(e) = paths::refresh_paths(&netlink, &interface, &mut balancer).await {
                     warn!("refreshing backend paths failed: {e}");
@@ -137,6 +155,8 @@ pub async fn run(config: Config) -> Result<Snapshot, RunError> {
     if let Some(telemetry) = telemetry {
         telemetry.stop().await;
     }
+    let _ = api_stop.send(());
+    let _ = api_server.await;
     let snapshot = Snapshot::read(&balancer)?;
     balancer.dataplane.detach()?;
     info!("detached from {}", interface.name);

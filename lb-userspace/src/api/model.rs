@@ -1,0 +1,68 @@
+//! What the control API speaks: the JSON of `lb status --json` and the commands the daemon's loop
+//! answers.
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+/// An operator's override of a backend, on top of its health.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Admin {
+    /// Health-checked as configured.
+    Enabled,
+    /// Weight 0: no new flows, existing flows stay.
+    Drained,
+    /// Forced down: out of service, its flows move.
+    Disabled,
+}
+
+/// `GET /status`: `{"vips":[{"name","address","port","protocol","active_pool","backends":[...]}]}`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub vips: Vec<VipStatus>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VipStatus {
+    pub name: String,
+    pub address: String,
+    pub port: u16,
+    pub protocol: String,
+    /// `primary`, `standby` or `none`.
+    pub active_pool: String,
+    pub packets: u64,
+    pub bytes: u64,
+    pub flows: u64,
+    pub backends: Vec<BackendStatus>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BackendStatus {
+    pub address: String,
+    pub standby: bool,
+    /// `up`, `down`, `draining` or `disabled` (`unknown` before the first check).
+    pub state: String,
+    /// The weight new flows see (0 while draining).
+    pub weight: u32,
+    /// The configured weight.
+    pub configured_weight: u32,
+    /// Result of the last check ("ok", "connection refused", ...), if any yet.
+    pub last_check: Option<String>,
+    /// Its latency in milliseconds.
+    pub last_check_latency_ms: Option<f64>,
+    pub packets: u64,
+    pub bytes: u64,
+    pub flows: u64,
+}
+
+/// A request the API server hands to the daemon's loop (which owns the data plane).
+#[derive(Debug)]
+pub enum Command {
+    Status(oneshot::Sender<StatusReport>),
+    SetAdmin {
+        vip: String,
+        backend: String,
+        admin: Admin,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+}

@@ -1,0 +1,244 @@
+//! `lb status`, `lb drain`, `lb disable` and `lb enable`: requests to a running daemon's control
+//! API. Each finds the socket through `--api PATH`, else `api` of `--config FILE`, else
+//! [`DEFAULT_API`]. Exit 0 when the daemon did it, 1 when it refused or could not be reached
+//! (the reason on stderr).
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+use lb::api::client;
+use lb::api::model::{Admin, BackendStatus, StatusReport, VipStatus};
+use lb::config::{Config, DEFAULT_API};
+
+/// Where the daemon's control socket is.
+#[derive(Args, Debug)]
+pub struct ApiArgs {
+    /// The daemon's control socket [default: `api` of --config, else /run/lb/lb.sock].
+    #[arg(long, value_name = "PATH", conflicts_with = "config")]
+    pub api: Option<PathBuf>,
+    /// Take the control socket's path from this config's `api`.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+impl ApiArgs {
+    /// `--api`, else `api` of `--config` (its `FILE:LINE:COL` error if it is invalid), else the
+    /// default.
+    pub fn socket(&self) -> Result<PathBuf, String> {
+        match (&self.api, &self.config) {
+            (Some(api), _) => Ok(api.clone()),
+            (None, Some(config)) => Config::load(config)
+                .map(|c| c.api)
+                .map_err(|e| e.to_string()),
+            (None, None) => Ok(PathBuf::from(DEFAULT_API)),
+        }
+    }
+}
+
+/// `lb drain|disable|enable VIP BACKEND`.
+#[derive(Args, Debug)]
+pub struct AdminArgs {
+    /// The VIP, by name (as in the config).
+    #[arg(value_name = "VIP")]
+    pub vip: String,
+    /// The backend, by address (`10.0.0.11`, `2001:db8::11`).
+    #[arg(value_name = "BACKEND")]
+    pub backend: String,
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+/// `lb status [--json]`: the daemon's report, as a table or (`json`) pretty-printed JSON.
+pub fn status(api: &ApiArgs, json: bool) -> ExitCode {
+    let printed = with_daemon(api, async |socket| {
+        if json {
+            let value = client::status_json(&socket)
+                .await
+                .map_err(|e| e.to_string())?;
+            let text = serde_json::to_string_pretty(&value).map_err(|e| e.to_string())?;
+            Ok(format!("{text}\n"))
+        } else {
+            let report = client::status(&socket).await.map_err(|e| e.to_string())?;
+            Ok(format_status(&report))
+        }
+    });
+    match printed {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+/// `lb drain|disable|enable VIP BACKEND`: prints `VIP BACKEND: drained|disabled|enabled`.
+pub fn set_admin(args: &AdminArgs, admin: Admin) -> ExitCode {
+    // The daemon names backends by their canonical address: `2001:DB8:0::11` is `2001:db8::11`.
+    let backend = args
+        .backend
+        .parse::<std::net::IpAddr>()
+        .map_or_else(|_| args.backend.clone(), |a| a.to_string());
+    let done = with_daemon(&args.api, async |socket| {
+        client::set_admin(&socket, &args.vip, &backend, admin)
+            .await
+            .map_err(|e| e.to_string())
+    });
+    match done {
+        Ok(()) => {
+            let done = match admin {
+                Admin::Drained => "drained",
+                Admin::Disabled => "disabled",
+                Admin::Enabled => "enabled",
+            };
+            println!("{} {backend}: {done}", args.vip);
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+/// Finds the socket and runs `f` on it in a one-thread runtime.
+fn with_daemon<T>(
+    api: &ApiArgs,
+    f: impl AsyncFnOnce(PathBuf) -> Result<T, String>,
+) -> Result<T, String> {
+    let socket = api.socket()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the tokio runtime: {e}"))?;
+    runtime.block_on(f(socket))
+}
+
+fn fail(message: &str) -> ExitCode {
+    eprintln!("{message}");
+    ExitCode::FAILURE
+}
+
+/// The readable form of `lb status`: per VIP a line
+/// `web 10.0.0.100:80/tcp pool=primary packets=.. bytes=.. flows=..`, then per backend
+/// `  10.0.0.11 primary up weight=100 last=ok (0.4ms) packets=.. bytes=.. flows=..`
+/// (`weight=0/100` when the weight new flows see is not the configured one, `last=-` before the
+/// first check).
+pub fn format_status(report: &StatusReport) -> String {
+    let mut out = String::new();
+    if report.vips.is_empty() {
+        out.push_str("no VIPs configured\n");
+    }
+    for vip in &report.vips {
+        let _ = writeln!(out, "{}", vip_line(vip));
+        for backend in &vip.backends {
+            let _ = writeln!(out, "  {}", backend_line(backend));
+        }
+    }
+    out
+}
+
+fn vip_line(vip: &VipStatus) -> String {
+    let host = if vip.address.contains(':') {
+        format!("[{}]", vip.address)
+    } else {
+        vip.address.clone()
+    };
+    format!(
+        "{} {host}:{}/{} pool={} packets={} bytes={} flows={}",
+        vip.name, vip.port, vip.protocol, vip.active_pool, vip.packets, vip.bytes, vip.flows
+    )
+}
+
+fn backend_line(backend: &BackendStatus) -> String {
+    let pool = if backend.standby {
+        "standby"
+    } else {
+        "primary"
+    };
+    let weight = if backend.weight == backend.configured_weight {
+        backend.weight.to_string()
+    } else {
+        format!("{}/{}", backend.weight, backend.configured_weight)
+    };
+    let last = match (&backend.last_check, backend.last_check_latency_ms) {
+        (Some(result), Some(ms)) => format!("{result} ({ms:.1}ms)"),
+        (Some(result), None) => result.clone(),
+        (None, _) => "-".to_owned(),
+    };
+    format!(
+        "{} {pool} {} weight={weight} last={last} packets={} bytes={} flows={}",
+        backend.address, backend.state, backend.packets, backend.bytes, backend.flows
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend(address: &str, standby: bool, state: &str, weight: u32) -> BackendStatus {
+        BackendStatus {
+            address: address.into(),
+            standby,
+            state: state.into(),
+            weight,
+            configured_weight: 100,
+            last_check: Some("ok".into()),
+            last_check_latency_ms: Some(0.42),
+            packets: 7,
+            bytes: 700,
+            flows: 2,
+        }
+    }
+
+    #[test]
+    fn the_table() {
+        let mut never_checked = backend("2001:db8::11", false, "unknown", 100);
+        never_checked.last_check = None;
+        never_checked.last_check_latency_ms = None;
+        let mut refused = backend("10.0.0.13", true, "down", 100);
+        refused.last_check = Some("connection refused".into());
+        refused.last_check_latency_ms = None;
+        let report = StatusReport {
+            vips: vec![
+                VipStatus {
+                    name: "web".into(),
+                    address: "10.0.0.100".into(),
+                    port: 80,
+                    protocol: "tcp".into(),
+                    active_pool: "primary".into(),
+                    packets: 10,
+                    bytes: 1000,
+                    flows: 3,
+                    backends: vec![
+                        backend("10.0.0.11", false, "up", 100),
+                        backend("10.0.0.12", false, "draining", 0),
+                        refused,
+                    ],
+                },
+                VipStatus {
+                    name: "v6".into(),
+                    address: "2001:db8::100".into(),
+                    port: 53,
+                    protocol: "udp".into(),
+                    active_pool: "none".into(),
+                    packets: 0,
+                    bytes: 0,
+                    flows: 0,
+                    backends: vec![never_checked],
+                },
+            ],
+        };
+        assert_eq!(
+            format_status(&report),
+            "web 10.0.0.100:80/tcp pool=primary packets=10 bytes=1000 flows=3\n\
+             \x20 10.0.0.11 primary up weight=100 last=ok (0.4ms) packets=7 bytes=700 flows=2\n\
+             \x20 10.0.0.12 primary draining weight=0/100 last=ok (0.4ms) packets=7 bytes=700 flows=2\n\
+             \x20 10.0.0.13 standby down weight=100 last=connection refused packets=7 bytes=700 flows=2\n\
+             v6 [2001:db8::100]:53/udp pool=none packets=0 bytes=0 flows=0\n\
+             \x20 2001:db8::11 primary unknown weight=100 last=- packets=7 bytes=700 flows=2\n"
+        );
+        assert_eq!(
+            format_status(&StatusReport { vips: vec![] }),
+            "no VIPs configured\n"
+        );
+    }
+}

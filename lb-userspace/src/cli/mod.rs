@@ -1,0 +1,3 @@
+//! The `lb` binary's subcommands beyond `run` and `check-config`.
+
+pub mod control;

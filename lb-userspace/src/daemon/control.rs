@@ -1,0 +1,126 @@
+//! The daemon's side of the control API: answering `Command`s from the API server with the
+//! balancer's state, and applying operator overrides.
+
+use tracing::{info, warn};
+
+use crate::{
+    api::model::{Admin, BackendStatus, Command, StatusReport, VipStatus},
+    balancer::{BackendState, Balancer},
+    health::{Health, supervisor::Supervisor},
+    stats::Snapshot,
+};
+
+/// Answers one command from the API server.
+pub(super) fn handle(balancer: &mut Balancer, supervisor: &Supervisor, command: Command) {
+    match command {
+        Command::Status(reply) => {
+            let _ = reply.send(status(balancer, supervisor));
+        }
+        Command::SetAdmin {
+            vip,
+            backend,
+            admin,
+            reply,
+        } => {
+            let _ = reply.send(set_admin(balancer, &vip, &backend, admin));
+        }
+    }
+}
+
+fn state_name(backend: &BackendState) -> &'static str {
+    match (backend.admin, backend.health) {
+        (Admin::Disabled, _) => "disabled",
+        (_, Health::Unknown) => "unknown",
+        (_, Health::Down) => "down",
+        (Admin::Drained, Health::Up) => "draining",
+        (Admin::Enabled, Health::Up) if backend.path.is_none() => "unresolved",
+        (Admin::Enabled, Health::Up) => "up",
+    }
+}
+
+/// Everything `lb status` shows.
+pub(super) fn status(balancer: &Balancer, supervisor: &Supervisor) -> StatusReport {
+    let snapshot = match Snapshot::read(balancer) {
+        Ok(snapshot) => Some(snapshot),
+        Err(e) => {
+            warn!("status: reading the data plane's counters failed: {e}");
+            None
+        }
+    };
+    let vips = balancer
+        .vips
+        .iter()
+        .enumerate()
+        .map(|(v, vip)| {
+            let counters = snapshot.as_ref().and_then(|s| s.vips.get(v));
+            let backends = vip
+                .backends
+                .iter()
+                .enumerate()
+                .map(|(b, backend)| {
+                    let c = counters
+                        .and_then(|c| c.backends.get(b))
+                        .map(|b| b.counters)
+                        .unwrap_or_default();
+                    let last = supervisor.last_outcome((v, b));
+                    BackendStatus {
+                        address: backend.address.to_string(),
+                        standby: backend.standby,
+                        state: state_name(backend).to_owned(),
+                        weight: backend.effective_weight(),
+                        configured_weight: backend.weight,
+                        last_check: last.map(|o| o.reason.clone()),
+                        last_check_latency_ms: last.map(|o| o.latency.as_secs_f64() * 1000.0),
+                        packets: c.packets,
+                        bytes: c.bytes,
+                        flows: c.new_flows,
+                    }
+                })
+                .collect();
+            let c = counters.map(|c| c.counters).unwrap_or_default();
+            VipStatus {
+                name: vip.name.clone(),
+                address: vip.address.to_string(),
+                port: vip.port,
+                protocol: vip.protocol.as_str().to_owned(),
+                active_pool: vip.active_pool.as_str().to_owned(),
+                packets: c.packets,
+                bytes: c.bytes,
+                flows: c.new_flows,
+                backends,
+            }
+        })
+        .collect();
+    StatusReport { vips }
+}
+
+/// `lb drain|disable|enable VIP BACKEND`.
+pub(super) fn set_admin(
+    balancer: &mut Balancer,
+    vip: &str,
+    backend: &str,
+    admin: Admin,
+) -> Result<(), String> {
+    let v = balancer
+        .vip_index(vip)
+        .ok_or_else(|| format!("no vip named {vip}"))?;
+    let b = balancer.vips[v]
+        .backends
+        .iter()
+        .position(|be| {
+            be.address.to_string() == backend || backend.parse().ok() == Some(be.address)
+        })
+        .ok_or_else(|| format!("vip {vip} has no backend {backend}"))?;
+    let before = balancer.vips[v].backends[b].admin;
+    let published = balancer.set_admin(v, b, admin).map_err(|e| e.to_string())?;
+    info!(
+        vip,
+        backend,
+        from = ?before,
+        to = ?admin,
+        "backend {backend} of vip {vip}: admin {before:?} -> {admin:?} (operator); map updated in {}us",
+        published.elapsed.as_micros()
+    );
+    super::events::log_flip(balancer, v, &published);
+    Ok(())
+}
