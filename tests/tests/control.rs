@@ -165,6 +165,36 @@ fn status_drain_disable_enable_against_a_running_daemon() {
         let (code, _, stderr) = lb(&["drain", "nope", &pinned], &socket);
         assert_eq!(code, 1);
         assert!(stderr.contains("nope"), "{stderr}");
+        // A second daemon configured with the same socket still balances, without an API.
+        let second_topo = DsrTopology::new(
+            1,
+            DsrTopologyOptions {
+                name_prefix: format!("{prefix}2"),
+                ..Default::default()
+            },
+        )
+        .expect("second topology");
+        let second_config = format!(
+            "api = \"{}\"\ninterface = \"eth0\"\nflow_table_size = 4096\nmax_vips = 1\n",
+            socket.display()
+        );
+        let second = LbDaemon::start(second_topo.lb(), &second_config, Launch::Nsenter)
+            .expect("second lb run");
+        assert!(
+            second
+                .log()
+                .contains("control API disabled: another lb is already serving"),
+            "{}",
+            second.log()
+        );
+        assert_eq!(
+            status(&socket)["vips"][0]["name"],
+            "web",
+            "the first daemon keeps its socket"
+        );
+        second.stop().expect("second lb stops");
+        drop(second_topo);
+
         drop(long_lived);
         daemon.stop().expect("lb stops");
         assert!(
@@ -173,4 +203,5 @@ fn status_drain_disable_enable_against_a_running_daemon() {
         );
     }
     assert_eq!(leftovers(prefix), Vec::<String>::new());
+    assert_eq!(leftovers(&format!("{prefix}2")), Vec::<String>::new());
 }

@@ -51,8 +51,6 @@ pub enum RunError {
     Publish(#[from] crate::balancer::PublishError),
     #[error(transparent)]
     Telemetry(#[from] telemetry::TelemetryError),
-    #[error("control API: {0}")]
-    Api(#[source] std::io::Error),
     #[error("installing the signal handler: {0}")]
     Signal(#[source] std::io::Error),
 }
@@ -75,17 +73,27 @@ pub async fn run(config: Config) -> Result<Snapshot, RunError> {
     paths::refresh_paths(&netlink, &interface, &mut balancer).await?;
     collect_first_results(&config, &mut balancer, &mut supervisor, &mut reports).await?;
     balancer.publish_all()?;
-    // The control API is bound before attaching: a daemon that cannot serve it does not start.
+    // The control API is on by default (`api` has a default path), so a clash with another
+    // daemon's socket must not keep the load balancer from balancing: it runs without its API
+    // and says so loudly.
     let (command_tx, mut commands) = mpsc::channel::<Command>(64);
-    let api_listener = crate::api::server::bind(&config.api).map_err(RunError::Api)?;
     let (api_stop, api_stopped) = tokio::sync::oneshot::channel::<()>();
-    let api_server = tokio::spawn(crate::api::server::serve_on(
-        api_listener,
-        command_tx,
-        async {
-            let _ = api_stopped.await;
-        },
-    ));
+    let api_server = match crate::api::server::bind(&config.api) {
+        Ok(listener) => Some(tokio::spawn(crate::api::server::serve_on(
+            listener,
+            command_tx,
+            async {
+                let _ = api_stopped.await;
+            },
+        ))),
+        Err(e) => {
+            tracing::error!(
+                "control API disabled: {e}; `lb status` and friends cannot reach this daemon \
+                 (give each lb its own `api` path)"
+            );
+            None
+        }
+    };
     let telemetry = match config.metrics {
         Some(address) => Some(Telemetry::start(address, &balancer).await?),
         None => None,
@@ -156,7 +164,9 @@ pub async fn run(config: Config) -> Result<Snapshot, RunError> {
         telemetry.stop().await;
     }
     let _ = api_stop.send(());
-    let _ = api_server.await;
+    if let Some(api_server) = api_server {
+        let _ = api_server.await;
+    }
     let snapshot = Snapshot::read(&balancer)?;
     balancer.dataplane.detach()?;
     info!("detached from {}", interface.name);
