@@ -115,5 +115,5 @@ impl Telemetry {
 fn count_flows(id: u32) -> Result<u64, aya::maps::MapError> {
     let flows: HashMap<MapData, FlowKey, FlowState> =
         HashMap::try_from(Map::LruHashMap(MapData::from_id(id)?))?;
-    Ok(flows.keys().filter(Result::is_ok).count() as u64)
+    Ok(crate::dataplane::maps::count_flows(&flows) as u64)
 }

@@ -13,7 +13,8 @@ use super::{error::DataPlaneError, maps::Maps};
 
 /// The XDP program that balances; `xdp_pass` is the other one in the object.
 pub const PROGRAM_NAME: &str = "lb_xdp";
-/// A program that passes everything, for the peer of a veth (see DESIGN.md §5).
+/// A program in the same object that passes everything, for the peer of a veth (DESIGN.md §5);
+/// the daemon does not load it.
 pub const PASS_PROGRAM_NAME: &str = "xdp_pass";
 
 /// Sizes fixed at load time.
@@ -86,16 +87,17 @@ impl DataPlane {
             .map_max_entries(MAP_FLOWS, flow_table_size)
             .load(object)
             .map_err(DataPlaneError::Load)?;
-        for name in [PROGRAM_NAME, PASS_PROGRAM_NAME] {
-            let program: &mut Xdp = ebpf
-                .program_mut(name)
-                .ok_or(DataPlaneError::MissingProgram(name))?
-                .try_into()
-                .map_err(|source| DataPlaneError::Program { name, source })?;
-            program
-                .load()
-                .map_err(|source| DataPlaneError::Program { name, source })?;
-        }
+        // Only the balancer is verified and loaded; `xdp_pass` in the same object is for veth
+        // peers (tests and container set-ups load it themselves).
+        let name = PROGRAM_NAME;
+        let program: &mut Xdp = ebpf
+            .program_mut(name)
+            .ok_or(DataPlaneError::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| DataPlaneError::Program { name, source })?;
+        program
+            .load()
+            .map_err(|source| DataPlaneError::Program { name, source })?;
         let maps = Maps::take(&mut ebpf, ring_size, ring_tables)?;
         Ok(Self {
             ebpf,
@@ -107,17 +109,8 @@ impl DataPlane {
 
     /// The balancing program (for attaching, or running it with `BPF_PROG_TEST_RUN`).
     pub fn program(&mut self) -> &mut Xdp {
-        self.xdp(PROGRAM_NAME)
-    }
-
-    /// The pass-everything program.
-    pub fn pass_program(&mut self) -> &mut Xdp {
-        self.xdp(PASS_PROGRAM_NAME)
-    }
-
-    fn xdp(&mut self, name: &'static str) -> &mut Xdp {
         self.ebpf
-            .program_mut(name)
+            .program_mut(PROGRAM_NAME)
             .and_then(|p| <&mut Xdp>::try_from(p).ok())
             .expect("checked at load")
     }

@@ -87,6 +87,12 @@ impl Maps {
 
     /// Number of entries in the flow table (walks the keys: for status, not the hot path).
     pub fn flow_count(&self) -> usize {
-        self.flows.keys().filter(Result::is_ok).count()
+        count_flows(&self.flows)
     }
+}
+
+/// Entries of a flow table, walked key by key (also used on a second handle, off the daemon's
+/// loop, by the metrics census).
+pub fn count_flows(flows: &HashMap<MapData, FlowKey, FlowState>) -> usize {
+    flows.keys().filter(Result::is_ok).count()
 }
