@@ -6,6 +6,7 @@ pub mod config;
 pub mod daemon;
 pub mod dataplane;
 pub mod health;
+pub mod http_server;
 pub mod maglev;
 pub mod metrics;
 pub mod net;

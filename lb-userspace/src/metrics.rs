@@ -29,7 +29,6 @@
 //! that path and 404 elsewhere.
 
 use std::collections::{BTreeMap, HashSet};
-use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
 use std::io;
@@ -40,10 +39,7 @@ use std::time::Duration;
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{ALLOW, CONTENT_TYPE as CONTENT_TYPE_HEADER, HeaderValue};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use lb_common::Reason;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
@@ -53,8 +49,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
-use tokio::task::JoinSet;
-use tracing::{debug, info, warn};
+use tracing::info;
 
 use crate::balancer::VipState;
 use crate::health::Health;
@@ -72,13 +67,6 @@ pub const CHECK_DURATION_BUCKETS: [f64; 15] = [
 
 /// The pools in the order `lb_vip_active_pool` lists them.
 const POOLS: [ActivePool; 3] = [ActivePool::Primary, ActivePool::Standby, ActivePool::None];
-
-/// Most metrics connections served at once; more are closed at once (a scraper needs one).
-const MAX_CONNECTIONS: usize = 64;
-/// How long a client may take to send its request headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// Pause after a failed `accept` (out of file descriptors, ...), so the loop does not spin.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// The daemon's metrics: a registry whose one collector prints the state of the last
 /// [`Metrics::update_from`] and the check latencies of [`Metrics::observe_check`].
@@ -381,45 +369,11 @@ pub async fn serve_on(listener: TcpListener, metrics: Arc<Metrics>, shutdown: im
     if let Ok(local) = listener.local_addr() {
         info!("serving metrics on http://{local}/metrics");
     }
-    let mut connections = JoinSet::new();
-    let mut shutdown = std::pin::pin!(shutdown);
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => break,
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(accepted) => accepted,
-                    Err(e) => {
-                        warn!("metrics: accepting a connection failed: {e}");
-                        tokio::time::sleep(ACCEPT_BACKOFF).await;
-                        continue;
-                    }
-                };
-                if connections.len() >= MAX_CONNECTIONS {
-                    debug!("metrics: {MAX_CONNECTIONS} connections open, closing the one from {peer}");
-                    continue;
-                }
-                let metrics = Arc::clone(&metrics);
-                connections.spawn(async move {
-                    let service = service_fn(move |request| {
-                        let response = respond(&metrics, &request);
-                        async move { Ok::<_, Infallible>(response) }
-                    });
-                    let served = http1::Builder::new()
-                        .timer(TokioTimer::new())
-                        .header_read_timeout(HEADER_READ_TIMEOUT)
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                    if let Err(e) = served {
-                        debug!("metrics: connection from {peer}: {e}");
-                    }
-                });
-            }
-        }
-    }
-    // Dropping the set aborts the connections still open.
-    connections.shutdown().await;
+    let respond = move |request: Request<Incoming>| {
+        let response = respond(&metrics, &request);
+        async move { response }
+    };
+    crate::http_server::serve("metrics", listener, respond, shutdown).await;
 }
 
 fn respond(metrics: &Metrics, request: &Request<Incoming>) -> Response<Full<Bytes>> {

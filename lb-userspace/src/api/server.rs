@@ -5,7 +5,6 @@
 //! live one refused, the new one 0600), so the daemon fails at startup when the socket cannot be
 //! had; [`serve_on`] then answers on it until shutdown and removes the socket file.
 
-use std::convert::Infallible;
 use std::fs::{self, DirBuilder, Permissions};
 use std::future::Future;
 use std::io;
@@ -16,14 +15,10 @@ use std::time::Duration;
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use super::model::{Admin, Command};
@@ -35,13 +30,6 @@ pub const SOCKET_MODE: u32 = 0o600;
 pub const DIRECTORY_MODE: u32 = 0o700;
 /// How long a request waits for the daemon's loop to take and answer its command.
 pub const DAEMON_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Most API connections served at once; more are closed at once.
-const MAX_CONNECTIONS: usize = 64;
-/// How long a client may take to send its request headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// Pause after a failed `accept` (out of file descriptors, ...), so the loop does not spin.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Binds the API socket at `path` and serves it until `shutdown` completes (see [`bind`] and
 /// [`serve_on`]). Fails only if the socket cannot be bound.
@@ -132,45 +120,11 @@ pub async fn serve_on(
     if let Some(socket) = &socket {
         info!("serving the control API on {}", socket.display());
     }
-    let mut connections = JoinSet::new();
-    let mut shutdown = std::pin::pin!(shutdown);
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => break,
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
-            accepted = listener.accept() => {
-                let stream = match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(e) => {
-                        warn!("control API: accepting a connection failed: {e}");
-                        tokio::time::sleep(ACCEPT_BACKOFF).await;
-                        continue;
-                    }
-                };
-                if connections.len() >= MAX_CONNECTIONS {
-                    debug!("control API: {MAX_CONNECTIONS} connections open, closing a new one");
-                    continue;
-                }
-                let commands = commands.clone();
-                connections.spawn(async move {
-                    let service = service_fn(move |request| {
-                        let commands = commands.clone();
-                        async move { Ok::<_, Infallible>(respond(&commands, request).await) }
-                    });
-                    let served = http1::Builder::new()
-                        .timer(TokioTimer::new())
-                        .header_read_timeout(HEADER_READ_TIMEOUT)
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                    if let Err(e) = served {
-                        debug!("control API: connection: {e}");
-                    }
-                });
-            }
-        }
-    }
-    connections.shutdown().await;
-    drop(listener);
+    let respond = move |request: Request<Incoming>| {
+        let commands = commands.clone();
+        async move { respond(&commands, request).await }
+    };
+    crate::http_server::serve("control API", listener, respond, shutdown).await;
 }
 
 /// Removes the socket file when dropped (the server stopped, or its task was aborted), unless
