@@ -92,6 +92,12 @@ pub const VIP_F_PASS_WHEN_EMPTY: u32 = 1 << 0;
 pub const BACKEND_F_UP: u32 = 1 << 0;
 /// The backend sits behind another interface: redirect through `TX_PORTS[id]` instead of `XDP_TX`.
 pub const BACKEND_F_REDIRECT: u32 = 1 << 1;
+/// The operator drained the backend (`lb drain`). The data plane ignores this bit; it is kept in
+/// the pinned map so a restarted daemon knows.
+pub const BACKEND_F_DRAINED: u32 = 1 << 2;
+/// The operator disabled the backend (`lb disable`); ignored by the data plane like
+/// `BACKEND_F_DRAINED` (a disabled backend simply has no `BACKEND_F_UP`).
+pub const BACKEND_F_DISABLED: u32 = 1 << 3;
 
 /// `RingSlot`: one Maglev slot. The kernel stores array values at an 8-byte stride anyway, and
 /// `RINGS` is memory-mapped by the daemon (`BPF_F_MMAPABLE`), so the padding is made explicit:

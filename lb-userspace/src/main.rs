@@ -39,7 +39,8 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Load the XDP program onto the configured interface and balance until SIGINT/SIGTERM.
+    /// Load the XDP program onto the configured interface and balance until SIGINT/SIGTERM;
+    /// SIGHUP re-reads the config.
     Run {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
@@ -64,6 +65,12 @@ enum Command {
     Disable(AdminArgs),
     /// Enable a drained or disabled backend: back to its health checks' verdict.
     Enable(AdminArgs),
+    /// Make the running daemon re-read its config file (as SIGHUP does) and apply only the
+    /// difference; an invalid file is refused and the old config keeps running.
+    Reload {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
 }
 
 fn main() -> ExitCode {
@@ -74,6 +81,7 @@ fn main() -> ExitCode {
         Command::Drain(args) => cli::control::set_admin(&args, Admin::Drained),
         Command::Disable(args) => cli::control::set_admin(&args, Admin::Disabled),
         Command::Enable(args) => cli::control::set_admin(&args, Admin::Enabled),
+        Command::Reload { api } => cli::control::reload(&api),
         Command::Run { config } => {
             init_logging(cli.log_format);
             match run(&config) {
@@ -112,7 +120,7 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
-    let snapshot = runtime.block_on(lb::daemon::run(config))?;
+    let snapshot = runtime.block_on(lb::daemon::run(config, path))?;
     print!("final counters\n{snapshot}");
     Ok(())
 }

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyper::Method;
-use lb::api::model::{Admin, BackendStatus, Command, StatusReport, VipStatus};
+use lb::api::model::{Admin, BackendStatus, Command, ReloadReport, StatusReport, VipStatus};
 use lb::api::{client, server};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -112,6 +112,7 @@ impl Daemon {
         let (commands_tx, mut commands_rx) = mpsc::channel::<Command>(8);
         let commands = Arc::new(Mutex::new(Vec::new()));
         let seen = Arc::clone(&commands);
+        let reloads = AtomicUsize::new(0);
         tokio::spawn(async move {
             while let Some(command) = commands_rx.recv().await {
                 match command {
@@ -127,6 +128,21 @@ impl Daemon {
                         let answer = fake_set_admin(&vip, &backend);
                         seen.lock().unwrap().push((vip, backend, admin));
                         let _ = reply.send(answer);
+                    }
+                    Command::Reload(reply) => {
+                        // The first reload applies two changes, every later one is refused.
+                        let n = reloads.fetch_add(1, Ordering::SeqCst);
+                        let _ = reply.send(if n == 0 {
+                            Ok(ReloadReport {
+                                config: "/etc/lb/lb.toml".to_owned(),
+                                changes: vec![
+                                    "vip web: backend 10.0.0.13 added".to_owned(),
+                                    "vip web: backend 10.0.0.11: weight 100 -> 50".to_owned(),
+                                ],
+                            })
+                        } else {
+                            Err("/etc/lb/lb.toml:7:11: invalid IP address syntax".to_owned())
+                        });
                     }
                 }
             }
@@ -258,6 +274,46 @@ async fn status_json_is_the_daemons_report() {
     assert_eq!(value["vips"][1]["active_pool"], "none");
 
     daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_prints_the_changes_and_a_refusal_fails_with_the_files_position() {
+    let daemon = Daemon::start().await;
+    let out = lb(["reload".as_ref()].into_iter().chain(api(&daemon.socket))).await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(
+        out.stdout,
+        "reloaded /etc/lb/lb.toml: 2 changes\n  vip web: backend 10.0.0.13 added\n  \
+         vip web: backend 10.0.0.11: weight 100 -> 50\n"
+    );
+    let out = lb(["reload".as_ref()].into_iter().chain(api(&daemon.socket))).await;
+    assert_eq!(out.code, 1, "a refused reload must fail: {}", out.stdout);
+    assert_eq!(
+        out.stderr,
+        "reload refused: /etc/lb/lb.toml:7:11: invalid IP address syntax\n\
+         the daemon keeps running its current config\n"
+    );
+    assert_eq!(out.stdout, "");
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_with_an_invalid_config_is_not_sent() {
+    let dir = temp_dir();
+    let config = dir.join("lb.toml");
+    std::fs::write(&config, "interface = \"eth0\"\nmax_vips = \"many\"\n").unwrap();
+    let out = lb(["reload".as_ref(), "--config".as_ref(), config.as_os_str()]).await;
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stderr
+            .starts_with(&format!("{}:2:12: ", config.display()))
+            && out
+                .stderr
+                .ends_with("reload not sent: the daemon keeps running its current config\n"),
+        "{}",
+        out.stderr
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

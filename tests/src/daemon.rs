@@ -61,15 +61,7 @@ impl LbDaemon {
             );
         }
         let config_path = std::env::temp_dir().join(format!("{}.toml", namespace.name()));
-        // Daemons of tests running side by side each need their own control socket.
-        let api_socket = api_socket_for(namespace);
-        let config = if config.lines().any(|l| l.trim_start().starts_with("api")) {
-            config.to_owned()
-        } else {
-            format!("api = \"{}\"\n{config}", api_socket.display())
-        };
-        std::fs::write(&config_path, config)
-            .with_context(|| format!("writing {}", config_path.display()))?;
+        write_config(namespace, &config_path, config)?;
         let mut command = match launch {
             Launch::Nsenter => namespace.nsenter_command(&binary),
             Launch::IpNetnsExec => {
@@ -159,6 +151,36 @@ impl LbDaemon {
     pub fn config_path(&self) -> &Path {
         &self.config_path
     }
+
+    /// Replaces the daemon's config file (with the same control socket added as at start), for
+    /// `lb reload` or SIGHUP to pick up.
+    pub fn rewrite_config(&self, namespace: &NetNs, config: &str) -> Result<()> {
+        write_config(namespace, &self.config_path, config)
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGHUP`) to the daemon.
+    pub fn signal(&self, signal: libc::c_int) {
+        if let Some(child) = &self.child {
+            // SAFETY: sending a signal to our own child's pid; no memory is involved.
+            unsafe {
+                libc::kill(child.id() as libc::pid_t, signal);
+            }
+        }
+    }
+}
+
+/// Writes `config` to `path`, with `api` set to [`api_socket_for`] unless it sets one: daemons
+/// of tests running side by side each need their own control socket.
+fn write_config(namespace: &NetNs, path: &Path, config: &str) -> Result<()> {
+    let config = if config.lines().any(|l| l.trim_start().starts_with("api")) {
+        config.to_owned()
+    } else {
+        format!(
+            "api = \"{}\"\n{config}",
+            api_socket_for(namespace).display()
+        )
+    };
+    std::fs::write(path, config).with_context(|| format!("writing {}", path.display()))
 }
 
 fn terminate(child: &Child) {

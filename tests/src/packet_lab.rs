@@ -5,7 +5,7 @@ use std::{net::IpAddr, path::Path};
 
 use aya::{TestRun as _, TestRunOptions};
 use lb::{
-    balancer::{Balancer, L2Path, capacity_of, ring_for, vip_key},
+    balancer::{Balancer, Change, L2Path, capacity_of, ring_for, vip_key},
     config::Config,
     dataplane::DataPlane,
     health::Health,
@@ -38,13 +38,34 @@ impl PacketLab {
             .unwrap_or_else(|e| panic!("lab config is invalid: {e}"));
         let dataplane = DataPlane::load(capacity_of(&config))
             .unwrap_or_else(|e| panic!("loading the XDP program failed (run as root): {e:#}"));
-        let mut balancer = Balancer::new(dataplane, &config);
-        for v in 0..balancer.vips.len() {
-            for b in 0..balancer.vips[v].backends.len() {
-                let id = balancer.vips[v].backends[b].id;
-                balancer.vips[v].backends[b].health = Health::Up;
-                balancer.vips[v].backends[b].path = Some(L2Path {
-                    dst_mac: backend_mac(id),
+        let balancer = Balancer::new(dataplane, &config).expect("the model of a valid config");
+        let mut lab = Self { balancer };
+        lab.bring_up_new_backends();
+        lab
+    }
+
+    /// Applies `config_toml` as `lb reload` does (reconcile); backends it adds come up at once
+    /// with the lab's path, as if their first check had passed. Returns the changes.
+    pub fn reload(&mut self, config_toml: &str) -> Vec<Change> {
+        let config = Config::parse(config_toml, Path::new("lab.toml"))
+            .unwrap_or_else(|e| panic!("lab config is invalid: {e}"));
+        let changes = self
+            .balancer
+            .reconcile(&config)
+            .unwrap_or_else(|e| panic!("reconciling the lab config: {e}"));
+        self.bring_up_new_backends();
+        changes
+    }
+
+    /// Marks every backend without a path healthy with path `backend_mac(id)` (same interface,
+    /// so `XDP_TX`) and republishes.
+    fn bring_up_new_backends(&mut self) {
+        let balancer = &mut self.balancer;
+        for vip in &mut balancer.vips {
+            for backend in vip.backends.iter_mut().filter(|b| b.path.is_none()) {
+                backend.health = Health::Up;
+                backend.path = Some(L2Path {
+                    dst_mac: backend_mac(backend.id),
                     src_mac: LB_MAC,
                     ifindex: 1,
                     redirect: false,
@@ -54,7 +75,6 @@ impl PacketLab {
         balancer
             .publish_all()
             .unwrap_or_else(|e| panic!("publishing the lab config: {e}"));
-        Self { balancer }
     }
 
     /// Runs the program once on `frame`; returns the verdict and the frame as the program left it.

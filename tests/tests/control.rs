@@ -205,3 +205,184 @@ fn status_drain_disable_enable_against_a_running_daemon() {
     assert_eq!(leftovers(prefix), Vec::<String>::new());
     assert_eq!(leftovers(&format!("{prefix}2")), Vec::<String>::new());
 }
+
+/// The config of the reload test: `web` with the given backends (address, weight) and
+/// `extra` top-level keys.
+fn web_config(topo: &DsrTopology, backends: &[(String, u32)], extra: &str) -> String {
+    let mut config = format!(
+        "interface = \"eth0\"\nflow_table_size = 65536\nmax_vips = 2\n{extra}\n[[vip]]\nname = \"web\"\naddress = \"{}\"\nport = 80\nprotocol = \"tcp\"\n[vip.health]\ninterval = \"200ms\"\ntimeout = \"200ms\"\n",
+        topo.vip_v4()
+    );
+    for (address, weight) in backends {
+        config.push_str(&format!(
+            "[[vip.backend]]\naddress = \"{address}\"\nweight = {weight}\n"
+        ));
+    }
+    config
+}
+
+fn backend_addresses(status: &serde_json::Value) -> Vec<String> {
+    status["vips"][0]["backends"]
+        .as_array()
+        .expect("backends")
+        .iter()
+        .map(|b| b["address"].as_str().expect("address").to_owned())
+        .collect()
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn reload_applies_only_the_difference_and_refuses_a_bad_file() {
+    let prefix = "lbrld";
+    {
+        let options = DsrTopologyOptions {
+            name_prefix: prefix.to_owned(),
+            ..Default::default()
+        };
+        let topo = DsrTopology::new(3, options).expect("topology");
+        let _servers: Vec<TcpIdentityServer> = (0..3)
+            .map(|i| {
+                TcpIdentityServer::start(
+                    topo.backend(i),
+                    "0.0.0.0:80".parse().unwrap(),
+                    topo.backend_host(i).ipv4().to_string(),
+                )
+                .expect("server")
+            })
+            .collect();
+        let address = |i: usize| topo.backend_host(i).ipv4().to_string();
+        let v1 = web_config(&topo, &[(address(0), 100), (address(1), 100)], "");
+        let mut daemon = LbDaemon::start(topo.lb(), &v1, Launch::Nsenter).expect("lb run");
+        let socket = api_socket_for(topo.lb());
+        let vip = SocketAddr::new(IpAddr::V4(topo.vip_v4()), 80);
+
+        // A long-lived connection, and an operator drain of the other backend.
+        let mut long_lived =
+            TcpLineClient::connect(topo.client(), vip, TIMEOUT).expect("long-lived connection");
+        let pinned = long_lived.request("hello").expect("first reply");
+        let drained = [address(0), address(1)]
+            .into_iter()
+            .find(|a| *a != pinned)
+            .expect("the other backend");
+        assert_eq!(lb(&["drain", "web", &drained], &socket).0, 0);
+
+        // An invalid file: refused with its position, through `lb reload` and through SIGHUP;
+        // the old config keeps running.
+        daemon
+            .rewrite_config(topo.lb(), &v1.replace("weight = 100", "weight = \"heavy\""))
+            .expect("write");
+        let (code, stdout, stderr) = lb(&["reload"], &socket);
+        assert_eq!(code, 1, "an invalid config must be refused: {stdout}");
+        let position = format!("reload refused: {}:", daemon.config_path().display());
+        assert!(
+            stderr.starts_with(&position) && stderr.contains("the daemon keeps running"),
+            "{stderr}"
+        );
+        let line_col = &stderr[position.len()..];
+        let digits = |s: &str| s.split(':').take(2).all(|n| n.parse::<u32>().is_ok());
+        assert!(digits(line_col), "no LINE:COL after the file: {stderr}");
+        daemon.signal(libc::SIGHUP);
+        daemon
+            .wait_for_log("reload refused", Duration::from_secs(5))
+            .expect("SIGHUP with a bad file is refused");
+        // A setting only a restart can change is refused too.
+        daemon
+            .rewrite_config(
+                topo.lb(),
+                &v1.replace("flow_table_size = 65536", "flow_table_size = 4096"),
+            )
+            .expect("write");
+        let (code, _, stderr) = lb(&["reload"], &socket);
+        assert_eq!(code, 1);
+        assert!(
+            stderr.contains("`flow_table_size` changed (65536 -> 4096)"),
+            "{stderr}"
+        );
+        let report = status(&socket);
+        assert_eq!(backend_addresses(&report), [address(0), address(1)]);
+        assert_eq!(backend_state(&report, &drained), "draining");
+        assert_eq!(
+            long_lived.request("still?").expect("after refusals"),
+            pinned
+        );
+
+        // A valid file: a third backend with twice the weight. Applied through `lb reload`.
+        let v2 = web_config(
+            &topo,
+            &[(address(0), 100), (address(1), 100), (address(2), 200)],
+            "",
+        );
+        daemon.rewrite_config(topo.lb(), &v2).expect("write");
+        let (code, stdout, stderr) = lb(&["reload"], &socket);
+        assert_eq!(code, 0, "{stderr}");
+        assert!(
+            stdout.starts_with(&format!(
+                "reloaded {}: 1 change\n",
+                daemon.config_path().display()
+            )) && stdout.contains(&format!("vip web: backend {} added", address(2))),
+            "{stdout}"
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while backend_state(&status(&socket), &address(2)) != "up" {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the added backend did not come up: {}",
+                status(&socket)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let report = status(&socket);
+        assert_eq!(
+            backend_state(&report, &drained),
+            "draining",
+            "the drain survives the reload"
+        );
+        let after = tcp_requests(topo.client(), vip, 60, TIMEOUT).expect("client");
+        assert!(after.failures.is_empty(), "{:?}", after.failures);
+        assert!(
+            !after.per_identity.contains_key(&drained),
+            "a new connection reached the drained backend: {:?}",
+            after.per_identity
+        );
+        assert!(
+            after.per_identity.get(&address(2)).copied().unwrap_or(0) > 20,
+            "the added backend (weight 200 of 300 in the ring) serves: {:?}",
+            after.per_identity
+        );
+        assert_eq!(
+            long_lived.request("and now?").expect("no flow-table flush"),
+            pinned
+        );
+
+        // SIGHUP: the drained backend leaves the config.
+        let v3 = web_config(&topo, &[(pinned.clone(), 100), (address(2), 200)], "");
+        daemon.rewrite_config(topo.lb(), &v3).expect("write");
+        daemon.signal(libc::SIGHUP);
+        daemon
+            .wait_for_log(
+                &format!("reload: vip web: backend {drained} removed"),
+                Duration::from_secs(5),
+            )
+            .expect("SIGHUP applies the file");
+        assert_eq!(
+            backend_addresses(&status(&socket)),
+            [pinned.clone(), address(2)]
+        );
+        assert_eq!(long_lived.request("last").expect("still pinned"), pinned);
+
+        // No checker of an unchanged backend was restarted: each logged exactly one
+        // transition, its first result.
+        let transitions = daemon.transitions();
+        for backend in [&pinned, &drained, &address(2)] {
+            let mine: Vec<_> = transitions
+                .iter()
+                .filter(|t| &t.backend == backend && !t.from.starts_with("admin"))
+                .map(|t| (t.from.as_str(), t.to.as_str()))
+                .collect();
+            assert_eq!(mine, [("unknown", "up")], "transitions of {backend}");
+        }
+        drop(long_lived);
+        daemon.stop().expect("lb stops");
+    }
+    assert_eq!(leftovers(prefix), Vec::<String>::new());
+}

@@ -13,7 +13,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
 
 use super::admin_path;
-use super::model::{Admin, StatusReport};
+use super::model::{Admin, ReloadReport, StatusReport};
 
 /// How long a request may take, connecting included.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -170,4 +170,14 @@ pub async fn set_admin(
     call(socket, Method::POST, &admin_path(vip, backend, admin))
         .await
         .map(drop)
+}
+
+/// `POST /reload`: the daemon re-reads its config file; a refusal (invalid file, a setting a
+/// reload cannot change) is [`ClientError::Refused`] with the reason.
+pub async fn reload(socket: &Path) -> Result<ReloadReport, ClientError> {
+    let body = call(socket, Method::POST, "/reload").await?;
+    serde_json::from_str(&body).map_err(|e| ClientError::BadAnswer {
+        socket: socket.to_path_buf(),
+        message: format!("POST /reload is not a reload report: {e}"),
+    })
 }

@@ -7,6 +7,7 @@
 //! | `POST /vips/{vip}/backends/{backend}/drain` | 200 `{"ok":true}`: weight 0, no new flows, existing ones stay |
 //! | `POST /vips/{vip}/backends/{backend}/disable` | 200 `{"ok":true}`: forced down |
 //! | `POST /vips/{vip}/backends/{backend}/enable` | 200 `{"ok":true}`: back to health-checked |
+//! | `POST /reload` | 200, a [`ReloadReport`](model::ReloadReport); 422 `{"error":"FILE:LINE:COL: ..."}` when the file is refused (the old config keeps running) |
 //!
 //! `{vip}` is the VIP's name, `{backend}` the backend's address (`10.0.0.11`, `2001:db8::11`),
 //! both percent-decoded. Every error is JSON too, `{"error":"..."}`: 404 for an unknown path, VIP
@@ -15,7 +16,7 @@
 //!
 //! [`server`] answers on behalf of the daemon's loop, which owns the data plane: every request
 //! becomes a [`Command`](model::Command) on a channel. [`client`] is what `lb status`, `lb drain`,
-//! `lb disable` and `lb enable` use.
+//! `lb disable`, `lb enable` and `lb reload` use.
 
 pub mod client;
 pub mod model;

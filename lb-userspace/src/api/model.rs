@@ -55,6 +55,15 @@ pub struct BackendStatus {
     pub flows: u64,
 }
 
+/// `POST /reload`: what the reload changed, one line each (`vip web: backend 10.0.0.13 added`);
+/// empty when the file matches what runs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReloadReport {
+    /// The file that was read.
+    pub config: String,
+    pub changes: Vec<String>,
+}
+
 /// A request the API server hands to the daemon's loop (which owns the data plane).
 #[derive(Debug)]
 pub enum Command {
@@ -65,4 +74,7 @@ pub enum Command {
         admin: Admin,
         reply: oneshot::Sender<Result<(), String>>,
     },
+    /// Re-read the config file the daemon was started with; `Err` carries why it was refused
+    /// (`FILE:LINE:COL: ...` for an invalid file), and the old config keeps running.
+    Reload(oneshot::Sender<Result<ReloadReport, String>>),
 }

@@ -160,6 +160,7 @@ impl Drop for RemoveOnDrop {
 #[derive(Debug, PartialEq)]
 enum Route {
     Status,
+    Reload,
     SetAdmin {
         vip: String,
         backend: String,
@@ -177,6 +178,7 @@ fn route(path: &str) -> Route {
     };
     match segments.as_slice() {
         ["status"] => Route::Status,
+        ["reload"] => Route::Reload,
         ["vips", vip, "backends", backend, action] if !vip.is_empty() && !backend.is_empty() => {
             let Some(admin) = admin_for(action) else {
                 return Route::NotFound;
@@ -208,6 +210,14 @@ async fn respond(
             }
         }
         (Route::Status, _) => method_not_allowed("GET"),
+        (Route::Reload, Method::POST) => {
+            let (reply, answer) = oneshot::channel();
+            match ask(commands, Command::Reload(reply), answer).await {
+                Ok(Ok(report)) => json(StatusCode::OK, &report),
+                Ok(Err(message)) => error(StatusCode::UNPROCESSABLE_ENTITY, &message),
+                Err(response) => response,
+            }
+        }
         (
             Route::SetAdmin {
                 vip,
@@ -242,11 +252,13 @@ async fn respond(
             StatusCode::BAD_REQUEST,
             "the VIP or backend in the path is not valid percent-encoded UTF-8",
         ),
-        (Route::SetAdmin { .. } | Route::BadSegment, _) => method_not_allowed("POST"),
+        (Route::SetAdmin { .. } | Route::BadSegment | Route::Reload, _) => {
+            method_not_allowed("POST")
+        }
         (Route::NotFound, _) => error(
             StatusCode::NOT_FOUND,
             &format!(
-                "not found: {}; the API has GET /status and POST \
+                "not found: {}; the API has GET /status, POST /reload and POST \
                  /vips/VIP/backends/BACKEND/drain|disable|enable",
                 request.uri().path()
             ),

@@ -1,11 +1,17 @@
 //! The daemon's model of what the data plane should hold, and the one place that writes it.
 //!
-//! Ids are assigned from the config: VIP `i` gets id `i` (its stats slot and ring tables `2i`,
-//! `2i+1`); backends get consecutive ids across VIPs. A VIP's ring is republished whenever the
-//! set of usable backends (up, L2 path known, weight > 0) changes: the new Maglev table goes into
-//! the inactive table and the VIP record is flipped with one map update.
+//! Every VIP and backend has a data-plane id (its slot in `VIP_STATS`/`RINGS`, or in `BACKENDS`,
+//! `BACKEND_STATS` and `TX_PORTS`), handed out by [`ids::IdPool`] and kept for as long as the VIP
+//! (by name) or the backend (by VIP and address) stays in the config: reloads ([`reconcile`])
+//! and restarted daemons ([`adopt`]) leave established flows where they are. A VIP's ring is
+//! republished whenever the set of usable backends (up, L2 path known, weight > 0) changes: the
+//! new Maglev table goes into the inactive table and the VIP record is flipped with one map
+//! update.
 
+mod adopt;
+mod ids;
 mod publish;
+mod reconcile;
 
 use std::net::IpAddr;
 
@@ -13,13 +19,15 @@ use lb_common::{FAMILY_V4, FAMILY_V6, VipKey};
 
 pub use crate::api::model::Admin;
 use crate::{
-    config::{Config, OnAllDown, VipConfig},
+    config::{Config, OnAllDown},
     dataplane::{Capacity, DataPlane},
     health::Health,
     pool::{self, ActivePool, Member},
 };
 
+pub use adopt::Adopted;
 pub use publish::{PublishError, PublishReport, ring_for};
+pub use reconcile::{Change, ReconcileError};
 
 /// How the data plane reaches a backend at layer 2.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -108,10 +116,15 @@ impl VipState {
 /// Owns the loaded data plane and the state it mirrors.
 pub struct Balancer {
     pub dataplane: DataPlane,
+    /// In config order.
     pub vips: Vec<VipState>,
     /// What each `BACKENDS` slot was last written with, so a publish writes only the records
     /// that changed (one syscall each: at 1000 backends, rewriting all costs a millisecond).
     written: std::collections::HashMap<u32, lb_common::Backend>,
+    vip_ids: ids::IdPool,
+    backend_ids: ids::IdPool,
+    /// Backend id → (VIP index, backend index) in `vips`.
+    index: std::collections::HashMap<u32, (usize, usize)>,
 }
 
 /// The capacity a config asks for.
@@ -141,58 +154,59 @@ pub fn family(address: IpAddr) -> u8 {
 }
 
 impl Balancer {
-    /// Builds the model for `config`. Backends start with unknown health and no L2 path, so
-    /// nothing is in a ring until their first check passes and their MAC is known.
-    pub fn new(dataplane: DataPlane, config: &Config) -> Self {
-        let mut next_backend = 0u32;
-        let vips = config
-            .vips
-            .iter()
-            .enumerate()
-            .map(|(i, vip)| Self::vip_state(i as u32, vip, &mut next_backend))
-            .collect();
+    /// A model with nothing in it yet: [`Balancer::adopt`] (a restarted daemon) and then
+    /// [`Balancer::reconcile`] fill it from the config.
+    pub fn empty(dataplane: DataPlane) -> Self {
+        let capacity = dataplane.capacity;
         Self {
             dataplane,
-            vips,
+            vips: Vec::new(),
             written: std::collections::HashMap::new(),
+            vip_ids: ids::IdPool::new(capacity.max_vips),
+            backend_ids: ids::IdPool::new(capacity.max_backends),
+            index: std::collections::HashMap::new(),
         }
     }
 
-    fn vip_state(id: u32, vip: &VipConfig, next_backend: &mut u32) -> VipState {
-        let backends = vip
-            .backends
-            .iter()
-            .map(|b| {
-                let id = *next_backend;
-                *next_backend += 1;
-                BackendState {
-                    id,
-                    address: b.address,
-                    weight: b.weight,
-                    standby: b.standby,
-                    health: Health::Unknown,
-                    path: None,
-                    admin: Admin::Enabled,
-                }
-            })
-            .collect();
-        VipState {
-            id,
-            name: vip.name.clone(),
-            key: vip_key(vip.address, vip.port, vip.protocol.number()),
-            address: vip.address,
-            port: vip.port,
-            protocol: vip.protocol,
-            active_ring: 0,
-            min_healthy: vip.min_healthy,
-            on_all_down: vip.on_all_down,
-            active_pool: ActivePool::None,
-            backends,
-        }
+    /// Builds the model for `config` and writes its VIPs. Backends start with unknown health
+    /// and no L2 path, so nothing is in a ring until their first check passes and their MAC is
+    /// known.
+    pub fn new(dataplane: DataPlane, config: &Config) -> Result<Self, ReconcileError> {
+        let mut balancer = Self::empty(dataplane);
+        balancer.reconcile(config)?;
+        Ok(balancer)
     }
 
     /// Finds a VIP by name.
     pub fn vip_index(&self, name: &str) -> Option<usize> {
         self.vips.iter().position(|v| v.name == name)
+    }
+
+    /// Where the backend with data-plane id `id` is in `vips`.
+    pub fn locate(&self, id: u32) -> Option<(usize, usize)> {
+        self.index.get(&id).copied()
+    }
+
+    /// The data-plane id of `vip`'s backend at `address`.
+    pub fn backend_id(&self, vip: &str, address: IpAddr) -> Option<u32> {
+        let vip = &self.vips[self.vip_index(vip)?];
+        vip.backends
+            .iter()
+            .find(|b| b.address == address)
+            .map(|b| b.id)
+    }
+
+    fn reindex(&mut self) {
+        self.index = self
+            .vips
+            .iter()
+            .enumerate()
+            .flat_map(|(v, vip)| {
+                vip.backends
+                    .iter()
+                    .enumerate()
+                    .map(move |(b, backend)| (backend.id, (v, b)))
+            })
+            .collect();
     }
 }

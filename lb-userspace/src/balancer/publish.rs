@@ -4,10 +4,11 @@
 use std::time::{Duration, Instant};
 
 use lb_common::{
-    BACKEND_F_REDIRECT, BACKEND_F_UP, Backend, NO_BACKEND, VIP_F_PASS_WHEN_EMPTY, VipInfo,
+    BACKEND_F_DISABLED, BACKEND_F_DRAINED, BACKEND_F_REDIRECT, BACKEND_F_UP, Backend, NO_BACKEND,
+    VIP_F_PASS_WHEN_EMPTY, VipInfo,
 };
 
-use super::{BackendState, Balancer, VipState};
+use super::{Admin, BackendState, Balancer, VipState};
 use crate::{
     config::OnAllDown,
     dataplane::DataPlaneError,
@@ -45,7 +46,7 @@ pub enum PublishError {
     TxPort(#[source] aya::maps::xdp::XdpMapError),
 }
 
-fn backend_record(vip_id: u32, backend: &BackendState) -> Backend {
+pub(super) fn backend_record(vip_id: u32, backend: &BackendState) -> Backend {
     let mut addr = [0u8; 16];
     match backend.address {
         std::net::IpAddr::V4(a) => addr[..4].copy_from_slice(&a.octets()),
@@ -62,6 +63,11 @@ fn backend_record(vip_id: u32, backend: &BackendState) -> Backend {
     if redirect {
         flags |= BACKEND_F_REDIRECT;
     }
+    flags |= match backend.admin {
+        Admin::Enabled => 0,
+        Admin::Drained => BACKEND_F_DRAINED,
+        Admin::Disabled => BACKEND_F_DISABLED,
+    };
     Backend {
         addr,
         dst_mac,
@@ -246,6 +252,21 @@ impl Balancer {
     ) -> Result<PublishReport, PublishError> {
         self.backend_mut(vip_index, backend_index)?.weight = weight;
         self.publish(vip_index)
+    }
+
+    /// Clears the `BACKENDS` record of a backend that is gone: flows still pinned to it see no
+    /// `BACKEND_F_UP` and are re-chosen from their VIP's ring.
+    pub(super) fn clear_backend(&mut self, id: u32) -> Result<(), PublishError> {
+        self.dataplane
+            .maps
+            .backends
+            .set(id, <Backend as bytemuck::Zeroable>::zeroed(), 0)
+            .map_err(|source| PublishError::Map {
+                what: "BACKENDS",
+                source,
+            })?;
+        self.written.remove(&id);
+        Ok(())
     }
 
     fn backend_mut(

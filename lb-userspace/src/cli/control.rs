@@ -1,4 +1,4 @@
-//! `lb status`, `lb drain`, `lb disable` and `lb enable`: requests to a running daemon's control
+//! `lb status`, `lb drain`, `lb disable`, `lb enable` and `lb reload`: requests to a running daemon's control
 //! API. Each finds the socket through `--api PATH`, else `api` of `--config FILE`, else
 //! [`DEFAULT_API`]. Exit 0 when the daemon did it, 1 when it refused or could not be reached
 //! (the reason on stderr).
@@ -24,6 +24,13 @@ pub struct ApiArgs {
 }
 
 impl ApiArgs {
+    fn at(socket: PathBuf) -> Self {
+        Self {
+            api: Some(socket),
+            config: None,
+        }
+    }
+
     /// `--api`, else `api` of `--config` (its `FILE:LINE:COL` error if it is invalid), else the
     /// default.
     pub fn socket(&self) -> Result<PathBuf, String> {
@@ -97,6 +104,58 @@ pub fn set_admin(args: &AdminArgs, admin: Admin) -> ExitCode {
         }
         Err(e) => fail(&e),
     }
+}
+
+/// `lb reload`: the daemon re-reads the config file it was started with and applies the
+/// difference. Prints `reloaded FILE: N changes` and one line per change; a refusal (the file's
+/// `FILE:LINE:COL` error, or a setting only a restart can change) goes to stderr, exit 1, and
+/// the daemon keeps running what it ran.
+pub fn reload(api: &ApiArgs) -> ExitCode {
+    let kept = "the daemon keeps running its current config";
+    let socket = match api.socket() {
+        Ok(socket) => socket,
+        // `--config` names a file that does not validate: no daemon would take it either.
+        Err(e) => {
+            return fail(&format!(
+                "{e}
+reload not sent: {kept}"
+            ));
+        }
+    };
+    let answer = with_daemon(&ApiArgs::at(socket), async |socket| {
+        client::reload(&socket).await.map_err(|e| match e {
+            client::ClientError::Refused { message, .. } => {
+                format!(
+                    "reload refused: {message}
+{kept}"
+                )
+            }
+            other => other.to_string(),
+        })
+    });
+    let report = match answer {
+        Ok(report) => report,
+        Err(e) => return fail(&e),
+    };
+    if let Some(asked) = &api.config {
+        let same = std::fs::canonicalize(asked).ok() == std::fs::canonicalize(&report.config).ok();
+        if !same {
+            eprintln!(
+                "note: the daemon reloaded {}, the file it was started with, not {}",
+                report.config,
+                asked.display()
+            );
+        }
+    }
+    match report.changes.len() {
+        0 => println!("reloaded {}: no changes", report.config),
+        1 => println!("reloaded {}: 1 change", report.config),
+        n => println!("reloaded {}: {n} changes", report.config),
+    }
+    for change in &report.changes {
+        println!("  {change}");
+    }
+    ExitCode::SUCCESS
 }
 
 /// Finds the socket and runs `f` on it in a one-thread runtime.

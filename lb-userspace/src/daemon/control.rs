@@ -24,6 +24,10 @@ pub(super) fn handle(balancer: &mut Balancer, supervisor: &Supervisor, command: 
         } => {
             let _ = reply.send(set_admin(balancer, &vip, &backend, admin));
         }
+        Command::Reload(reply) => {
+            // The daemon's loop reloads itself (it needs the checkers and the metrics too).
+            let _ = reply.send(Err("reload is handled by the daemon's loop".to_owned()));
+        }
     }
 }
 
@@ -62,7 +66,7 @@ pub(super) fn status(balancer: &Balancer, supervisor: &Supervisor) -> StatusRepo
                         .and_then(|c| c.backends.get(b))
                         .map(|b| b.counters)
                         .unwrap_or_default();
-                    let last = supervisor.last_outcome((v, b));
+                    let last = supervisor.last_outcome(backend.id);
                     BackendStatus {
                         address: backend.address.to_string(),
                         standby: backend.standby,

@@ -20,21 +20,24 @@ pub(super) fn on_check_reports(
     reports: &[CheckReport],
     attached: bool,
 ) -> Result<(), RunError> {
-    let mut changes: Vec<(&CheckReport, Transition)> = Vec::new();
+    let mut changes: Vec<(&CheckReport, (usize, usize), Transition)> = Vec::new();
     for report in reports {
+        // A result for a backend a reload just removed finds no place in the model.
+        let Some(place) = balancer.locate(report.checker.backend) else {
+            continue;
+        };
         if let Some(transition) = supervisor.record(report) {
-            let (v, b) = report.backend;
-            balancer.mark_health(v, b, transition.to)?;
-            changes.push((report, transition));
+            balancer.mark_health(place.0, place.1, transition.to)?;
+            changes.push((report, place, transition));
         }
     }
-    let mut vips: Vec<usize> = changes.iter().map(|(r, _)| r.backend.0).collect();
+    let mut vips: Vec<usize> = changes.iter().map(|(_, (v, _), _)| *v).collect();
     vips.sort_unstable();
     vips.dedup();
     for v in vips {
         let published = balancer.publish(v)?;
-        for (report, transition) in changes.iter().filter(|(r, _)| r.backend.0 == v) {
-            log_transition(balancer, report, *transition, &published);
+        for (report, place, transition) in changes.iter().filter(|(_, (cv, _), _)| *cv == v) {
+            log_transition(balancer, report, *place, *transition, &published);
         }
         if attached {
             log_flip(balancer, v, &published);
@@ -46,10 +49,10 @@ pub(super) fn on_check_reports(
 fn log_transition(
     balancer: &Balancer,
     report: &CheckReport,
+    (v, b): (usize, usize),
     t: Transition,
     published: &PublishReport,
 ) {
-    let (v, b) = report.backend;
     let vip = &balancer.vips[v];
     let backend = &vip.backends[b];
     let map_update_us = published.elapsed.as_micros() as u64;

@@ -1,14 +1,15 @@
 //! `lb run`: load the program, start the health checks, fill the maps, attach; then apply every
-//! health change and path change as it happens; on SIGINT or SIGTERM detach and report the final
-//! counters.
+//! health change, path change, operator command and reload (`lb reload`, SIGHUP) as it happens;
+//! on SIGINT or SIGTERM detach and report the final counters.
 
 mod attach;
 mod control;
 mod events;
 mod paths;
+mod reload;
 mod telemetry;
 
-use std::time::Duration;
+use std::{path::Path, time::Duration};
 
 use tokio::{
     signal::unix::{SignalKind, signal},
@@ -19,13 +20,14 @@ use tracing::{info, warn};
 
 use crate::{
     api::model::Command,
-    balancer::{Balancer, capacity_of},
+    balancer::{Balancer, ReconcileError, capacity_of},
     config::Config,
-    daemon::telemetry::Telemetry,
+    daemon::{reload::Running, telemetry::Telemetry},
     dataplane::{AttachMode, DataPlane},
     health::{
+        Health,
         schedule::CheckReport,
-        supervisor::{Supervisor, spawn_checkers},
+        supervisor::{CheckSpec, Supervisor},
     },
     net::NetlinkHandle,
     stats::Snapshot,
@@ -50,28 +52,37 @@ pub enum RunError {
     #[error(transparent)]
     Publish(#[from] crate::balancer::PublishError),
     #[error(transparent)]
+    Reconcile(Box<ReconcileError>),
+    #[error(transparent)]
     Telemetry(#[from] telemetry::TelemetryError),
     #[error("installing the signal handler: {0}")]
     Signal(#[source] std::io::Error),
 }
 
-/// Runs the load balancer until SIGINT or SIGTERM; returns the final counters.
-pub async fn run(config: Config) -> Result<Snapshot, RunError> {
+impl From<ReconcileError> for RunError {
+    fn from(e: ReconcileError) -> Self {
+        RunError::Reconcile(Box::new(e))
+    }
+}
+
+/// Runs the load balancer on `config` (read from `path`, which reloads re-read) until SIGINT or
+/// SIGTERM; returns the final counters.
+pub async fn run(config: Config, path: &Path) -> Result<Snapshot, RunError> {
     let netlink = NetlinkHandle::new()?;
     let interface = netlink.interface_by_name(&config.interface).await?;
     attach::raise_memlock_limit();
 
     let dataplane = DataPlane::load(capacity_of(&config))?;
-    let mut balancer = Balancer::new(dataplane, &config);
-    let mut supervisor = Supervisor::new(&config);
+    let mut balancer = Balancer::empty(dataplane);
+    balancer.reconcile(&config)?;
     let (report_tx, mut reports) = mpsc::channel::<CheckReport>(1024);
-    let checkers = spawn_checkers(&config, &report_tx);
-    drop(report_tx);
+    let mut supervisor = Supervisor::new(report_tx);
+    supervisor.sync(wanted_checks(&balancer, &config));
 
     // Before attaching: every backend's first check result and L2 path, so the first packet
     // already finds the healthy backends in their rings and no dead one.
     paths::refresh_paths(&netlink, &interface, &mut balancer).await?;
-    collect_first_results(&config, &mut balancer, &mut supervisor, &mut reports).await?;
+    collect_first_results(&mut balancer, &mut supervisor, &mut reports).await?;
     balancer.publish_all()?;
     // The control API is on by default (`api` has a default path), so a clash with another
     // daemon's socket must not keep the load balancer from balancing: it runs without its API
@@ -94,7 +105,7 @@ pub async fn run(config: Config) -> Result<Snapshot, RunError> {
             None
         }
     };
-    let telemetry = match config.metrics {
+    let mut telemetry = match config.metrics {
         Some(address) => Some(Telemetry::start(address, &balancer).await?),
         None => None,
     };
@@ -112,6 +123,11 @@ pub async fn run(config: Config) -> Result<Snapshot, RunError> {
 
     let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Signal)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
+    let mut sighup = signal(SignalKind::hangup()).map_err(RunError::Signal)?;
+    let mut running = Running {
+        path: path.to_path_buf(),
+        config,
+    };
     let mut refresh = tokio::time::interval(REFRESH_INTERVAL);
     refresh.tick().await; // the first tick is immediate; paths were just resolved
     let mut metrics_tick = tokio::time::interval(METRICS_INTERVAL);
@@ -147,9 +163,22 @@ pub async fn run(config: Config) -> Result<Snapshot, RunError> {
                     telemetry.census();
                 }
             }
-            Some(command) = commands.recv() => {
-                control::handle(&mut balancer, &supervisor, command);
+            _ = sighup.recv() => {
+                info!("SIGHUP: reloading {}", running.path.display());
+                let _ = reload::reload(&mut running, &mut balancer, &mut supervisor, &mut telemetry).await;
+                refresh_after_reload(&netlink, &interface, &mut balancer).await;
             }
+            Some(command) = commands.recv() => match command {
+                Command::Reload(reply) => {
+                    let result = reload::reload(&mut running, &mut balancer, &mut supervisor, &mut telemetry).await;
+                    let reloaded = result.is_ok();
+                    let _ = reply.send(result);
+                    if reloaded {
+                        refresh_after_reload(&netlink, &interface, &mut balancer).await;
+                    }
+                }
+                other => control::handle(&mut balancer, &supervisor, other),
+            },
             _ = refresh.tick() => {
                 if let Err(e) = paths::refresh_paths(&netlink, &interface, &mut balancer).await {
                     warn!("refreshing backend paths failed: {e}");
@@ -157,9 +186,7 @@ pub async fn run(config: Config) -> Result<Snapshot, RunError> {
             }
         }
     }
-    for task in checkers {
-        task.abort();
-    }
+    drop(supervisor);
     if let Some(telemetry) = telemetry {
         telemetry.stop().await;
     }
@@ -173,20 +200,52 @@ pub async fn run(config: Config) -> Result<Snapshot, RunError> {
     Ok(snapshot)
 }
 
+/// What the supervisor should be checking for `config`: every backend, by its data-plane id,
+/// starting from the health the model has for it (unknown for a new one, up for one a restarted
+/// daemon adopted as up).
+fn wanted_checks(balancer: &Balancer, config: &Config) -> Vec<(u32, CheckSpec, Health)> {
+    config
+        .vips
+        .iter()
+        .flat_map(|vip| {
+            vip.backends.iter().filter_map(move |backend| {
+                let id = balancer.backend_id(&vip.name, backend.address)?;
+                let (v, b) = balancer.locate(id)?;
+                let spec = CheckSpec {
+                    vip: vip.name.clone(),
+                    address: backend.address,
+                    settings: backend.health.clone(),
+                };
+                Some((id, spec, balancer.vips[v].backends[b].health))
+            })
+        })
+        .collect()
+}
+
+/// Backends a reload added need their L2 path now, not at the next periodic refresh.
+async fn refresh_after_reload(
+    netlink: &NetlinkHandle,
+    interface: &crate::net::Interface,
+    balancer: &mut Balancer,
+) {
+    let unresolved = balancer
+        .vips
+        .iter()
+        .flat_map(|v| &v.backends)
+        .any(|b| b.path.is_none());
+    if unresolved && let Err(e) = paths::refresh_paths(netlink, interface, balancer).await {
+        warn!("resolving the paths of reloaded backends failed: {e}");
+    }
+}
+
 /// Waits until every backend has a first check result (or the longest timeout plus a grace
 /// period has passed: a check that has not answered by then counts as not passed yet).
 async fn collect_first_results(
-    config: &Config,
     balancer: &mut Balancer,
     supervisor: &mut Supervisor,
     reports: &mut mpsc::Receiver<CheckReport>,
 ) -> Result<(), RunError> {
-    let longest = config
-        .vips
-        .iter()
-        .flat_map(|v| v.backends.iter().map(|b| b.health.timeout))
-        .max()
-        .unwrap_or_default();
+    let longest = supervisor.longest_pending_timeout().unwrap_or_default();
     let deadline = Instant::now() + longest + FIRST_RESULTS_GRACE;
     while supervisor.pending() > 0 {
         match tokio::time::timeout_at(deadline, reports.recv()).await {

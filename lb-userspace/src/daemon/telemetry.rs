@@ -83,8 +83,8 @@ impl Telemetry {
     /// Records the latency of each check.
     pub(super) fn observe(&self, balancer: &Balancer, reports: &[CheckReport]) {
         for report in reports {
-            let (v, b) = report.backend;
-            if let Some(backend) = balancer.vips.get(v).and_then(|vip| vip.backends.get(b)) {
+            if let Some((v, b)) = balancer.locate(report.checker.backend) {
+                let backend = &balancer.vips[v].backends[b];
                 self.metrics.observe_check(
                     &balancer.vips[v].name,
                     &backend.address.to_string(),

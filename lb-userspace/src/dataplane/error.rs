@@ -39,6 +39,8 @@ pub enum DataPlaneError {
          `ip link set dev {interface} xdp off`"
     )]
     AlreadyAttached { interface: String },
+    #[error("reading the possible CPUs (/sys/devices/system/cpu/possible): {0}")]
+    PossibleCpus(#[source] std::io::Error),
     #[error("memory-mapping map `RINGS` failed: {0}")]
     RingMmap(#[source] std::io::Error),
     #[error("{what} {index} is out of range (capacity {capacity})")]

@@ -96,3 +96,27 @@ impl Maps {
 pub fn count_flows(flows: &HashMap<MapData, FlowKey, FlowState>) -> usize {
     flows.keys().filter(Result::is_ok).count()
 }
+
+impl Maps {
+    /// Zeroes a VIP's counters: its id is new (a reload added it), and whatever a previous VIP
+    /// counted in that slot is not its traffic.
+    pub fn reset_vip_counters(&mut self, vip_id: u32) -> Result<(), DataPlaneError> {
+        reset(&mut self.vip_stats, MAP_VIP_STATS, vip_id)
+    }
+
+    /// Zeroes a new backend's counters (see [`Maps::reset_vip_counters`]).
+    pub fn reset_backend_counters(&mut self, backend_id: u32) -> Result<(), DataPlaneError> {
+        reset(&mut self.backend_stats, MAP_BACKEND_STATS, backend_id)
+    }
+}
+
+fn reset(
+    map: &mut PerCpuArray<MapData, Counters>,
+    name: &'static str,
+    index: u32,
+) -> Result<(), DataPlaneError> {
+    let cpus = aya::util::nr_cpus().map_err(|(_, io)| DataPlaneError::PossibleCpus(io))?;
+    let zeros = aya::maps::PerCpuValues::try_from(vec![Counters::default(); cpus])
+        .map_err(DataPlaneError::PossibleCpus)?;
+    map.set(index, zeros, 0).map_err(map_err(name))
+}

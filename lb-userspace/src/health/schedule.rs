@@ -20,12 +20,18 @@ pub struct Schedule {
 /// The default jitter: checks come up to 10% of an interval early.
 pub const DEFAULT_JITTER: f64 = 0.1;
 
-/// Which backend a result belongs to: (VIP index, backend index) in the balancer's model.
-pub type BackendKey = (usize, usize);
+/// Which checker a result comes from: the backend's data-plane id (stable across reloads) and
+/// the checker's generation. A reload that changes a backend's check settings starts a new
+/// generation; results of the old checker still queued are then recognised and ignored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CheckerKey {
+    pub backend: u32,
+    pub generation: u64,
+}
 
 #[derive(Clone, Debug)]
 pub struct CheckReport {
-    pub backend: BackendKey,
+    pub checker: CheckerKey,
     pub outcome: CheckOutcome,
     /// When the check finished.
     pub at: Instant,
@@ -34,19 +40,19 @@ pub struct CheckReport {
 /// Spawns the checker task of one backend; it ends when the receiver is dropped or the handle is
 /// aborted.
 pub fn spawn_checker(
-    backend: BackendKey,
+    checker: CheckerKey,
     check: Arc<dyn HealthCheck>,
     target: CheckTarget,
     schedule: Schedule,
     reports: mpsc::Sender<CheckReport>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let mut jitter = Jitter::new(backend);
+        let mut jitter = Jitter::new(checker);
         loop {
             let started = Instant::now();
             let outcome = check.check(&target, schedule.timeout).await;
             let report = CheckReport {
-                backend,
+                checker,
                 outcome,
                 at: Instant::now(),
             };
@@ -65,11 +71,16 @@ pub fn spawn_checker(
 struct Jitter(u64);
 
 impl Jitter {
-    fn new((vip, backend): BackendKey) -> Self {
+    fn new(
+        CheckerKey {
+            backend,
+            generation,
+        }: CheckerKey,
+    ) -> Self {
         Self(
             0x9e37_79b9_7f4a_7c15
-                ^ ((vip as u64) << 32)
-                ^ (backend as u64).wrapping_mul(0x2545_f491_4f6c_dd1d)
+                ^ (generation << 32)
+                ^ u64::from(backend).wrapping_mul(0x2545_f491_4f6c_dd1d)
                 | 1,
         )
     }

@@ -58,6 +58,16 @@ impl HealthTracker {
         }
     }
 
+    /// A tracker that continues from `state` (a backend whose check settings a reload changed,
+    /// or whose state a restarted daemon adopted): no transition until the results disagree
+    /// with it `rise` or `fall` times in a row.
+    pub fn resuming(rise: u32, fall: u32, state: Health) -> Self {
+        Self {
+            state,
+            ..Self::new(rise, fall)
+        }
+    }
+
     pub fn state(&self) -> Health {
         self.state
     }

@@ -7,7 +7,7 @@ use tokio::{sync::mpsc, time::Instant};
 
 use super::{
     check::{CheckFuture, CheckOutcome, CheckTarget, HealthCheck},
-    schedule::{CheckReport, Schedule, spawn_checker},
+    schedule::{CheckReport, CheckerKey, Schedule, spawn_checker},
     state::{Health, HealthTracker},
 };
 use crate::pool::{self, ActivePool, Member};
@@ -91,7 +91,16 @@ async fn timeline(
                 address: [127, 0, 0, 1].into(),
                 port: 80,
             };
-            spawn_checker((0, i), check, target, schedule, tx.clone())
+            spawn_checker(
+                CheckerKey {
+                    backend: i as u32,
+                    generation: 0,
+                },
+                check,
+                target,
+                schedule,
+                tx.clone(),
+            )
         })
         .collect();
     drop(tx);
@@ -102,7 +111,7 @@ async fn timeline(
     let mut pool = ActivePool::None;
     let mut events = Vec::new();
     while let Ok(Some(report)) = tokio::time::timeout_at(start + duration, rx.recv()).await {
-        let index = report.backend.1;
+        let index = report.checker.backend as usize;
         let at = report.at - start;
         if let Some(t) = trackers[index].record(report.outcome.healthy) {
             events.push(Event::Backend {

@@ -1,0 +1,134 @@
+//! Taking over the state a previous daemon left in pinned maps, so a restart moves no flow.
+//!
+//! The maps are the record of what was running: each VIP record carries its id and live ring,
+//! each backend record its VIP's id, address, L2 path, whether it was up and the operator's
+//! override. A VIP of the config found in `VIPS` keeps its id and live ring; a backend found in
+//! `BACKENDS` (same VIP id, same address) keeps its id, health (up, or not yet known), path and
+//! override, so the first publish computes exactly the table that was live. Records of VIPs and
+//! backends the config no longer has are removed; the rest of the config is added by
+//! [`Balancer::reconcile`] as on a reload.
+
+use std::net::IpAddr;
+
+use lb_common::{
+    BACKEND_F_DISABLED, BACKEND_F_DRAINED, BACKEND_F_REDIRECT, BACKEND_F_UP, Backend, VipInfo,
+    VipKey,
+};
+use tracing::warn;
+
+use super::{Admin, BackendState, Balancer, L2Path, ReconcileError, VipState, vip_key};
+use crate::{config::Config, health::Health, pool::ActivePool};
+
+/// What [`Balancer::adopt`] found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Adopted {
+    pub vips: usize,
+    pub backends: usize,
+    /// Of `backends`, those that were up.
+    pub up: usize,
+    /// VIP records of VIPs the config no longer has (removed).
+    pub stale_vips: usize,
+    /// Backend records of backends the config no longer has (cleared).
+    pub stale_backends: usize,
+}
+
+fn record_address(address: IpAddr) -> [u8; 16] {
+    let mut addr = [0u8; 16];
+    match address {
+        IpAddr::V4(a) => addr[..4].copy_from_slice(&a.octets()),
+        IpAddr::V6(a) => addr = a.octets(),
+    }
+    addr
+}
+
+impl Balancer {
+    /// Adopts what the pinned maps hold for `config` (see the module docs). Must be called on an
+    /// [`Balancer::empty`] model, before [`Balancer::reconcile`].
+    pub fn adopt(&mut self, config: &Config) -> Result<Adopted, ReconcileError> {
+        debug_assert!(self.vips.is_empty(), "adopt starts from an empty model");
+        let maps = &self.dataplane.maps;
+        let pinned_vips: Vec<(VipKey, VipInfo)> = maps.vips.iter().filter_map(Result::ok).collect();
+        let zero: Backend = bytemuck::Zeroable::zeroed();
+        let mut records: Vec<(u32, Backend)> = (0..self.dataplane.capacity.max_backends)
+            .filter_map(|id| maps.backends.get(&id, 0).ok().map(|r| (id, r)))
+            .filter(|(_, r)| *r != zero)
+            .collect();
+        let mut adopted = Adopted::default();
+        let mut kept_keys = Vec::new();
+        for wanted in &config.vips {
+            let key = vip_key(wanted.address, wanted.port, wanted.protocol.number());
+            let Some((_, info)) = pinned_vips.iter().find(|(k, _)| *k == key) else {
+                continue;
+            };
+            if !self.vip_ids.reserve(info.id) {
+                warn!(vip = %wanted.name, "pinned VIP record has an unusable id {}; starting it afresh", info.id);
+                continue;
+            }
+            kept_keys.push(key);
+            let mut backends = Vec::new();
+            for config in &wanted.backends {
+                let addr = record_address(config.address);
+                let Some(at) = records
+                    .iter()
+                    .position(|(_, r)| r.vip_id == info.id && r.addr == addr)
+                else {
+                    continue;
+                };
+                let (id, record) = records.swap_remove(at);
+                if !self.backend_ids.reserve(id) {
+                    continue;
+                }
+                let up = record.flags & BACKEND_F_UP != 0;
+                adopted.up += usize::from(up);
+                backends.push(BackendState {
+                    id,
+                    address: config.address,
+                    weight: config.weight,
+                    standby: config.standby,
+                    // Down is not carried over: a backend that was not up gets its first check
+                    // result like a new one.
+                    health: if up { Health::Up } else { Health::Unknown },
+                    path: (record.dst_mac != [0; 6]).then_some(L2Path {
+                        dst_mac: record.dst_mac,
+                        src_mac: record.src_mac,
+                        ifindex: record.ifindex,
+                        redirect: record.flags & BACKEND_F_REDIRECT != 0,
+                    }),
+                    admin: if record.flags & BACKEND_F_DISABLED != 0 {
+                        Admin::Disabled
+                    } else if record.flags & BACKEND_F_DRAINED != 0 {
+                        Admin::Drained
+                    } else {
+                        Admin::Enabled
+                    },
+                });
+                self.written.insert(id, record);
+            }
+            adopted.vips += 1;
+            adopted.backends += backends.len();
+            self.vips.push(VipState {
+                id: info.id,
+                name: wanted.name.clone(),
+                key,
+                address: wanted.address,
+                port: wanted.port,
+                protocol: wanted.protocol,
+                active_ring: info.active_ring & 1,
+                min_healthy: wanted.min_healthy,
+                on_all_down: wanted.on_all_down,
+                active_pool: ActivePool::None,
+                backends,
+            });
+        }
+        for (key, _) in pinned_vips.iter().filter(|(k, _)| !kept_keys.contains(k)) {
+            self.remove_vip_record(key)?;
+            adopted.stale_vips += 1;
+        }
+        for (id, _) in records {
+            self.clear_backend(id)?;
+            adopted.stale_backends += 1;
+        }
+        self.reindex();
+        Ok(adopted)
+    }
+}

@@ -1,0 +1,287 @@
+//! Reload at the packet level: the daemon's reconcile applied to the real program and maps
+//! (`BPF_PROG_TEST_RUN`). Established flows of kept backends stay exactly where they were,
+//! flows of removed backends are re-chosen from the new ring, operator overrides survive,
+//! removed VIPs stop being balanced and ids are reused without inheriting counters.
+
+use std::net::IpAddr;
+
+use lb::api::model::Admin;
+use lb_common::{PROTO_TCP, Reason};
+use lb_tests::{
+    frames::{FrameSpec, L4},
+    packet_lab::{PacketLab, XDP_PASS, backend_mac, flow_key},
+};
+
+/// Six backend slots: the first config uses five.
+const BEFORE: &str = r#"
+interface = "lab0"
+ring_size = 65537
+max_vips = 2
+max_backends = 6
+flow_table_size = 4096
+
+[[vip]]
+name = "web"
+address = "10.0.0.100"
+port = 80
+protocol = "tcp"
+[[vip.backend]]
+address = "10.0.0.11"
+[[vip.backend]]
+address = "10.0.0.12"
+[[vip.backend]]
+address = "10.0.0.13"
+
+[[vip]]
+name = "dns"
+address = "10.0.0.100"
+port = 53
+protocol = "udp"
+[[vip.backend]]
+address = "10.0.0.21"
+[[vip.backend]]
+address = "10.0.0.22"
+"#;
+
+/// .11 reweighted (the ring changes a lot), .13 removed, .14 added; dns unchanged.
+const AFTER: &str = r#"
+interface = "lab0"
+ring_size = 65537
+max_vips = 2
+max_backends = 6
+flow_table_size = 4096
+
+[[vip]]
+name = "web"
+address = "10.0.0.100"
+port = 80
+protocol = "tcp"
+[[vip.backend]]
+address = "10.0.0.11"
+weight = 300
+[[vip.backend]]
+address = "10.0.0.12"
+[[vip.backend]]
+address = "10.0.0.14"
+
+[[vip]]
+name = "dns"
+address = "10.0.0.100"
+port = 53
+protocol = "udp"
+[[vip.backend]]
+address = "10.0.0.21"
+[[vip.backend]]
+address = "10.0.0.22"
+"#;
+
+const WEB: usize = 0;
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("test address")
+}
+
+/// The backend a frame went to (from its destination MAC), or panics on any verdict but TX.
+fn backend_of(lab: &mut PacketLab, spec: &FrameSpec) -> u32 {
+    let (verdict, out) = lab.run(&spec.build());
+    assert_eq!(
+        verdict,
+        lb_tests::packet_lab::XDP_TX,
+        "verdict for {spec:?}"
+    );
+    (0..64)
+        .find(|&id| backend_mac(id) == out[0..6])
+        .unwrap_or_else(|| panic!("unknown destination MAC {:02x?}", &out[0..6]))
+}
+
+fn id_of(lab: &PacketLab, vip: &str, address: &str) -> u32 {
+    lab.balancer
+        .backend_id(vip, ip(address))
+        .unwrap_or_else(|| panic!("no backend {address} in vip {vip}"))
+}
+
+fn ack(flow: &FrameSpec) -> FrameSpec {
+    let mut next = flow.clone();
+    next.l4 = L4::Tcp { flags: 0x10 };
+    next
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn a_reload_moves_only_the_flows_of_removed_backends() {
+    let mut lab = PacketLab::new(BEFORE);
+    let flows: Vec<FrameSpec> = (3000..3400)
+        .map(|sport| FrameSpec::tcp_syn(ip("192.0.2.30"), sport, ip("10.0.0.100"), 80))
+        .collect();
+    let before: Vec<u32> = flows.iter().map(|f| backend_of(&mut lab, f)).collect();
+    let (b11, b12, b13) = (
+        id_of(&lab, "web", "10.0.0.11"),
+        id_of(&lab, "web", "10.0.0.12"),
+        id_of(&lab, "web", "10.0.0.13"),
+    );
+    for id in [b11, b12, b13] {
+        assert!(
+            before.iter().filter(|&&b| b == id).count() > 60,
+            "400 flows must reach every backend: {before:?}"
+        );
+    }
+    // An operator drain before the reload must still hold after it.
+    lab.balancer
+        .set_admin(WEB, 1, Admin::Drained)
+        .expect("drain");
+
+    let changes: Vec<String> = lab.reload(AFTER).iter().map(ToString::to_string).collect();
+    assert_eq!(
+        changes,
+        [
+            "vip web: backend 10.0.0.13 removed",
+            "vip web: backend 10.0.0.11: weight 100 -> 300",
+            "vip web: backend 10.0.0.14 added",
+        ],
+        "the dns VIP did not change and must not be listed"
+    );
+    assert_eq!(
+        id_of(&lab, "web", "10.0.0.11"),
+        b11,
+        "kept backends keep their id"
+    );
+    assert_eq!(id_of(&lab, "web", "10.0.0.12"), b12);
+    let b14 = id_of(&lab, "web", "10.0.0.14");
+    assert_ne!(
+        b14, b13,
+        "a free slot was there: the removed backend's id is not reused yet"
+    );
+    assert_eq!(
+        lab.balancer.vips[WEB].backends[1].admin,
+        Admin::Drained,
+        "the drain survives the reload"
+    );
+
+    let mut moved = 0;
+    for (flow, &old) in flows.iter().zip(&before) {
+        let now = backend_of(&mut lab, &ack(flow));
+        if old == b13 {
+            // Re-chosen from the new ring (which has no .13 and, drained, no .12).
+            let key = flow_key(flow.src, flow.sport, flow.dst, flow.dport, PROTO_TCP);
+            assert_eq!(now, lab.expected_backend(WEB, &key), "flow {}", flow.sport);
+            assert!(
+                now == b11 || now == b14,
+                "flow {} went to {now}",
+                flow.sport
+            );
+            moved += 1;
+        } else {
+            assert_eq!(now, old, "flow {} of a kept backend moved", flow.sport);
+        }
+    }
+    assert!(moved > 60, "only {moved} flows were on the removed backend");
+
+    // New flows: the ring has .11 (weight 300) and .14 (100), not the drained .12.
+    let fresh: Vec<u32> = (5000..5400)
+        .map(|sport| {
+            backend_of(
+                &mut lab,
+                &FrameSpec::tcp_syn(ip("192.0.2.31"), sport, ip("10.0.0.100"), 80),
+            )
+        })
+        .collect();
+    let to = |id| fresh.iter().filter(|&&b| b == id).count();
+    assert_eq!(to(b12), 0, "a drained backend gets no new flow");
+    assert!(
+        to(b14) > 50 && to(b11) > 2 * to(b14),
+        "{} / {}",
+        to(b11),
+        to(b14)
+    );
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn removed_and_moved_vips_stop_being_balanced_and_reused_ids_start_from_zero() {
+    let mut lab = PacketLab::new(BEFORE);
+    let dns = FrameSpec::udp(ip("192.0.2.40"), 4000, ip("10.0.0.100"), 53, b"q");
+    let (verdict, _) = lab.run(&dns.build());
+    assert_eq!(verdict, lb_tests::packet_lab::XDP_TX);
+    let web80 = FrameSpec::tcp_syn(ip("192.0.2.40"), 4001, ip("10.0.0.100"), 80);
+    let b13 = id_of(&lab, "web", "10.0.0.13");
+    for sport in 6000..6100 {
+        backend_of(
+            &mut lab,
+            &FrameSpec::tcp_syn(ip("192.0.2.41"), sport, ip("10.0.0.100"), 80),
+        );
+    }
+    assert!(
+        lab.balancer
+            .dataplane
+            .maps
+            .backend_counters(b13)
+            .unwrap()
+            .packets
+            > 0,
+        ".13 must have counted traffic for the reuse check to mean something"
+    );
+
+    // dns removed; web moved to port 8080 with .13 replaced by .15 and .16.
+    let moved = AFTER.replace("port = 80\n", "port = 8080\n").replace(
+        "address = \"10.0.0.14\"",
+        "address = \"10.0.0.15\"\n[[vip.backend]]\naddress = \"10.0.0.16\"",
+    );
+    let without_dns = &moved[..moved.find("[[vip]]\nname = \"dns\"").unwrap()];
+    let changes: Vec<String> = lab
+        .reload(without_dns)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        changes,
+        [
+            "vip web: backend 10.0.0.13 removed",
+            "vip dns: removed",
+            "vip web: address 10.0.0.100:80/tcp -> 10.0.0.100:8080/tcp",
+            "vip web: backend 10.0.0.11: weight 100 -> 300",
+            "vip web: backend 10.0.0.15 added",
+            "vip web: backend 10.0.0.16 added",
+        ]
+    );
+
+    let frame = dns.build();
+    let (verdict, out) = lab.run(&frame);
+    assert_eq!(
+        (verdict, &out),
+        (XDP_PASS, &frame),
+        "a removed VIP passes untouched"
+    );
+    let frame = web80.build();
+    let (verdict, out) = lab.run(&frame);
+    assert_eq!(
+        (verdict, &out),
+        (XDP_PASS, &frame),
+        "the old port is no VIP any more"
+    );
+    let web8080 = FrameSpec::tcp_syn(ip("192.0.2.40"), 4001, ip("10.0.0.100"), 8080);
+    let key = flow_key(web8080.src, web8080.sport, web8080.dst, 8080, PROTO_TCP);
+    let expected = lab.expected_backend(WEB, &key);
+    assert_eq!(backend_of(&mut lab, &web8080), expected);
+
+    // Six slots, five in use before: .15 took the free sixth; .16 found none and took the
+    // last id this reload freed, .13's, and starts counting from zero.
+    assert_eq!(id_of(&lab, "web", "10.0.0.15"), 5);
+    let b16 = id_of(&lab, "web", "10.0.0.16");
+    assert_eq!(b16, b13, "the pool was full: .16 reuses .13's slot");
+    let c16 = lab.balancer.dataplane.maps.backend_counters(b16).unwrap();
+    let only_the_probe = u64::from(expected == b16);
+    assert_eq!(
+        c16.new_flows, only_the_probe,
+        "backend .16 inherited .13's counters"
+    );
+    let not_vip = lab
+        .balancer
+        .dataplane
+        .maps
+        .reason_counters(Reason::PassNotVip)
+        .unwrap();
+    assert_eq!(
+        not_vip.packets, 2,
+        "the dns and :80 frames after the reload"
+    );
+}
