@@ -64,6 +64,12 @@ enum Command {
     Disable(AdminArgs),
     /// Enable a drained or disabled backend: back to its health checks' verdict.
     Enable(AdminArgs),
+    /// Remove lb's XDP program, link and pinned maps from an interface (after `lb run` has
+    /// stopped).
+    Detach {
+        #[arg(long, value_name = "IF")]
+        interface: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -74,6 +80,7 @@ fn main() -> ExitCode {
         Command::Drain(args) => cli::control::set_admin(&args, Admin::Drained),
         Command::Disable(args) => cli::control::set_admin(&args, Admin::Disabled),
         Command::Enable(args) => cli::control::set_admin(&args, Admin::Enabled),
+        Command::Detach { interface } => cli::detach::detach(&interface),
         Command::Run { config } => {
             init_logging(cli.log_format);
             match run(&config) {
