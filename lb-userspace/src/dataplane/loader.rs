@@ -295,7 +295,7 @@ impl DataPlane {
             })?;
             let attachment = Attachment {
                 adopted: true,
-                mode: attached_mode(ifindex),
+                mode: pins::mode::attached_mode(ifindex),
                 link_id: info.id(),
                 program_id: info.program_id(),
             };
@@ -459,10 +459,4 @@ fn adopt_link(
     let link = program.take_link(id).map_err(|e| adopt_error(e.into()))?;
     let link = FdLink::try_from(link).map_err(|e| adopt_error(e.into()))?;
     Ok(Some(link))
-}
-
-/// The mode of the XDP program attached to `ifindex`, from the kernel (see `pins::mode`).
-fn attached_mode(ifindex: u32) -> Option<AttachMode> {
-    let _ = ifindex;
-    None
 }

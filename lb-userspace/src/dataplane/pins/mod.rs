@@ -6,6 +6,7 @@
 pub mod layout;
 pub mod link;
 pub mod location;
+pub mod mode;
 #[cfg(test)]
 mod tests;
 

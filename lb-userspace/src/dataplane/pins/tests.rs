@@ -250,6 +250,7 @@ fn a_restart_adopts_maps_and_link_and_detach_removes_everything() {
         attachment
     });
     assert!(second.adopted);
+    assert_eq!(second.mode, Some(AttachMode::Skb), "the link's own mode");
     assert_eq!(second.link_id, first.link_id, "same link");
     assert_ne!(second.program_id, first.program_id, "new program in it");
     assert_eq!(xdp_program_on(&pair, &ns), Some(second.program_id));
