@@ -71,6 +71,12 @@ enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Remove lb's XDP program, link and pinned maps from an interface (after `lb run` has
+    /// stopped).
+    Detach {
+        #[arg(long, value_name = "IF")]
+        interface: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -82,6 +88,7 @@ fn main() -> ExitCode {
         Command::Disable(args) => cli::control::set_admin(&args, Admin::Disabled),
         Command::Enable(args) => cli::control::set_admin(&args, Admin::Enabled),
         Command::Reload { api } => cli::control::reload(&api),
+        Command::Detach { interface } => cli::detach::detach(&interface),
         Command::Run { config } => {
             init_logging(cli.log_format);
             match run(&config) {

@@ -1,3 +1,4 @@
 //! The `lb` binary's subcommands beyond `run` and `check-config`.
 
 pub mod control;
+pub mod detach;

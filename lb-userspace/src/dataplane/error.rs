@@ -41,6 +41,9 @@ pub enum DataPlaneError {
     AlreadyAttached { interface: String },
     #[error("reading the possible CPUs (/sys/devices/system/cpu/possible): {0}")]
     PossibleCpus(#[source] std::io::Error),
+    /// Boxed: pin errors carry paths and messages, and every map write returns this type.
+    #[error(transparent)]
+    Pins(Box<super::pins::PinError>),
     #[error("memory-mapping map `RINGS` failed: {0}")]
     RingMmap(#[source] std::io::Error),
     #[error("{what} {index} is out of range (capacity {capacity})")]
@@ -49,6 +52,12 @@ pub enum DataPlaneError {
         index: u32,
         capacity: u32,
     },
+}
+
+impl From<super::pins::PinError> for DataPlaneError {
+    fn from(error: super::pins::PinError) -> Self {
+        Self::Pins(Box::new(error))
+    }
 }
 
 pub(crate) fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DataPlaneError {

@@ -4,7 +4,9 @@ pub mod error;
 pub mod loader;
 pub mod maps;
 pub mod object;
+pub mod pins;
 pub mod ring;
 
 pub use error::DataPlaneError;
-pub use loader::{AttachMode, Capacity, DataPlane};
+pub use loader::{AttachMode, Attachment, Capacity, DataPlane, PinnedState};
+pub use pins::{DetachReport, PinDir, PinError, detach_interface};
