@@ -41,12 +41,45 @@ pub fn api_socket_for(namespace: &NetNs) -> PathBuf {
     std::env::temp_dir().join(format!("lb-{}.sock", namespace.name()))
 }
 
-/// A running `lb run`; SIGTERM on drop.
+/// A running `lb run`. On drop: SIGTERM, then `lb detach` (the daemon leaves its program
+/// attached and its maps pinned when it stops, for the next one to adopt).
 pub struct LbDaemon {
     child: Option<Child>,
     stderr: Arc<Mutex<String>>,
     stdout: Option<std::process::ChildStdout>,
+    stderr_reader: Option<std::thread::JoinHandle<()>>,
     config_path: PathBuf,
+    /// The namespace file the daemon runs in, for `lb detach` there.
+    namespace: PathBuf,
+    /// The interface of its config.
+    interface: String,
+}
+
+/// `interface = "..."` of a config.
+fn interface_of(config: &str) -> Option<String> {
+    config.lines().find_map(|line| {
+        let value = line.trim().strip_prefix("interface")?.trim_start();
+        let value = value.strip_prefix('=')?.trim();
+        Some(value.trim_matches('"').to_owned())
+    })
+}
+
+/// Runs `lb detach --interface IF` in `namespace` (a `/run/netns/NAME` path); returns its stdout.
+pub fn lb_detach(namespace: &Path, interface: &str) -> Result<String> {
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", namespace.display()))
+        .arg("--")
+        .arg(lb_binary())
+        .args(["detach", "--interface", interface])
+        .output()
+        .context("running lb detach")?;
+    if !out.status.success() {
+        bail!(
+            "lb detach --interface {interface} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 impl LbDaemon {
@@ -83,7 +116,7 @@ impl LbDaemon {
         let stderr_pipe = child.stderr.take().context("stderr pipe")?;
         let stderr = Arc::new(Mutex::new(String::new()));
         let sink = Arc::clone(&stderr);
-        std::thread::spawn(move || {
+        let stderr_reader = std::thread::spawn(move || {
             for line in BufReader::new(stderr_pipe).lines().map_while(Result::ok) {
                 eprintln!("[lb] {line}");
                 sink.lock().expect("stderr buffer").push_str(&(line + "\n"));
@@ -94,7 +127,10 @@ impl LbDaemon {
             child: Some(child),
             stderr,
             stdout,
+            stderr_reader: Some(stderr_reader),
             config_path,
+            namespace: namespace.path(),
+            interface: interface_of(config).context("the config has no `interface`")?,
         };
         daemon.wait_for_log("XDP load balancer attached", Duration::from_secs(20))?;
         Ok(daemon)
@@ -131,8 +167,31 @@ impl LbDaemon {
         ))
     }
 
-    /// SIGTERM, wait for exit, and return the final counters it printed.
-    pub fn stop(mut self) -> Result<FinalCounters> {
+    /// SIGTERM, wait for exit, `lb detach` what it left attached, and return the final
+    /// counters it printed.
+    pub fn stop(self) -> Result<FinalCounters> {
+        let (namespace, interface) = (self.namespace.clone(), self.interface.clone());
+        let (counters, _) = self.stop_leaving_attached()?;
+        lb_detach(&namespace, &interface)?;
+        Ok(counters)
+    }
+
+    /// SIGKILL, as a crash would: nothing of the daemon's runs any more, what it pinned stays.
+    pub fn kill(mut self) -> Result<()> {
+        let mut child = self.child.take().context("already stopped")?;
+        child.kill().context("SIGKILL lb")?;
+        child.wait().context("reaping lb")?;
+        Ok(())
+    }
+
+    /// The interface it balances on.
+    pub fn interface(&self) -> &str {
+        &self.interface
+    }
+
+    /// SIGTERM and wait for exit; the program stays attached on the pinned state. Returns the
+    /// final counters it printed and its whole log.
+    pub fn stop_leaving_attached(mut self) -> Result<(FinalCounters, String)> {
         let mut child = self.child.take().context("already stopped")?;
         terminate(&child);
         let status = wait_timeout(&mut child, Duration::from_secs(10))?;
@@ -142,10 +201,14 @@ impl LbDaemon {
                 .read_to_string(&mut out)
                 .context("reading lb stdout")?;
         }
+        // The log is whole once the reader has seen the pipe close.
+        if let Some(reader) = self.stderr_reader.take() {
+            let _ = reader.join();
+        }
         if !status.success() {
             bail!("lb exited with {status}; log:\n{}", self.log());
         }
-        FinalCounters::parse(&out)
+        Ok((FinalCounters::parse(&out)?, self.log()))
     }
 
     pub fn config_path(&self) -> &Path {
@@ -209,6 +272,9 @@ impl Drop for LbDaemon {
         if let Some(mut child) = self.child.take() {
             terminate(&child);
             let _ = wait_timeout(&mut child, Duration::from_secs(10));
+            if let Err(e) = lb_detach(&self.namespace, &self.interface) {
+                eprintln!("cleaning up after lb: {e:#}");
+            }
         }
         let _ = std::fs::remove_file(&self.config_path);
     }

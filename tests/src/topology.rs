@@ -465,8 +465,22 @@ pub fn leftovers(prefix: &str) -> Vec<String> {
         ),
         Err(error) => found.push(format!("cannot list host links: {error:#}")),
     }
+    // What `lb run` pinned for an interface in one of these namespaces (`lb detach` removes it).
+    let pinned = std::path::Path::new(LB_NETNS_PINS);
+    if let Ok(entries) = std::fs::read_dir(pinned) {
+        found.extend(
+            entries
+                .filter_map(Result::ok)
+                .map(|entry| entry.file_name().to_string_lossy().into_owned())
+                .filter(|name| matches(name))
+                .map(|name| format!("bpffs {}", pinned.join(name).display())),
+        );
+    }
     found
 }
+
+/// Where `lb run` pins the state of an interface in namespace `<name>`: `LB_NETNS_PINS/<name>/<if>`.
+pub const LB_NETNS_PINS: &str = "/sys/fs/bpf/lb/netns";
 
 #[cfg(test)]
 mod unit_tests {

@@ -8,10 +8,9 @@ use std::{
 };
 
 use lb_tests::{
-    bpffs::bpffs_entries_under,
-    daemon::{Launch, LbDaemon},
+    daemon::{Launch, LbDaemon, lb_detach},
     servers::{TcpIdentityServer, UdpIdentityServer, tcp_request, tcp_requests, udp_requests},
-    topology::{DsrTopology, DsrTopologyOptions, leftovers},
+    topology::{DsrTopology, DsrTopologyOptions, LB_NETNS_PINS, leftovers},
 };
 
 const TIMEOUT: Duration = Duration::from_secs(3);
@@ -113,7 +112,6 @@ fn xdp_attached(topology: &DsrTopology) -> bool {
 #[ignore = "needs root: run with cargo xtask test"]
 fn tcp_connections_spread_over_all_backends_and_the_host_is_untouched() {
     let prefix = "lbe2e4";
-    let bpffs_before = bpffs_entries_under("/sys/fs/bpf");
     {
         let lab = lab(prefix);
         let topo = &lab.topology;
@@ -175,10 +173,45 @@ fn tcp_connections_spread_over_all_backends_and_the_host_is_untouched() {
             .expect("LB host's own TCP service");
         assert_eq!(reply, "lb-host");
 
-        let counters = daemon.stop().expect("lb stops cleanly on SIGTERM");
+        // SIGTERM leaves the data plane forwarding on its last state, and says so; `lb detach`
+        // then removes program, link and pins.
+        let (counters, log) = daemon
+            .stop_leaving_attached()
+            .expect("lb stops cleanly on SIGTERM");
+        assert!(
+            xdp_attached(topo),
+            "SIGTERM must leave the program attached"
+        );
+        assert!(
+            log.contains("leaving the XDP program on eth0 forwarding with the last state"),
+            "the log must say the program stays: {log}"
+        );
+        let after = tcp_requests(topo.client(), vip, 30, TIMEOUT).expect("client");
+        assert!(
+            after.failures.is_empty() && after.per_identity.len() == 3,
+            "no daemon, still balanced: {:?} {:?}",
+            after.failures,
+            after.per_identity
+        );
+        let pins = std::path::Path::new(LB_NETNS_PINS).join(topo.lb().name());
+        assert!(
+            pins.join("eth0/link").exists(),
+            "no pinned link in {}",
+            pins.display()
+        );
+        let detached = lb_detach(&topo.lb().path(), "eth0").expect("lb detach");
+        assert!(
+            detached.starts_with("removed from eth0"),
+            "lb detach said: {detached}"
+        );
         assert!(
             !xdp_attached(topo),
-            "XDP program still attached after lb exited"
+            "XDP program still attached after lb detach"
+        );
+        assert!(!pins.exists(), "{} left after lb detach", pins.display());
+        assert_eq!(
+            lb_detach(&topo.lb().path(), "eth0").expect("a second lb detach"),
+            "nothing of lb's on eth0\n"
         );
         // The LB's own counters agree with what the backends answered. (The servers' accept
         // counts also include the LB's TCP health checks, which do not pass through XDP.)
@@ -203,12 +236,7 @@ fn tcp_connections_spread_over_all_backends_and_the_host_is_untouched() {
     assert_eq!(
         leftovers(prefix),
         Vec::<String>::new(),
-        "namespaces or links left behind"
-    );
-    assert_eq!(
-        bpffs_entries_under("/sys/fs/bpf"),
-        bpffs_before,
-        "bpffs pins left behind"
+        "namespaces, links or pins left behind"
     );
 }
 

@@ -1,6 +1,7 @@
-//! `lb run`: load the program, start the health checks, fill the maps, attach; then apply every
-//! health change, path change, operator command and reload (`lb reload`, SIGHUP) as it happens;
-//! on SIGINT or SIGTERM detach and report the final counters.
+//! `lb run`: load the program (adopting what a previous daemon left pinned), start the health
+//! checks, fill the maps, attach; then apply every health change, path change, operator command
+//! and reload (`lb reload`, SIGHUP) as it happens; on SIGINT or SIGTERM report the final counters
+//! and leave the program forwarding on the pinned state (or, with nothing pinned, detach it).
 
 mod attach;
 mod control;
@@ -20,10 +21,10 @@ use tracing::{info, warn};
 
 use crate::{
     api::model::Command,
-    balancer::{Balancer, ReconcileError, capacity_of},
+    balancer::{Adopted, Balancer, ReconcileError, capacity_of},
     config::Config,
     daemon::{reload::Running, telemetry::Telemetry},
-    dataplane::{AttachMode, DataPlane},
+    dataplane::{AttachMode, DataPlane, DataPlaneError, PinDir, PinError, PinnedState},
     health::{
         Health,
         schedule::CheckReport,
@@ -72,8 +73,12 @@ pub async fn run(config: Config, path: &Path) -> Result<Snapshot, RunError> {
     let interface = netlink.interface_by_name(&config.interface).await?;
     attach::raise_memlock_limit();
 
-    let dataplane = DataPlane::load(capacity_of(&config))?;
+    let (dataplane, pinned) = load(&config)?;
     let mut balancer = Balancer::empty(dataplane);
+    if pinned == Some(PinnedState::Adopted) {
+        let adopted = balancer.adopt(&config)?;
+        log_adopted(&balancer, &adopted);
+    }
     balancer.reconcile(&config)?;
     let (report_tx, mut reports) = mpsc::channel::<CheckReport>(1024);
     let mut supervisor = Supervisor::new(report_tx);
@@ -110,7 +115,27 @@ pub async fn run(config: Config, path: &Path) -> Result<Snapshot, RunError> {
         None => None,
     };
 
-    let mode = attach::attach(&mut balancer.dataplane, &interface, config.xdp_mode)?;
+    let requested = attach::attach(&mut balancer.dataplane, &interface, config.xdp_mode)?;
+    let attachment = balancer.dataplane.attachment();
+    // An adopted link keeps the mode it was made with; the kernel says which.
+    let mode = attachment.and_then(|a| a.mode).unwrap_or(requested);
+    if attachment.is_some_and(|a| a.adopted) {
+        info!(
+            interface = %interface.name,
+            "took over the running XDP link on {}: the new program replaced the old one atomically",
+            interface.name
+        );
+        if mode != requested && config.xdp_mode != crate::config::XdpModeSetting::Auto {
+            warn!(
+                "xdp_mode = \"{}\" asks for {} mode, but the adopted link runs in {} mode (a \
+                 link keeps its mode); `lb detach --interface {}` and a restart change it",
+                config.xdp_mode,
+                requested.name(),
+                mode.name(),
+                interface.name
+            );
+        }
+    }
     log_attached(&balancer, &interface.name, mode);
     if mode == AttachMode::Native && interface.kind.as_deref() == Some("veth") {
         warn!(
@@ -134,8 +159,8 @@ pub async fn run(config: Config, path: &Path) -> Result<Snapshot, RunError> {
     let mut census_tick = tokio::time::interval(telemetry::FLOW_CENSUS_INTERVAL);
     loop {
         tokio::select! {
-            _ = sigterm.recv() => { info!("SIGTERM: detaching"); break; }
-            _ = sigint.recv() => { info!("SIGINT: detaching"); break; }
+            _ = sigterm.recv() => { info!("SIGTERM: stopping"); break; }
+            _ = sigint.recv() => { info!("SIGINT: stopping"); break; }
             Some(report) = reports.recv() => {
                 // Take whatever else is already waiting, so simultaneous failures are applied
                 // with one map update per VIP.
@@ -195,9 +220,71 @@ pub async fn run(config: Config, path: &Path) -> Result<Snapshot, RunError> {
         let _ = api_server.await;
     }
     let snapshot = Snapshot::read(&balancer)?;
-    balancer.dataplane.detach()?;
-    info!("detached from {}", interface.name);
+    match balancer.dataplane.pinned() {
+        Some(dir) => info!(
+            interface = %interface.name,
+            "leaving the XDP program on {} forwarding with the last state (maps and link pinned \
+             in {}): health checks have stopped, so backend failures are no longer acted on; \
+             the next `lb run` takes over without dropping a flow, `lb detach --interface {}` \
+             removes it",
+            interface.name,
+            dir.display(),
+            interface.name
+        ),
+        None => {
+            balancer.dataplane.detach()?;
+            info!("detached from {}", interface.name);
+        }
+    }
     Ok(snapshot)
+}
+
+/// Loads the program with its maps pinned in the interface's bpffs directory (adopting what is
+/// there), or unpinned when no bpffs can be had (then stopping detaches, and a restart starts
+/// with an empty flow table). `None`: unpinned.
+fn load(config: &Config) -> Result<(DataPlane, Option<PinnedState>), RunError> {
+    let capacity = capacity_of(config);
+    let pins = match PinDir::open(&config.interface) {
+        Ok(Some(pins)) => pins,
+        Ok(None) => {
+            warn!(
+                "no bpffs here (none on /sys/fs/bpf and none reachable through an ancestor \
+                 process's root): nothing is pinned, so stopping lb detaches the program and a \
+                 restart starts with an empty flow table; mount one (`mount -t bpf bpf \
+                 /sys/fs/bpf`) or start lb with `nsenter --net=...` instead of `ip netns exec`"
+            );
+            return Ok((DataPlane::load(capacity)?, None));
+        }
+        Err(e @ PinError::Mount { .. }) => {
+            warn!("{e}: nothing is pinned, so stopping lb detaches the program");
+            return Ok((DataPlane::load(capacity)?, None));
+        }
+        Err(e) => return Err(DataPlaneError::from(e).into()),
+    };
+    let (dataplane, state) = DataPlane::load_pinned(capacity, pins)?;
+    Ok((dataplane, Some(state)))
+}
+
+fn log_adopted(balancer: &Balancer, adopted: &Adopted) {
+    let flows = balancer.dataplane.maps.flow_count();
+    let dir = balancer
+        .dataplane
+        .pinned()
+        .map(|d| d.display().to_string())
+        .unwrap_or_default();
+    info!(
+        vips = adopted.vips,
+        backends = adopted.backends,
+        up = adopted.up,
+        flows,
+        "adopted the pinned state in {dir}: {} VIPs, {} backends ({} up), {flows} flows; \
+         removed {} VIPs and {} backends the config no longer has",
+        adopted.vips,
+        adopted.backends,
+        adopted.up,
+        adopted.stale_vips,
+        adopted.stale_backends
+    );
 }
 
 /// What the supervisor should be checking for `config`: every backend, by its data-plane id,

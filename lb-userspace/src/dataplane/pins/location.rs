@@ -8,9 +8,11 @@
 //! ```
 //!
 //! `<root>` is `/sys/fs/bpf` when it is a bpffs; under `ip netns exec` (own mount namespace, fresh
-//! /sys without the host's bpffs) it is `/proc/1/root/sys/fs/bpf`, the host's bpffs seen through
-//! PID 1's root. Pinning, `BPF_OBJ_GET`, mkdir and flock all work through that path (checked on
-//! Linux 6.18 from an `ip netns exec` shell).
+//! /sys without the host's bpffs) it is the host's bpffs seen through the root of PID 1
+//! (`/proc/1/root/sys/fs/bpf`) or, when that is not ours to look at, of the nearest ancestor
+//! process that sees it (`/proc/<pid>/root/sys/fs/bpf`). Either way the directory is the same one
+//! a daemon started with `nsenter --net` uses. Pinning, `BPF_OBJ_GET`, mkdir and flock all work
+//! through such a path (checked on Linux 6.18 from an `ip netns exec` shell).
 
 use std::{
     io,
@@ -96,6 +98,9 @@ pub fn bpffs_root(mount: bool) -> Result<Option<PathBuf>, PinError> {
             return Ok(Some(PathBuf::from(candidate)));
         }
     }
+    if let Some(through_ancestor) = bpffs_through_ancestor() {
+        return Ok(Some(through_ancestor));
+    }
     if !mount || !Path::new(BPFFS).is_dir() || !in_initial_mount_namespace() {
         // A bpffs mounted in a private mount namespace would die with it (and with us): no use
         // for pins that must outlive the daemon.
@@ -114,6 +119,34 @@ pub fn bpffs_root(mount: bool) -> Result<Option<PathBuf>, PinError> {
     })?;
     tracing::info!("mounted a bpffs on {BPFFS} for lb's pinned maps and link");
     Ok(Some(PathBuf::from(BPFFS)))
+}
+
+/// The host's bpffs through the root of the nearest ancestor process that sees one. PID 1's root
+/// is guarded by a ptrace access check that fails when PID 1 holds capabilities we lack (seen in
+/// sandboxes and containers), while the process that ran `ip netns exec lb ...` (a shell, a
+/// service manager) is usually ours to look at and still sees the host's mounts.
+fn bpffs_through_ancestor() -> Option<PathBuf> {
+    const MOST_ANCESTORS: usize = 8;
+    let mut pid = std::os::unix::process::parent_id();
+    for _ in 0..MOST_ANCESTORS {
+        if pid <= 1 {
+            return None;
+        }
+        let candidate = PathBuf::from(format!("/proc/{pid}/root{BPFFS}"));
+        if is_bpffs(&candidate) {
+            return Some(candidate);
+        }
+        pid = parent_of(pid)?;
+    }
+    None
+}
+
+/// The parent pid of `pid`, from `/proc/<pid>/stat` (`pid (comm) state ppid ...`; `comm` may hold
+/// spaces and parentheses, so the fields are counted after its last `)`).
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_comm = &stat[stat.rfind(')')? + 1..];
+    after_comm.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Whether `path` is the root of (or inside) a bpffs. Errors (missing, no permission) say no.
