@@ -10,6 +10,7 @@ pub mod netns;
 pub mod packet_lab;
 pub mod servers;
 pub mod topology;
+pub mod web_lab;
 pub mod xdp;
 
 pub use bpffs::bpffs_entries_under;

@@ -99,6 +99,22 @@ impl PacketLab {
         (result.return_value, out)
     }
 
+    /// Runs the program on `frame`, asserts `XDP_TX`, and returns the backend the frame was
+    /// sent to (read from its destination MAC, see [`backend_mac`]).
+    pub fn backend_of(&mut self, frame: &[u8]) -> u32 {
+        let (verdict, out) = self.run(frame);
+        assert_eq!(verdict, XDP_TX, "verdict (1=DROP 2=PASS 3=TX 4=REDIRECT)");
+        let capacity = self.balancer.dataplane.capacity.max_backends;
+        (0..capacity)
+            .find(|&id| backend_mac(id) == out[0..6])
+            .unwrap_or_else(|| {
+                panic!(
+                    "frame left with unknown destination MAC {:02x?}",
+                    &out[0..6]
+                )
+            })
+    }
+
     /// The backend id the program must pick for a new flow, computed from the daemon's own
     /// Maglev table and the shared flow hash.
     pub fn expected_backend(&self, vip_index: usize, flow: &FlowKey) -> u32 {

@@ -1,20 +1,19 @@
 //! The control API against a running `lb` in a namespace: `lb status`, `lb drain`,
-//! `lb disable`, `lb enable`, through the real binary and the daemon's Unix socket.
+//! `lb disable`, `lb enable`, `lb reload` (and SIGHUP), through the real binary and the daemon's
+//! Unix socket.
 
-use std::{
-    collections::BTreeSet,
-    net::{IpAddr, SocketAddr},
-    process::Command,
-    time::Duration,
-};
+use std::{collections::BTreeSet, process::Command, time::Duration};
 
 use lb_tests::{
     daemon::{Launch, LbDaemon, api_socket_for, lb_binary},
-    servers::{TcpIdentityServer, TcpLineClient, tcp_requests},
+    servers::{TcpLineClient, tcp_requests},
     topology::{DsrTopology, DsrTopologyOptions, leftovers},
+    web_lab::WebLab,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(3);
+/// Fast checks, so backends are up (and reloaded ones join) quickly.
+const HEALTH: &str = "interval = \"200ms\"\ntimeout = \"200ms\"";
 
 fn lb(args: &[&str], socket: &std::path::Path) -> (i32, String, String) {
     let out = Command::new(lb_binary())
@@ -53,31 +52,12 @@ fn backend_state(status: &serde_json::Value, address: &str) -> String {
 fn status_drain_disable_enable_against_a_running_daemon() {
     let prefix = "lbctl";
     {
-        let options = DsrTopologyOptions {
-            name_prefix: prefix.to_owned(),
-            ..Default::default()
-        };
-        let topo = DsrTopology::new(3, options).expect("topology");
-        let _servers: Vec<TcpIdentityServer> = (0..3)
-            .map(|i| {
-                TcpIdentityServer::start(
-                    topo.backend(i),
-                    "0.0.0.0:80".parse().unwrap(),
-                    topo.backend_host(i).ipv4().to_string(),
-                )
-                .expect("server")
-            })
-            .collect();
-        let mut config = format!(
-            "interface = \"eth0\"\nflow_table_size = 65536\nmax_vips = 2\n\n[[vip]]\nname = \"web\"\naddress = \"{}\"\nport = 80\nprotocol = \"tcp\"\n[vip.health]\ninterval = \"200ms\"\ntimeout = \"200ms\"\n",
-            topo.vip_v4()
-        );
-        for host in topo.backend_hosts() {
-            config.push_str(&format!("[[vip.backend]]\naddress = \"{}\"\n", host.ipv4()));
-        }
+        let lab = WebLab::new(prefix, 3);
+        let topo = &lab.topo;
+        let config = lab.config_all("", HEALTH);
         let daemon = LbDaemon::start(topo.lb(), &config, Launch::Nsenter).expect("lb run");
         let socket = api_socket_for(topo.lb());
-        let vip = SocketAddr::new(IpAddr::V4(topo.vip_v4()), 80);
+        let vip = lab.vip();
 
         // Status: the JSON shape, every backend up, counters that follow traffic.
         let outcome = tcp_requests(topo.client(), vip, 30, TIMEOUT).expect("client");
@@ -206,21 +186,6 @@ fn status_drain_disable_enable_against_a_running_daemon() {
     assert_eq!(leftovers(&format!("{prefix}2")), Vec::<String>::new());
 }
 
-/// The config of the reload test: `web` with the given backends (address, weight) and
-/// `extra` top-level keys.
-fn web_config(topo: &DsrTopology, backends: &[(String, u32)], extra: &str) -> String {
-    let mut config = format!(
-        "interface = \"eth0\"\nflow_table_size = 65536\nmax_vips = 2\n{extra}\n[[vip]]\nname = \"web\"\naddress = \"{}\"\nport = 80\nprotocol = \"tcp\"\n[vip.health]\ninterval = \"200ms\"\ntimeout = \"200ms\"\n",
-        topo.vip_v4()
-    );
-    for (address, weight) in backends {
-        config.push_str(&format!(
-            "[[vip.backend]]\naddress = \"{address}\"\nweight = {weight}\n"
-        ));
-    }
-    config
-}
-
 fn backend_addresses(status: &serde_json::Value) -> Vec<String> {
     status["vips"][0]["backends"]
         .as_array()
@@ -235,26 +200,14 @@ fn backend_addresses(status: &serde_json::Value) -> Vec<String> {
 fn reload_applies_only_the_difference_and_refuses_a_bad_file() {
     let prefix = "lbrld";
     {
-        let options = DsrTopologyOptions {
-            name_prefix: prefix.to_owned(),
-            ..Default::default()
-        };
-        let topo = DsrTopology::new(3, options).expect("topology");
-        let _servers: Vec<TcpIdentityServer> = (0..3)
-            .map(|i| {
-                TcpIdentityServer::start(
-                    topo.backend(i),
-                    "0.0.0.0:80".parse().unwrap(),
-                    topo.backend_host(i).ipv4().to_string(),
-                )
-                .expect("server")
-            })
-            .collect();
-        let address = |i: usize| topo.backend_host(i).ipv4().to_string();
-        let v1 = web_config(&topo, &[(address(0), 100), (address(1), 100)], "");
+        let lab = WebLab::new(prefix, 3);
+        let topo = &lab.topo;
+        let address = |i: usize| lab.address(i);
+        let web_config = |backends: &[(String, u32)]| lab.config("", HEALTH, backends);
+        let v1 = web_config(&[(address(0), 100), (address(1), 100)]);
         let mut daemon = LbDaemon::start(topo.lb(), &v1, Launch::Nsenter).expect("lb run");
         let socket = api_socket_for(topo.lb());
-        let vip = SocketAddr::new(IpAddr::V4(topo.vip_v4()), 80);
+        let vip = lab.vip();
 
         // A long-lived connection, and an operator drain of the other backend.
         let mut long_lived =
@@ -307,11 +260,7 @@ fn reload_applies_only_the_difference_and_refuses_a_bad_file() {
         );
 
         // A valid file: a third backend with twice the weight. Applied through `lb reload`.
-        let v2 = web_config(
-            &topo,
-            &[(address(0), 100), (address(1), 100), (address(2), 200)],
-            "",
-        );
+        let v2 = web_config(&[(address(0), 100), (address(1), 100), (address(2), 200)]);
         daemon.rewrite_config(topo.lb(), &v2).expect("write");
         let (code, stdout, stderr) = lb(&["reload"], &socket);
         assert_eq!(code, 0, "{stderr}");
@@ -355,7 +304,7 @@ fn reload_applies_only_the_difference_and_refuses_a_bad_file() {
         );
 
         // SIGHUP: the drained backend leaves the config.
-        let v3 = web_config(&topo, &[(pinned.clone(), 100), (address(2), 200)], "");
+        let v3 = web_config(&[(pinned.clone(), 100), (address(2), 200)]);
         daemon.rewrite_config(topo.lb(), &v3).expect("write");
         daemon.signal(libc::SIGHUP);
         daemon

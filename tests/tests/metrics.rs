@@ -8,8 +8,9 @@ use std::{
 
 use lb_tests::{
     daemon::{Launch, LbDaemon},
-    servers::{TcpIdentityServer, tcp_requests},
-    topology::{DsrTopology, DsrTopologyOptions, leftovers},
+    servers::tcp_requests,
+    topology::{DsrTopology, leftovers},
+    web_lab::WebLab,
 };
 
 const METRICS: &str = "127.0.0.1:19100";
@@ -44,30 +45,11 @@ fn sample(body: &str, series: &str) -> Option<u64> {
 fn the_metrics_endpoint_serves_the_data_planes_counters() {
     let prefix = "lbmetrics";
     {
-        let options = DsrTopologyOptions {
-            name_prefix: prefix.to_owned(),
-            ..Default::default()
-        };
-        let topo = DsrTopology::new(3, options).expect("topology");
+        let lab = WebLab::new(prefix, 3);
+        let topo = &lab.topo;
         topo.attach_xdp_pass_on_lb_port(lb::ebpf_object(), "xdp_pass")
             .expect("xdp_pass");
-        let _servers: Vec<TcpIdentityServer> = (0..3)
-            .map(|i| {
-                TcpIdentityServer::start(
-                    topo.backend(i),
-                    "0.0.0.0:80".parse().unwrap(),
-                    topo.backend_host(i).ipv4().to_string(),
-                )
-                .expect("server")
-            })
-            .collect();
-        let mut config = format!(
-            "interface = \"eth0\"\nflow_table_size = 65536\nmax_vips = 2\nmetrics = \"{METRICS}\"\n\n[[vip]]\nname = \"web\"\naddress = \"{}\"\nport = 80\nprotocol = \"tcp\"\n",
-            topo.vip_v4()
-        );
-        for host in topo.backend_hosts() {
-            config.push_str(&format!("[[vip.backend]]\naddress = \"{}\"\n", host.ipv4()));
-        }
+        let config = lab.config_all(&format!("metrics = \"{METRICS}\""), "");
         let daemon = LbDaemon::start(topo.lb(), &config, Launch::Nsenter).expect("lb run");
         let outcome = tcp_requests(
             topo.client(),
@@ -79,7 +61,7 @@ fn the_metrics_endpoint_serves_the_data_planes_counters() {
         assert!(outcome.failures.is_empty(), "{:?}", outcome.failures);
         std::thread::sleep(Duration::from_millis(1500)); // one metrics refresh (1 s)
 
-        let response = scrape(&topo);
+        let response = scrape(topo);
         let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
         assert!(head.starts_with("HTTP/1.1 200"), "status: {head}");
         for line in body

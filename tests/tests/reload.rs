@@ -9,7 +9,7 @@ use lb::api::model::Admin;
 use lb_common::{PROTO_TCP, Reason};
 use lb_tests::{
     frames::{FrameSpec, L4},
-    packet_lab::{PacketLab, XDP_PASS, backend_mac, flow_key},
+    packet_lab::{PacketLab, XDP_PASS, XDP_TX, flow_key},
 };
 
 /// Six backend slots: the first config uses five.
@@ -44,36 +44,15 @@ address = "10.0.0.22"
 "#;
 
 /// .11 reweighted (the ring changes a lot), .13 removed, .14 added; dns unchanged.
-const AFTER: &str = r#"
-interface = "lab0"
-ring_size = 65537
-max_vips = 2
-max_backends = 6
-flow_table_size = 4096
-
-[[vip]]
-name = "web"
-address = "10.0.0.100"
-port = 80
-protocol = "tcp"
-[[vip.backend]]
-address = "10.0.0.11"
-weight = 300
-[[vip.backend]]
-address = "10.0.0.12"
-[[vip.backend]]
-address = "10.0.0.14"
-
-[[vip]]
-name = "dns"
-address = "10.0.0.100"
-port = 53
-protocol = "udp"
-[[vip.backend]]
-address = "10.0.0.21"
-[[vip.backend]]
-address = "10.0.0.22"
-"#;
+fn after() -> String {
+    BEFORE
+        .replacen(
+            "address = \"10.0.0.11\"\n",
+            "address = \"10.0.0.11\"\nweight = 300\n",
+            1,
+        )
+        .replace("10.0.0.13", "10.0.0.14")
+}
 
 const WEB: usize = 0;
 
@@ -81,17 +60,8 @@ fn ip(s: &str) -> IpAddr {
     s.parse().expect("test address")
 }
 
-/// The backend a frame went to (from its destination MAC), or panics on any verdict but TX.
 fn backend_of(lab: &mut PacketLab, spec: &FrameSpec) -> u32 {
-    let (verdict, out) = lab.run(&spec.build());
-    assert_eq!(
-        verdict,
-        lb_tests::packet_lab::XDP_TX,
-        "verdict for {spec:?}"
-    );
-    (0..64)
-        .find(|&id| backend_mac(id) == out[0..6])
-        .unwrap_or_else(|| panic!("unknown destination MAC {:02x?}", &out[0..6]))
+    lab.backend_of(&spec.build())
 }
 
 fn id_of(lab: &PacketLab, vip: &str, address: &str) -> u32 {
@@ -130,7 +100,11 @@ fn a_reload_moves_only_the_flows_of_removed_backends() {
         .set_admin(WEB, 1, Admin::Drained)
         .expect("drain");
 
-    let changes: Vec<String> = lab.reload(AFTER).iter().map(ToString::to_string).collect();
+    let changes: Vec<String> = lab
+        .reload(&after())
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     assert_eq!(
         changes,
         [
@@ -201,7 +175,7 @@ fn removed_and_moved_vips_stop_being_balanced_and_reused_ids_start_from_zero() {
     let mut lab = PacketLab::new(BEFORE);
     let dns = FrameSpec::udp(ip("192.0.2.40"), 4000, ip("10.0.0.100"), 53, b"q");
     let (verdict, _) = lab.run(&dns.build());
-    assert_eq!(verdict, lb_tests::packet_lab::XDP_TX);
+    assert_eq!(verdict, XDP_TX);
     let web80 = FrameSpec::tcp_syn(ip("192.0.2.40"), 4001, ip("10.0.0.100"), 80);
     let b13 = id_of(&lab, "web", "10.0.0.13");
     for sport in 6000..6100 {
@@ -222,7 +196,7 @@ fn removed_and_moved_vips_stop_being_balanced_and_reused_ids_start_from_zero() {
     );
 
     // dns removed; web moved to port 8080 with .13 replaced by .15 and .16.
-    let moved = AFTER.replace("port = 80\n", "port = 8080\n").replace(
+    let moved = after().replace("port = 80\n", "port = 8080\n").replace(
         "address = \"10.0.0.14\"",
         "address = \"10.0.0.15\"\n[[vip.backend]]\naddress = \"10.0.0.16\"",
     );

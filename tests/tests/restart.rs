@@ -2,7 +2,6 @@
 //! and `lb detach` removing everything.
 
 use std::{
-    net::{IpAddr, SocketAddr},
     path::Path,
     process::Command,
     sync::atomic::{AtomicBool, Ordering},
@@ -13,8 +12,9 @@ use aya::maps::{HashMap, Map, MapData};
 use lb_common::{FlowKey, FlowState};
 use lb_tests::{
     daemon::{Launch, LbDaemon, api_socket_for, lb_binary, lb_detach},
-    servers::{BatchOutcome, TcpIdentityServer, TcpLineClient, tcp_requests},
-    topology::{DsrTopology, DsrTopologyOptions, LB_NETNS_PINS, leftovers},
+    servers::{BatchOutcome, TcpLineClient, tcp_requests},
+    topology::{DsrTopology, LB_NETNS_PINS, leftovers},
+    web_lab::WebLab,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(3);
@@ -72,37 +72,15 @@ fn xdp_attached(topo: &DsrTopology) -> bool {
 fn kill_9_under_load_loses_no_connection_and_a_new_daemon_adopts_the_state() {
     let prefix = "lbrst";
     {
-        let topo = DsrTopology::new(
-            3,
-            DsrTopologyOptions {
-                name_prefix: prefix.to_owned(),
-                ..Default::default()
-            },
-        )
-        .expect("topology");
-        let _servers: Vec<TcpIdentityServer> = (0..3)
-            .map(|i| {
-                TcpIdentityServer::start(
-                    topo.backend(i),
-                    "0.0.0.0:80".parse().unwrap(),
-                    topo.backend_host(i).ipv4().to_string(),
-                )
-                .expect("server")
-            })
-            .collect();
-        let mut config = format!(
-            "interface = \"eth0\"\nflow_table_size = 65536\nmax_vips = 2\n\n[[vip]]\nname = \"web\"\naddress = \"{}\"\nport = 80\nprotocol = \"tcp\"\n[vip.health]\ninterval = \"200ms\"\ntimeout = \"200ms\"\n",
-            topo.vip_v4()
-        );
-        for host in topo.backend_hosts() {
-            config.push_str(&format!("[[vip.backend]]\naddress = \"{}\"\n", host.ipv4()));
-        }
+        let lab = WebLab::new(prefix, 3);
+        let topo = &lab.topo;
+        let config = lab.config_all("", "interval = \"200ms\"\ntimeout = \"200ms\"");
         // The first daemon the way many operators start things, the second with nsenter: both
         // find the same pins.
         let first = LbDaemon::start(topo.lb(), &config, Launch::IpNetnsExec).expect("lb run");
         let socket = api_socket_for(topo.lb());
         let pins = Path::new(LB_NETNS_PINS).join(topo.lb().name()).join("eth0");
-        let vip = SocketAddr::new(IpAddr::V4(topo.vip_v4()), 80);
+        let vip = lab.vip();
 
         let mut long_lived: Vec<(TcpLineClient, String)> = (0..12)
             .map(|i| {
@@ -139,7 +117,7 @@ fn kill_9_under_load_loses_no_connection_and_a_new_daemon_adopts_the_state() {
             let before_kill = counters(&status(&socket));
             let flows_before = pinned_flows(&pins);
             first.kill().expect("kill -9 lb");
-            assert!(xdp_attached(&topo), "the program must survive its daemon");
+            assert!(xdp_attached(topo), "the program must survive its daemon");
 
             // No daemon: the data plane keeps balancing on its last state.
             let gap = tcp_requests(topo.client(), vip, 30, TIMEOUT).expect("client");
@@ -224,7 +202,7 @@ fn kill_9_under_load_loses_no_connection_and_a_new_daemon_adopts_the_state() {
         assert!(log.contains("leaving the XDP program on eth0"), "{log}");
         let report = lb_detach(&topo.lb().path(), "eth0").expect("lb detach");
         assert!(report.starts_with("removed from eth0"), "{report}");
-        assert!(!xdp_attached(&topo), "lb detach left the program attached");
+        assert!(!xdp_attached(topo), "lb detach left the program attached");
         assert!(!pins.exists(), "{} is still there", pins.display());
     }
     assert_eq!(leftovers(prefix), Vec::<String>::new());

@@ -69,6 +69,11 @@ impl From<ReconcileError> for RunError {
 /// Runs the load balancer on `config` (read from `path`, which reloads re-read) until SIGINT or
 /// SIGTERM; returns the final counters.
 pub async fn run(config: Config, path: &Path) -> Result<Snapshot, RunError> {
+    // Taken over first: a signal during start-up (a reload, a stop) waits for the loop instead
+    // of killing the process half-way through pinning and attaching.
+    let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Signal)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
+    let mut sighup = signal(SignalKind::hangup()).map_err(RunError::Signal)?;
     let netlink = NetlinkHandle::new()?;
     let interface = netlink.interface_by_name(&config.interface).await?;
     attach::raise_memlock_limit();
@@ -146,9 +151,6 @@ pub async fn run(config: Config, path: &Path) -> Result<Snapshot, RunError> {
         );
     }
 
-    let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Signal)?;
-    let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
-    let mut sighup = signal(SignalKind::hangup()).map_err(RunError::Signal)?;
     let mut running = Running {
         path: path.to_path_buf(),
         config,
