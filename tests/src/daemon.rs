@@ -53,6 +53,8 @@ pub struct LbDaemon {
     namespace: PathBuf,
     /// The interface of its config.
     interface: String,
+    /// Whether dropping it runs `lb detach` (once it has attached).
+    detach_on_drop: bool,
 }
 
 /// `interface = "..."` of a config.
@@ -131,8 +133,13 @@ impl LbDaemon {
             config_path,
             namespace: namespace.path(),
             interface: interface_of(config).context("the config has no `interface`")?,
+            detach_on_drop: true,
         };
-        daemon.wait_for_log("XDP load balancer attached", Duration::from_secs(20))?;
+        if let Err(e) = daemon.wait_for_log("XDP load balancer attached", Duration::from_secs(20)) {
+            // It never attached: whatever is attached or pinned is not its to remove.
+            daemon.detach_on_drop = false;
+            return Err(e);
+        }
         Ok(daemon)
     }
 
@@ -272,7 +279,9 @@ impl Drop for LbDaemon {
         if let Some(mut child) = self.child.take() {
             terminate(&child);
             let _ = wait_timeout(&mut child, Duration::from_secs(10));
-            if let Err(e) = lb_detach(&self.namespace, &self.interface) {
+            if self.detach_on_drop
+                && let Err(e) = lb_detach(&self.namespace, &self.interface)
+            {
                 eprintln!("cleaning up after lb: {e:#}");
             }
         }

@@ -3,21 +3,28 @@
 use std::{
     io::{Read, Write},
     net::{IpAddr, SocketAddr, TcpStream},
+    process::Command,
     time::Duration,
 };
 
 use lb_tests::{
-    daemon::{Launch, LbDaemon},
+    daemon::{Launch, LbDaemon, api_socket_for, lb_binary},
     servers::tcp_requests,
     topology::{DsrTopology, leftovers},
     web_lab::WebLab,
 };
 
 const METRICS: &str = "127.0.0.1:19100";
+/// Where a reload moves the endpoint.
+const METRICS_MOVED: &str = "127.0.0.1:19101";
 
 fn scrape(topology: &DsrTopology) -> String {
-    topology.lb().run(|| {
-        let mut stream = TcpStream::connect(METRICS).expect("connect to the metrics endpoint");
+    scrape_at(topology, METRICS)
+}
+
+fn scrape_at(topology: &DsrTopology, address: &'static str) -> String {
+    topology.lb().run(move || {
+        let mut stream = TcpStream::connect(address).expect("connect to the metrics endpoint");
         stream
             .set_read_timeout(Some(Duration::from_secs(5)))
             .expect("timeout");
@@ -93,6 +100,32 @@ fn the_metrics_endpoint_serves_the_data_planes_counters() {
                 "no {family} family in:\n{body}"
             );
         }
+        // A reload moves the endpoint: the new address serves, the old one is closed.
+        daemon
+            .rewrite_config(topo.lb(), &config.replace(METRICS, METRICS_MOVED))
+            .expect("write");
+        let reload = Command::new(lb_binary())
+            .args(["reload", "--api"])
+            .arg(api_socket_for(topo.lb()))
+            .output()
+            .expect("lb reload");
+        let stdout = String::from_utf8_lossy(&reload.stdout);
+        assert!(
+            reload.status.success() && stdout.contains("metrics: now served on 127.0.0.1:19101"),
+            "{stdout} {}",
+            String::from_utf8_lossy(&reload.stderr)
+        );
+        let moved = scrape_at(topo, METRICS_MOVED);
+        assert!(
+            moved.starts_with("HTTP/1.1 200") && moved.contains("# TYPE lb_vip_packets_total"),
+            "{moved}"
+        );
+        let old_closed = topo.lb().run(|| TcpStream::connect(METRICS).is_err());
+        assert!(
+            old_closed,
+            "the old metrics address still accepts connections"
+        );
+
         let counters = daemon.stop().expect("lb stops");
         for host in topo.backend_hosts() {
             let address = host.ipv4().to_string();

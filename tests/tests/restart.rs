@@ -200,6 +200,31 @@ fn kill_9_under_load_loses_no_connection_and_a_new_daemon_adopts_the_state() {
         drop(long_lived);
         let (_, log) = second.stop_leaving_attached().expect("lb stops");
         assert!(log.contains("leaving the XDP program on eth0"), "{log}");
+
+        // A daemon whose maps would be shaped differently (another flow_table_size) refuses
+        // to adopt, says why, and leaves the running program and its flows alone.
+        let flows_then = pinned_flows(&pins).len();
+        let refused = LbDaemon::start(
+            topo.lb(),
+            &config.replace("flow_table_size = 65536", "flow_table_size = 4096"),
+            Launch::Nsenter,
+        )
+        .err()
+        .expect("a config with another flow_table_size must not adopt the pins")
+        .to_string();
+        assert!(
+            refused.contains("does not match this lb")
+                && refused.contains("FLOWS holds 65536 entries, this config needs 4096"),
+            "{refused}"
+        );
+        assert!(xdp_attached(topo), "a refused start must not detach");
+        assert_eq!(
+            pinned_flows(&pins).len(),
+            flows_then,
+            "a refused start flushed flows"
+        );
+        let still = tcp_requests(topo.client(), vip, 10, TIMEOUT).expect("client");
+        assert!(still.failures.is_empty(), "{:?}", still.failures);
         let report = lb_detach(&topo.lb().path(), "eth0").expect("lb detach");
         assert!(report.starts_with("removed from eth0"), "{report}");
         assert!(!xdp_attached(topo), "lb detach left the program attached");
