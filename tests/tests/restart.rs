@@ -143,6 +143,14 @@ fn kill_9_under_load_loses_no_connection_and_a_new_daemon_adopts_the_state() {
             load.failures
         );
         assert_eq!(load.per_identity.len(), 3, "{:?}", load.per_identity);
+        println!(
+            "restart: {} new connections across kill -9 and adoption ({} more while no daemon \
+             ran), 0 failed; {} long-lived connections and {} flow entries kept",
+            load.answered(),
+            in_the_gap.answered(),
+            long_lived.len(),
+            flows_before.len()
+        );
         let log = second.log();
         assert!(
             log.contains("adopted the pinned state") && log.contains("3 backends (3 up)"),
