@@ -8,6 +8,7 @@ mod control;
 mod events;
 mod paths;
 mod reload;
+mod startup;
 mod telemetry;
 
 use std::{path::Path, time::Duration};
@@ -15,16 +16,15 @@ use std::{path::Path, time::Duration};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc,
-    time::Instant,
 };
 use tracing::{info, warn};
 
 use crate::{
     api::model::Command,
-    balancer::{Adopted, Balancer, ReconcileError, capacity_of},
+    balancer::{Balancer, ReconcileError},
     config::Config,
     daemon::{reload::Running, telemetry::Telemetry},
-    dataplane::{AttachMode, DataPlane, DataPlaneError, PinDir, PinError, PinnedState},
+    dataplane::{AttachMode, PinnedState},
     health::{
         Health,
         schedule::CheckReport,
@@ -78,11 +78,11 @@ pub async fn run(config: Config, path: &Path) -> Result<Snapshot, RunError> {
     let interface = netlink.interface_by_name(&config.interface).await?;
     attach::raise_memlock_limit();
 
-    let (dataplane, pinned) = load(&config)?;
+    let (dataplane, pinned) = startup::load(&config)?;
     let mut balancer = Balancer::empty(dataplane);
     if pinned == Some(PinnedState::Adopted) {
         let adopted = balancer.adopt(&config)?;
-        log_adopted(&balancer, &adopted);
+        startup::log_adopted(&balancer, &adopted);
     }
     balancer.reconcile(&config)?;
     let (report_tx, mut reports) = mpsc::channel::<CheckReport>(1024);
@@ -92,7 +92,7 @@ pub async fn run(config: Config, path: &Path) -> Result<Snapshot, RunError> {
     // Before attaching: every backend's first check result and L2 path, so the first packet
     // already finds the healthy backends in their rings and no dead one.
     paths::refresh_paths(&netlink, &interface, &mut balancer).await?;
-    collect_first_results(&mut balancer, &mut supervisor, &mut reports).await?;
+    startup::collect_first_results(&mut balancer, &mut supervisor, &mut reports).await?;
     balancer.publish_all()?;
     // The control API is on by default (`api` has a default path), so a clash with another
     // daemon's socket must not keep the load balancer from balancing: it runs without its API
@@ -141,7 +141,7 @@ pub async fn run(config: Config, path: &Path) -> Result<Snapshot, RunError> {
             );
         }
     }
-    log_attached(&balancer, &interface.name, mode);
+    startup::log_attached(&balancer, &interface.name, mode);
     if mode == AttachMode::Native && interface.kind.as_deref() == Some("veth") {
         warn!(
             "{} is a veth: frames sent with native XDP_TX reach its peer only if the peer runs an XDP \
@@ -241,54 +241,6 @@ pub async fn run(config: Config, path: &Path) -> Result<Snapshot, RunError> {
     Ok(snapshot)
 }
 
-/// Loads the program with its maps pinned in the interface's bpffs directory (adopting what is
-/// there), or unpinned when no bpffs can be had (then stopping detaches, and a restart starts
-/// with an empty flow table). `None`: unpinned.
-fn load(config: &Config) -> Result<(DataPlane, Option<PinnedState>), RunError> {
-    let capacity = capacity_of(config);
-    let pins = match PinDir::open(&config.interface) {
-        Ok(Some(pins)) => pins,
-        Ok(None) => {
-            warn!(
-                "no bpffs here (none on /sys/fs/bpf and none reachable through an ancestor \
-                 process's root): nothing is pinned, so stopping lb detaches the program and a \
-                 restart starts with an empty flow table; mount one (`mount -t bpf bpf \
-                 /sys/fs/bpf`) or start lb with `nsenter --net=...` instead of `ip netns exec`"
-            );
-            return Ok((DataPlane::load(capacity)?, None));
-        }
-        Err(e @ PinError::Mount { .. }) => {
-            warn!("{e}: nothing is pinned, so stopping lb detaches the program");
-            return Ok((DataPlane::load(capacity)?, None));
-        }
-        Err(e) => return Err(DataPlaneError::from(e).into()),
-    };
-    let (dataplane, state) = DataPlane::load_pinned(capacity, pins)?;
-    Ok((dataplane, Some(state)))
-}
-
-fn log_adopted(balancer: &Balancer, adopted: &Adopted) {
-    let flows = balancer.dataplane.maps.flow_count();
-    let dir = balancer
-        .dataplane
-        .pinned()
-        .map(|d| d.display().to_string())
-        .unwrap_or_default();
-    info!(
-        vips = adopted.vips,
-        backends = adopted.backends,
-        up = adopted.up,
-        flows,
-        "adopted the pinned state in {dir}: {} VIPs, {} backends ({} up), {flows} flows; \
-         removed {} VIPs and {} backends the config no longer has",
-        adopted.vips,
-        adopted.backends,
-        adopted.up,
-        adopted.stale_vips,
-        adopted.stale_backends
-    );
-}
-
 /// What the supervisor should be checking for `config`: every backend, by its data-plane id,
 /// starting from the health the model has for it (unknown for a new one, up for one a restarted
 /// daemon adopted as up).
@@ -324,52 +276,5 @@ async fn refresh_after_reload(
         .any(|b| b.path.is_none());
     if unresolved && let Err(e) = paths::refresh_paths(netlink, interface, balancer).await {
         warn!("resolving the paths of reloaded backends failed: {e}");
-    }
-}
-
-/// Waits until every backend has a first check result (or the longest timeout plus a grace
-/// period has passed: a check that has not answered by then counts as not passed yet).
-async fn collect_first_results(
-    balancer: &mut Balancer,
-    supervisor: &mut Supervisor,
-    reports: &mut mpsc::Receiver<CheckReport>,
-) -> Result<(), RunError> {
-    let longest = supervisor.longest_pending_timeout().unwrap_or_default();
-    let deadline = Instant::now() + longest + FIRST_RESULTS_GRACE;
-    while supervisor.pending() > 0 {
-        match tokio::time::timeout_at(deadline, reports.recv()).await {
-            Ok(Some(report)) => {
-                events::on_check_reports(balancer, supervisor, &[report], false)?;
-            }
-            Ok(None) | Err(_) => break,
-        }
-    }
-    if supervisor.pending() > 0 {
-        warn!(
-            "{} backends have no check result yet; they join when their first check passes",
-            supervisor.pending()
-        );
-    }
-    Ok(())
-}
-
-fn log_attached(balancer: &Balancer, interface: &str, mode: AttachMode) {
-    let backends: usize = balancer.vips.iter().map(|v| v.backends.len()).sum();
-    let up: usize = balancer
-        .vips
-        .iter()
-        .map(|v| v.backends.iter().filter(|b| b.reachable()).count())
-        .sum();
-    info!(
-        interface,
-        mode = mode.name(),
-        vips = balancer.vips.len(),
-        backends,
-        up,
-        "XDP load balancer attached to {interface} in {} mode ({up} of {backends} backends up)",
-        mode.name()
-    );
-    for vip in &balancer.vips {
-        info!(vip = %vip.name, pool = vip.active_pool.as_str(), "vip {}: serving from the {} pool", vip.name, vip.active_pool);
     }
 }
