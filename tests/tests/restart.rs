@@ -205,6 +205,14 @@ fn kill_9_under_load_loses_no_connection_and_a_new_daemon_adopts_the_state() {
             in_the_gap.answered()
         );
 
+        // `lb detach` does not pull the program from under a running daemon.
+        let refused = lb_detach(&topo.lb().path(), "eth0")
+            .err()
+            .expect("lb detach while lb runs must fail")
+            .to_string();
+        assert!(refused.contains("still running on eth0"), "{refused}");
+        assert!(xdp_attached(topo));
+
         drop(long_lived);
         let (_, log) = second.stop_leaving_attached().expect("lb stops");
         assert!(log.contains("leaving the XDP program on eth0"), "{log}");
