@@ -207,8 +207,7 @@ fn kill_9_under_load_loses_no_connection_and_a_new_daemon_adopts_the_state() {
 
         // `lb detach` does not pull the program from under a running daemon.
         let refused = lb_detach(&topo.lb().path(), "eth0")
-            .err()
-            .expect("lb detach while lb runs must fail")
+            .expect_err("lb detach while lb runs must fail")
             .to_string();
         assert!(refused.contains("still running on eth0"), "{refused}");
         assert!(xdp_attached(topo));

@@ -4,9 +4,10 @@
 //! Builds network namespaces (a bridge "switch", a client, the LB, three primary backends and one
 //! standby running TCP servers with the VIP on their loopback), starts `lb run` on the LB's eth0,
 //! and then: spreads connections over the primaries; kills one primary and shows it dropped; kills
-//! all primaries and shows the standby serving; restarts them and shows traffic back; prints the
-//! LB's own counters beside what the backends saw, with the timings. Everything is removed on
-//! exit, also on Ctrl-C.
+//! all primaries and shows the standby serving; restarts them and shows traffic back; kills the
+//! daemon itself and shows traffic flowing on while a new daemon adopts the pinned state; prints
+//! the LB's own counters (continued across the crash) beside what the backends saw, with the
+//! timings. Everything is removed on exit, also on Ctrl-C.
 
 use std::{
     collections::BTreeMap,
@@ -258,6 +259,30 @@ impl Demo {
         for line in self.daemon()?.log().lines().filter(|l| l.contains("-> ")) {
             println!("  {line}");
         }
+        interrupted()?;
+
+        println!(
+            "\n5. the daemon crashes (kill -9): the XDP program keeps forwarding on its pinned maps"
+        );
+        self.daemon.take().context("lb is not running")?.kill()?;
+        self.traffic(100)?;
+        println!("  a new `lb run` adopts the maps, flows and counters, and swaps in its program");
+        let restarted = Instant::now();
+        let daemon = LbDaemon::start(self.topology.lb(), &config, Launch::Nsenter)?;
+        println!(
+            "  serving again after {:.2} s, with nothing flushed:",
+            restarted.elapsed().as_secs_f64()
+        );
+        for line in daemon.log().lines().filter(|l| {
+            l.contains("adopted the pinned state") || l.contains("took over the running XDP link")
+        }) {
+            println!("  {line}");
+        }
+        self.daemon = Some(daemon);
+        self.traffic(100)?;
+
+        // The counters continued across the crash: the new daemon reports every flow since
+        // the first start.
         let counters = self.daemon.take().context("lb is not running")?.stop()?;
         println!(
             "\n{:<14} {:>10} {:>12} {:>12} {:>12}",
