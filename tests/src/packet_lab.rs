@@ -5,7 +5,7 @@ use std::{net::IpAddr, path::Path};
 
 use aya::{TestRun as _, TestRunOptions};
 use lb::{
-    balancer::{Balancer, Change, L2Path, capacity_of, ring_for, vip_key},
+    balancer::{Adopted, Balancer, Change, L2Path, capacity_of, ring_for, vip_key},
     config::Config,
     dataplane::DataPlane,
     health::Health,
@@ -55,6 +55,26 @@ impl PacketLab {
             .unwrap_or_else(|e| panic!("reconciling the lab config: {e}"));
         self.bring_up_new_backends();
         changes
+    }
+
+    /// What a restarted daemon does with the same maps: a new model adopts what they hold for
+    /// `config_toml` ([`Balancer::adopt`]), then reconciles the rest; backends it adds come up at
+    /// once as in [`PacketLab::reload`]. (Pinning is not involved: the maps are simply handed
+    /// over, as pins hand them to the next process.)
+    pub fn restart(self, config_toml: &str) -> (Self, Adopted, Vec<Change>) {
+        let config = Config::parse(config_toml, Path::new("lab.toml"))
+            .unwrap_or_else(|e| panic!("lab config is invalid: {e}"));
+        let Balancer { dataplane, .. } = self.balancer;
+        let mut balancer = Balancer::empty(dataplane);
+        let adopted = balancer
+            .adopt(&config)
+            .unwrap_or_else(|e| panic!("adopting the lab's maps: {e}"));
+        let changes = balancer
+            .reconcile(&config)
+            .unwrap_or_else(|e| panic!("reconciling the lab config: {e}"));
+        let mut lab = Self { balancer };
+        lab.bring_up_new_backends();
+        (lab, adopted, changes)
     }
 
     /// Marks every backend without a path healthy with path `backend_mac(id)` (same interface,

@@ -1,7 +1,8 @@
-//! Reload at the packet level: the daemon's reconcile applied to the real program and maps
-//! (`BPF_PROG_TEST_RUN`). Established flows of kept backends stay exactly where they were,
-//! flows of removed backends are re-chosen from the new ring, operator overrides survive,
-//! removed VIPs stop being balanced and ids are reused without inheriting counters.
+//! Reload and restart at the packet level: the daemon's reconcile (and a restarted daemon's
+//! adoption) applied to the real program and maps (`BPF_PROG_TEST_RUN`). Established flows of
+//! kept backends stay exactly where they were, flows of removed backends are re-chosen from the
+//! new ring, operator overrides survive, removed VIPs stop being balanced and ids are reused
+//! without inheriting counters.
 
 use std::net::IpAddr;
 
@@ -258,4 +259,71 @@ fn removed_and_moved_vips_stop_being_balanced_and_reused_ids_start_from_zero() {
         not_vip.packets, 2,
         "the dns and :80 frames after the reload"
     );
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn a_restarted_daemon_adopts_ids_health_and_drains_and_applies_a_changed_config() {
+    let mut lab = PacketLab::new(BEFORE);
+    let flows: Vec<FrameSpec> = (7000..7300)
+        .map(|sport| FrameSpec::tcp_syn(ip("192.0.2.50"), sport, ip("10.0.0.100"), 80))
+        .collect();
+    let before: Vec<u32> = flows.iter().map(|f| backend_of(&mut lab, f)).collect();
+    let (b11, b12, b13) = (
+        id_of(&lab, "web", "10.0.0.11"),
+        id_of(&lab, "web", "10.0.0.12"),
+        id_of(&lab, "web", "10.0.0.13"),
+    );
+    lab.balancer
+        .set_admin(WEB, 1, Admin::Drained)
+        .expect("drain");
+    let dns_ids = (
+        id_of(&lab, "dns", "10.0.0.21"),
+        id_of(&lab, "dns", "10.0.0.22"),
+    );
+
+    // The daemon dies; the next one starts with the changed config (.13 gone, .14 new, .11
+    // reweighted) on the same maps.
+    let (mut lab, adopted, changes) = lab.restart(&after());
+    assert_eq!(
+        adopted,
+        lb::balancer::Adopted {
+            vips: 2,
+            backends: 4,
+            up: 4,
+            stale_vips: 0,
+            stale_backends: 1,
+        },
+        "web's .11 and .12, dns's two; .13's record is cleared"
+    );
+    let changes: Vec<String> = changes.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        changes,
+        ["vip web: backend 10.0.0.14 added"],
+        "adopted backends take the new config's weights; only .14 is new"
+    );
+    assert_eq!(id_of(&lab, "web", "10.0.0.11"), b11);
+    assert_eq!(id_of(&lab, "web", "10.0.0.12"), b12);
+    assert_eq!(
+        (
+            id_of(&lab, "dns", "10.0.0.21"),
+            id_of(&lab, "dns", "10.0.0.22")
+        ),
+        dns_ids
+    );
+    assert_eq!(
+        lab.balancer.vips[WEB].backends[1].admin,
+        Admin::Drained,
+        "the drain is read back from the pinned record"
+    );
+
+    for (flow, &old) in flows.iter().zip(&before) {
+        let now = backend_of(&mut lab, &ack(flow));
+        if old == b13 {
+            let key = flow_key(flow.src, flow.sport, flow.dst, flow.dport, PROTO_TCP);
+            assert_eq!(now, lab.expected_backend(WEB, &key), "flow {}", flow.sport);
+        } else {
+            assert_eq!(now, old, "flow {} moved across the restart", flow.sport);
+        }
+    }
 }
