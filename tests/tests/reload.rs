@@ -327,3 +327,50 @@ fn a_restarted_daemon_adopts_ids_health_and_drains_and_applies_a_changed_config(
         }
     }
 }
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn a_vip_may_take_over_the_address_another_vip_leaves_in_the_same_reload() {
+    let mut lab = PacketLab::new(BEFORE);
+    // web leaves 10.0.0.100:80/tcp for :81; dns moves onto :80/tcp in the same reload.
+    let moved = BEFORE.replacen("port = 80\n", "port = 81\n", 1).replacen(
+        "port = 53\nprotocol = \"udp\"",
+        "port = 80\nprotocol = \"tcp\"",
+        1,
+    );
+    let changes: Vec<String> = lab.reload(&moved).iter().map(ToString::to_string).collect();
+    assert_eq!(
+        changes,
+        [
+            "vip web: address 10.0.0.100:80/tcp -> 10.0.0.100:81/tcp",
+            "vip dns: address 10.0.0.100:53/udp -> 10.0.0.100:80/tcp",
+        ]
+    );
+    // web's old key is dns's now: removing web's old record must not have taken it.
+    let dns_ids = [
+        id_of(&lab, "dns", "10.0.0.21"),
+        id_of(&lab, "dns", "10.0.0.22"),
+    ];
+    let to80 = FrameSpec::tcp_syn(ip("192.0.2.60"), 5555, ip("10.0.0.100"), 80);
+    assert!(
+        dns_ids.contains(&backend_of(&mut lab, &to80)),
+        "80/tcp is dns's"
+    );
+    let web_ids = [
+        id_of(&lab, "web", "10.0.0.11"),
+        id_of(&lab, "web", "10.0.0.12"),
+        id_of(&lab, "web", "10.0.0.13"),
+    ];
+    let to81 = FrameSpec::tcp_syn(ip("192.0.2.60"), 5556, ip("10.0.0.100"), 81);
+    assert!(
+        web_ids.contains(&backend_of(&mut lab, &to81)),
+        "81/tcp is web's"
+    );
+    let frame = FrameSpec::udp(ip("192.0.2.60"), 5557, ip("10.0.0.100"), 53, b"q").build();
+    let (verdict, out) = lab.run(&frame);
+    assert_eq!(
+        (verdict, &out),
+        (XDP_PASS, &frame),
+        "53/udp is no VIP any more"
+    );
+}

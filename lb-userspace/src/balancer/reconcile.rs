@@ -4,8 +4,9 @@
 //! A VIP is the same VIP while its name stays; a backend is the same backend while its VIP and
 //! address stay. Those keep their data-plane ids, health, L2 path and operator override, so their
 //! flows stay where they are. Removals are written first (the VIP's new ring, then the cleared
-//! backend record; a removed VIP's record goes before its backends'), then additions and changes,
-//! so ids freed by a reload can serve the additions of the same reload.
+//! backend record; a removed VIP's record goes before its backends'; the old record of a VIP
+//! that moves to another address), then additions and changes, so ids and map room freed by a
+//! reload can serve the additions of the same reload.
 
 use std::{fmt, net::IpAddr};
 
@@ -101,7 +102,6 @@ impl Balancer {
         let mut freed = Freed::default();
         self.remove_missing(config, &mut changes, &mut freed)?;
         let mut republish = Vec::new();
-        let mut old_keys = Vec::new();
         let mut vips = Vec::with_capacity(config.vips.len());
         let mut current = std::mem::take(&mut self.vips);
         for wanted in &config.vips {
@@ -111,7 +111,10 @@ impl Balancer {
                     let old_key = vip.key;
                     let changed = self.update_vip(&mut vip, wanted, &mut changes, &mut freed)?;
                     if vip.key != old_key {
-                        old_keys.push(old_key);
+                        // Out before any new record goes in: the map never holds more VIPs
+                        // than the old or the new config has (it may be sized to exactly
+                        // that), and another VIP of this config may take the key over.
+                        self.remove_vip_record(&old_key)?;
                     }
                     (vip, changed)
                 }
@@ -141,11 +144,6 @@ impl Balancer {
         self.reindex();
         for v in republish {
             self.publish(v)?;
-        }
-        // A VIP that moved to another address, port or protocol: its new record is live, so
-        // the old one goes.
-        for key in old_keys {
-            self.remove_vip_record(&key)?;
         }
         Ok(changes)
     }
