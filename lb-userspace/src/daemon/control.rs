@@ -3,15 +3,25 @@
 
 use tracing::{info, warn};
 
+use tokio::sync::oneshot;
+
 use crate::{
-    api::model::{Admin, BackendStatus, Command, StatusReport, VipStatus},
+    api::model::{Admin, BackendStatus, Command, ReloadReport, StatusReport, VipStatus},
     balancer::{BackendState, Balancer},
     health::{Health, supervisor::Supervisor},
     stats::Snapshot,
 };
 
-/// Answers one command from the API server.
-pub(super) fn handle(balancer: &mut Balancer, supervisor: &Supervisor, command: Command) {
+/// Where the answer to a reload goes.
+pub(super) type ReloadReply = oneshot::Sender<Result<ReloadReport, String>>;
+
+/// Answers one command from the API server. A reload is handed back: it needs the checkers and
+/// the metrics endpoint too, which the daemon's loop owns.
+pub(super) fn handle(
+    balancer: &mut Balancer,
+    supervisor: &Supervisor,
+    command: Command,
+) -> Option<ReloadReply> {
     match command {
         Command::Status(reply) => {
             let _ = reply.send(status(balancer, supervisor));
@@ -24,11 +34,9 @@ pub(super) fn handle(balancer: &mut Balancer, supervisor: &Supervisor, command: 
         } => {
             let _ = reply.send(set_admin(balancer, &vip, &backend, admin));
         }
-        Command::Reload(reply) => {
-            // The daemon's loop reloads itself (it needs the checkers and the metrics too).
-            let _ = reply.send(Err("reload is handled by the daemon's loop".to_owned()));
-        }
+        Command::Reload(reply) => return Some(reply),
     }
+    None
 }
 
 fn state_name(backend: &BackendState) -> &'static str {

@@ -195,8 +195,8 @@ pub async fn run(config: Config, path: &Path) -> Result<Snapshot, RunError> {
                 let _ = reload::reload(&mut running, &mut balancer, &mut supervisor, &mut telemetry).await;
                 refresh_after_reload(&netlink, &interface, &mut balancer).await;
             }
-            Some(command) = commands.recv() => match command {
-                Command::Reload(reply) => {
+            Some(command) = commands.recv() => {
+                if let Some(reply) = control::handle(&mut balancer, &supervisor, command) {
                     let result = reload::reload(&mut running, &mut balancer, &mut supervisor, &mut telemetry).await;
                     let reloaded = result.is_ok();
                     let _ = reply.send(result);
@@ -204,8 +204,7 @@ pub async fn run(config: Config, path: &Path) -> Result<Snapshot, RunError> {
                         refresh_after_reload(&netlink, &interface, &mut balancer).await;
                     }
                 }
-                other => control::handle(&mut balancer, &supervisor, other),
-            },
+            }
             _ = refresh.tick() => {
                 if let Err(e) = paths::refresh_paths(&netlink, &interface, &mut balancer).await {
                     warn!("refreshing backend paths failed: {e}");
