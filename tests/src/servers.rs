@@ -28,6 +28,47 @@ const STOP_POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// The line a client sends with each request.
 pub const REQUEST_LINE: &str = "hello\n";
 
+/// A server's thread and the flag that stops it: set and joined on drop.
+#[derive(Debug)]
+struct ServerThread {
+    /// `tcp server 10.0.0.11`, for the warning if the thread panicked.
+    what: String,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ServerThread {
+    /// Starts `body` on a thread named `name`; it must return soon after its flag is set.
+    fn spawn(
+        name: String,
+        what: String,
+        body: impl FnOnce(Arc<AtomicBool>) + Send + 'static,
+    ) -> Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || body(flag))
+            .with_context(|| format!("cannot start the thread of {what}"))?;
+        Ok(Self {
+            what,
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for ServerThread {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            eprintln!("warning: the thread of {} panicked", self.what);
+        }
+    }
+}
+
 /// Counters shared between a server and its threads.
 #[derive(Debug, Default)]
 struct ServerCounters {
@@ -42,8 +83,7 @@ pub struct TcpIdentityServer {
     local_address: SocketAddr,
     identity: String,
     counters: Arc<ServerCounters>,
-    stop: Arc<AtomicBool>,
-    acceptor: Option<JoinHandle<()>>,
+    _acceptor: ServerThread,
 }
 
 impl TcpIdentityServer {
@@ -59,22 +99,20 @@ impl TcpIdentityServer {
             .context("cannot make the listener non-blocking")?;
         let local_address = listener.local_addr().context("listener has no address")?;
         let counters = Arc::new(ServerCounters::default());
-        let stop = Arc::new(AtomicBool::new(false));
         let acceptor = {
             let counters = Arc::clone(&counters);
-            let stop = Arc::clone(&stop);
             let identity = identity.clone();
-            std::thread::Builder::new()
-                .name(format!("tcp-{identity}"))
-                .spawn(move || accept_loop(&listener, &identity, &counters, &stop))
-                .context("cannot start the accept thread")?
+            ServerThread::spawn(
+                format!("tcp-{identity}"),
+                format!("tcp server {identity}"),
+                move |stop| accept_loop(&listener, &identity, &counters, &stop),
+            )?
         };
         Ok(Self {
             local_address,
             identity,
             counters,
-            stop,
-            acceptor: Some(acceptor),
+            _acceptor: acceptor,
         })
     }
 
@@ -97,20 +135,6 @@ impl TcpIdentityServer {
     /// Answers sent so far, over all connections.
     pub fn replies(&self) -> u64 {
         self.counters.replies.load(Ordering::Relaxed)
-    }
-}
-
-impl Drop for TcpIdentityServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(acceptor) = self.acceptor.take()
-            && acceptor.join().is_err()
-        {
-            eprintln!(
-                "warning: the accept thread of tcp server {} panicked",
-                self.identity
-            );
-        }
     }
 }
 
@@ -215,8 +239,7 @@ pub struct UdpIdentityServer {
     local_address: SocketAddr,
     identity: String,
     received: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-    worker: Option<JoinHandle<()>>,
+    _worker: ServerThread,
 }
 
 impl UdpIdentityServer {
@@ -231,14 +254,13 @@ impl UdpIdentityServer {
             .context("cannot set the socket's read timeout")?;
         let local_address = socket.local_addr().context("socket has no address")?;
         let received = Arc::new(AtomicU64::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
         let worker = {
             let received = Arc::clone(&received);
-            let stop = Arc::clone(&stop);
             let answer = format!("{identity}\n");
-            std::thread::Builder::new()
-                .name(format!("udp-{identity}"))
-                .spawn(move || {
+            ServerThread::spawn(
+                format!("udp-{identity}"),
+                format!("udp server {identity}"),
+                move |stop| {
                     let mut buffer = [0u8; 65536];
                     while !stop.load(Ordering::Relaxed) {
                         match socket.recv_from(&mut buffer) {
@@ -261,15 +283,14 @@ impl UdpIdentityServer {
                             }
                         }
                     }
-                })
-                .context("cannot start the udp server thread")?
+                },
+            )?
         };
         Ok(Self {
             local_address,
             identity,
             received,
-            stop,
-            worker: Some(worker),
+            _worker: worker,
         })
     }
 
@@ -284,20 +305,6 @@ impl UdpIdentityServer {
     /// Datagrams received (and answered) so far.
     pub fn received(&self) -> u64 {
         self.received.load(Ordering::Relaxed)
-    }
-}
-
-impl Drop for UdpIdentityServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(worker) = self.worker.take()
-            && worker.join().is_err()
-        {
-            eprintln!(
-                "warning: the thread of udp server {} panicked",
-                self.identity
-            );
-        }
     }
 }
 
