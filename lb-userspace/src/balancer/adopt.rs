@@ -8,15 +8,14 @@
 //! backends the config no longer has are removed; the rest of the config is added by
 //! [`Balancer::reconcile`] as on a reload.
 
-use std::net::IpAddr;
-
-use lb_common::{
-    BACKEND_F_DISABLED, BACKEND_F_DRAINED, BACKEND_F_REDIRECT, BACKEND_F_UP, Backend, VipInfo,
-    VipKey,
-};
+use lb_common::{BACKEND_F_REDIRECT, BACKEND_F_UP, Backend, VipInfo, VipKey};
 use tracing::warn;
 
-use super::{Admin, BackendState, Balancer, L2Path, ReconcileError, VipState, vip_key};
+use super::{
+    BackendState, Balancer, L2Path, ReconcileError, VipState,
+    publish::{admin_from_flags, record_address},
+    vip_key,
+};
 use crate::{config::Config, health::Health, pool::ActivePool};
 
 /// What [`Balancer::adopt`] found.
@@ -30,15 +29,6 @@ pub struct Adopted {
     pub stale_vips: usize,
     /// Backend records of backends the config no longer has (cleared).
     pub stale_backends: usize,
-}
-
-fn record_address(address: IpAddr) -> [u8; 16] {
-    let mut addr = [0u8; 16];
-    match address {
-        IpAddr::V4(a) => addr[..4].copy_from_slice(&a.octets()),
-        IpAddr::V6(a) => addr = a.octets(),
-    }
-    addr
 }
 
 impl Balancer {
@@ -94,13 +84,7 @@ impl Balancer {
                         ifindex: record.ifindex,
                         redirect: record.flags & BACKEND_F_REDIRECT != 0,
                     }),
-                    admin: if record.flags & BACKEND_F_DISABLED != 0 {
-                        Admin::Disabled
-                    } else if record.flags & BACKEND_F_DRAINED != 0 {
-                        Admin::Drained
-                    } else {
-                        Admin::Enabled
-                    },
+                    admin: admin_from_flags(record.flags),
                 });
                 self.written.insert(id, record);
             }

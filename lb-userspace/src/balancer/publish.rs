@@ -46,30 +46,50 @@ pub enum PublishError {
     TxPort(#[source] aya::maps::xdp::XdpMapError),
 }
 
-pub(super) fn backend_record(vip_id: u32, backend: &BackendState) -> Backend {
+/// A backend's address as its record holds it: IPv4 in the first four bytes, the rest zero.
+pub(super) fn record_address(address: std::net::IpAddr) -> [u8; 16] {
     let mut addr = [0u8; 16];
-    match backend.address {
+    match address {
         std::net::IpAddr::V4(a) => addr[..4].copy_from_slice(&a.octets()),
         std::net::IpAddr::V6(a) => addr = a.octets(),
     }
+    addr
+}
+
+/// The record bits of an operator override ([`admin_from_flags`] reads them back).
+fn admin_flags(admin: Admin) -> u32 {
+    match admin {
+        Admin::Enabled => 0,
+        Admin::Drained => BACKEND_F_DRAINED,
+        Admin::Disabled => BACKEND_F_DISABLED,
+    }
+}
+
+/// The operator override a record's flags carry (see [`admin_flags`]).
+pub(super) fn admin_from_flags(flags: u32) -> Admin {
+    if flags & BACKEND_F_DISABLED != 0 {
+        Admin::Disabled
+    } else if flags & BACKEND_F_DRAINED != 0 {
+        Admin::Drained
+    } else {
+        Admin::Enabled
+    }
+}
+
+fn backend_record(vip_id: u32, backend: &BackendState) -> Backend {
     let (dst_mac, src_mac, ifindex, redirect) = match backend.path {
         Some(p) => (p.dst_mac, p.src_mac, p.ifindex, p.redirect),
         None => ([0; 6], [0; 6], 0, false),
     };
-    let mut flags = 0;
+    let mut flags = admin_flags(backend.admin);
     if backend.reachable() {
         flags |= BACKEND_F_UP;
     }
     if redirect {
         flags |= BACKEND_F_REDIRECT;
     }
-    flags |= match backend.admin {
-        Admin::Enabled => 0,
-        Admin::Drained => BACKEND_F_DRAINED,
-        Admin::Disabled => BACKEND_F_DISABLED,
-    };
     Backend {
-        addr,
+        addr: record_address(backend.address),
         dst_mac,
         src_mac,
         flags,
