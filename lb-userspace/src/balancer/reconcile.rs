@@ -176,7 +176,6 @@ impl Balancer {
                     .partition(|b| wanted.backends.iter().any(|w| w.address == b.address));
             vip.backends = kept;
             if !gone.is_empty() {
-                self.reindex();
                 // The ring without them first, then their records: a packet never finds a
                 // cleared backend in a live ring.
                 self.publish(v)?;
