@@ -23,7 +23,7 @@ use crate::{
     api::model::Command,
     balancer::{Balancer, ReconcileError},
     config::Config,
-    daemon::{reload::Running, telemetry::Telemetry},
+    daemon::{control::ReloadReply, reload::Running, telemetry::Telemetry},
     dataplane::{AttachMode, PinnedState},
     health::{
         Health,
@@ -192,17 +192,11 @@ pub async fn run(config: Config, path: &Path) -> Result<Snapshot, RunError> {
             }
             _ = sighup.recv() => {
                 info!("SIGHUP: reloading {}", running.path.display());
-                let _ = reload::reload(&mut running, &mut balancer, &mut supervisor, &mut telemetry).await;
-                refresh_after_reload(&netlink, &interface, &mut balancer).await;
+                reload_then_resolve(&mut running, &mut balancer, &mut supervisor, &mut telemetry, &netlink, &interface, None).await;
             }
             Some(command) = commands.recv() => {
                 if let Some(reply) = control::handle(&mut balancer, &supervisor, command) {
-                    let result = reload::reload(&mut running, &mut balancer, &mut supervisor, &mut telemetry).await;
-                    let reloaded = result.is_ok();
-                    let _ = reply.send(result);
-                    if reloaded {
-                        refresh_after_reload(&netlink, &interface, &mut balancer).await;
-                    }
+                    reload_then_resolve(&mut running, &mut balancer, &mut supervisor, &mut telemetry, &netlink, &interface, Some(reply)).await;
                 }
             }
             _ = refresh.tick() => {
@@ -242,38 +236,56 @@ pub async fn run(config: Config, path: &Path) -> Result<Snapshot, RunError> {
 
 /// What the supervisor should be checking for `config`: every backend, by its data-plane id,
 /// starting from the health the model has for it (unknown for a new one, up for one a restarted
-/// daemon adopted as up).
+/// daemon adopted as up). After a reconcile the model lists VIPs and backends in config order.
 fn wanted_checks(balancer: &Balancer, config: &Config) -> Vec<(u32, CheckSpec, Health)> {
     config
         .vips
         .iter()
-        .flat_map(|vip| {
-            vip.backends.iter().filter_map(move |backend| {
-                let id = balancer.backend_id(&vip.name, backend.address)?;
-                let (v, b) = balancer.locate(id)?;
-                let spec = CheckSpec {
-                    vip: vip.name.clone(),
-                    address: backend.address,
-                    settings: backend.health.clone(),
-                };
-                Some((id, spec, balancer.vips[v].backends[b].health))
-            })
+        .zip(&balancer.vips)
+        .flat_map(|(vip, model)| {
+            debug_assert_eq!(vip.name, model.name, "the model is in config order");
+            vip.backends
+                .iter()
+                .zip(&model.backends)
+                .map(|(backend, state)| {
+                    debug_assert_eq!(backend.address, state.address);
+                    let spec = CheckSpec {
+                        vip: vip.name.clone(),
+                        address: backend.address,
+                        settings: backend.health.clone(),
+                    };
+                    (state.id, spec, state.health)
+                })
         })
         .collect()
 }
 
-/// Backends a reload added need their L2 path now, not at the next periodic refresh.
-async fn refresh_after_reload(
+/// Reloads (on SIGHUP, or for `lb reload`, whose answer goes to `reply` before anything else),
+/// then resolves the L2 paths of the backends the reload added: now, not at the next periodic
+/// refresh.
+async fn reload_then_resolve(
+    running: &mut Running,
+    balancer: &mut Balancer,
+    supervisor: &mut Supervisor,
+    telemetry: &mut Option<Telemetry>,
     netlink: &NetlinkHandle,
     interface: &crate::net::Interface,
-    balancer: &mut Balancer,
+    reply: Option<ReloadReply>,
 ) {
+    let result = reload::reload(running, balancer, supervisor, telemetry).await;
+    let reloaded = result.is_ok();
+    if let Some(reply) = reply {
+        let _ = reply.send(result);
+    }
     let unresolved = balancer
         .vips
         .iter()
         .flat_map(|v| &v.backends)
         .any(|b| b.path.is_none());
-    if unresolved && let Err(e) = paths::refresh_paths(netlink, interface, balancer).await {
+    if reloaded
+        && unresolved
+        && let Err(e) = paths::refresh_paths(netlink, interface, balancer).await
+    {
         warn!("resolving the paths of reloaded backends failed: {e}");
     }
 }
