@@ -77,19 +77,52 @@ fn ack(flow: &FrameSpec) -> FrameSpec {
     next
 }
 
+/// The ids of web's .11, .12 and .13.
+fn web_ids(lab: &PacketLab) -> [u32; 3] {
+    ["10.0.0.11", "10.0.0.12", "10.0.0.13"].map(|a| id_of(lab, "web", a))
+}
+
+/// New TCP flows from `client` to web, one per source port; returns them and their backends.
+fn open_web_flows(
+    lab: &mut PacketLab,
+    client: &str,
+    ports: std::ops::Range<u16>,
+) -> (Vec<FrameSpec>, Vec<u32>) {
+    let flows: Vec<FrameSpec> = ports
+        .map(|sport| FrameSpec::tcp_syn(ip(client), sport, ip("10.0.0.100"), 80))
+        .collect();
+    let backends = flows.iter().map(|f| backend_of(lab, f)).collect();
+    (flows, backends)
+}
+
+/// Sends the next packet of every flow: a flow that was on `removed` must take the backend the
+/// new ring predicts, every other one must stay on its backend. Returns where the moved went.
+fn assert_only_flows_of_removed_moved(
+    lab: &mut PacketLab,
+    flows: &[FrameSpec],
+    before: &[u32],
+    removed: u32,
+) -> Vec<u32> {
+    let mut moved = Vec::new();
+    for (flow, &old) in flows.iter().zip(before) {
+        let now = backend_of(lab, &ack(flow));
+        if old == removed {
+            let key = flow_key(flow.src, flow.sport, flow.dst, flow.dport, PROTO_TCP);
+            assert_eq!(now, lab.expected_backend(WEB, &key), "flow {}", flow.sport);
+            moved.push(now);
+        } else {
+            assert_eq!(now, old, "flow {} of a kept backend moved", flow.sport);
+        }
+    }
+    moved
+}
+
 #[test]
 #[ignore = "needs root: run with cargo xtask test"]
 fn a_reload_moves_only_the_flows_of_removed_backends() {
     let mut lab = PacketLab::new(BEFORE);
-    let flows: Vec<FrameSpec> = (3000..3400)
-        .map(|sport| FrameSpec::tcp_syn(ip("192.0.2.30"), sport, ip("10.0.0.100"), 80))
-        .collect();
-    let before: Vec<u32> = flows.iter().map(|f| backend_of(&mut lab, f)).collect();
-    let (b11, b12, b13) = (
-        id_of(&lab, "web", "10.0.0.11"),
-        id_of(&lab, "web", "10.0.0.12"),
-        id_of(&lab, "web", "10.0.0.13"),
-    );
+    let (flows, before) = open_web_flows(&mut lab, "192.0.2.30", 3000..3400);
+    let [b11, b12, b13] = web_ids(&lab);
     for id in [b11, b12, b13] {
         assert!(
             before.iter().filter(|&&b| b == id).count() > 60,
@@ -132,23 +165,13 @@ fn a_reload_moves_only_the_flows_of_removed_backends() {
         "the drain survives the reload"
     );
 
-    let mut moved = 0;
-    for (flow, &old) in flows.iter().zip(&before) {
-        let now = backend_of(&mut lab, &ack(flow));
-        if old == b13 {
-            // Re-chosen from the new ring (which has no .13 and, drained, no .12).
-            let key = flow_key(flow.src, flow.sport, flow.dst, flow.dport, PROTO_TCP);
-            assert_eq!(now, lab.expected_backend(WEB, &key), "flow {}", flow.sport);
-            assert!(
-                now == b11 || now == b14,
-                "flow {} went to {now}",
-                flow.sport
-            );
-            moved += 1;
-        } else {
-            assert_eq!(now, old, "flow {} of a kept backend moved", flow.sport);
-        }
-    }
+    // Re-chosen from the new ring (which has no .13 and, drained, no .12).
+    let moved = assert_only_flows_of_removed_moved(&mut lab, &flows, &before, b13);
+    assert!(
+        moved.iter().all(|&b| b == b11 || b == b14),
+        "moved flows went to {moved:?}"
+    );
+    let moved = moved.len();
     assert!(moved > 60, "only {moved} flows were on the removed backend");
 
     // New flows: the ring has .11 (weight 300) and .14 (100), not the drained .12.
@@ -265,15 +288,8 @@ fn removed_and_moved_vips_stop_being_balanced_and_reused_ids_start_from_zero() {
 #[ignore = "needs root: run with cargo xtask test"]
 fn a_restarted_daemon_adopts_ids_health_and_drains_and_applies_a_changed_config() {
     let mut lab = PacketLab::new(BEFORE);
-    let flows: Vec<FrameSpec> = (7000..7300)
-        .map(|sport| FrameSpec::tcp_syn(ip("192.0.2.50"), sport, ip("10.0.0.100"), 80))
-        .collect();
-    let before: Vec<u32> = flows.iter().map(|f| backend_of(&mut lab, f)).collect();
-    let (b11, b12, b13) = (
-        id_of(&lab, "web", "10.0.0.11"),
-        id_of(&lab, "web", "10.0.0.12"),
-        id_of(&lab, "web", "10.0.0.13"),
-    );
+    let (flows, before) = open_web_flows(&mut lab, "192.0.2.50", 7000..7300);
+    let [b11, b12, b13] = web_ids(&lab);
     lab.balancer
         .set_admin(WEB, 1, Admin::Drained)
         .expect("drain");
@@ -317,15 +333,7 @@ fn a_restarted_daemon_adopts_ids_health_and_drains_and_applies_a_changed_config(
         "the drain is read back from the pinned record"
     );
 
-    for (flow, &old) in flows.iter().zip(&before) {
-        let now = backend_of(&mut lab, &ack(flow));
-        if old == b13 {
-            let key = flow_key(flow.src, flow.sport, flow.dst, flow.dport, PROTO_TCP);
-            assert_eq!(now, lab.expected_backend(WEB, &key), "flow {}", flow.sport);
-        } else {
-            assert_eq!(now, old, "flow {} moved across the restart", flow.sport);
-        }
-    }
+    assert_only_flows_of_removed_moved(&mut lab, &flows, &before, b13);
 }
 
 #[test]
@@ -356,11 +364,7 @@ fn a_vip_may_take_over_the_address_another_vip_leaves_in_the_same_reload() {
         dns_ids.contains(&backend_of(&mut lab, &to80)),
         "80/tcp is dns's"
     );
-    let web_ids = [
-        id_of(&lab, "web", "10.0.0.11"),
-        id_of(&lab, "web", "10.0.0.12"),
-        id_of(&lab, "web", "10.0.0.13"),
-    ];
+    let web_ids = web_ids(&lab);
     let to81 = FrameSpec::tcp_syn(ip("192.0.2.60"), 5556, ip("10.0.0.100"), 81);
     assert!(
         web_ids.contains(&backend_of(&mut lab, &to81)),
