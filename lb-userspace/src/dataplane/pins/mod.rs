@@ -113,16 +113,11 @@ impl PinDir {
         for _ in 0..3 {
             fs::create_dir_all(&location.dir)
                 .map_err(io_error("creating the pin directory", &location.dir))?;
-            let lock = lock(&location.dir).map_err(|error| match error {
-                LockError::Held => PinError::Locked {
+            let lock = lock(&location.dir).map_err(|error| {
+                error.into_pin_error(&location.dir, || PinError::Locked {
                     interface: interface.to_owned(),
                     dir: location.dir.clone(),
-                },
-                LockError::Io(source) => PinError::Io {
-                    what: "locking",
-                    path: location.dir.clone(),
-                    source,
-                },
+                })
             })?;
             if still_linked(&lock, &location.dir) {
                 return Ok(Self {
@@ -178,6 +173,20 @@ enum LockError {
     Io(io::Error),
 }
 
+impl LockError {
+    /// `held` says what a lock held by another process means to the caller.
+    fn into_pin_error(self, dir: &Path, held: impl FnOnce() -> PinError) -> PinError {
+        match self {
+            LockError::Held => held(),
+            LockError::Io(source) => PinError::Io {
+                what: "locking",
+                path: dir.to_path_buf(),
+                source,
+            },
+        }
+    }
+}
+
 fn lock(dir: &Path) -> Result<Flock<fs::File>, LockError> {
     let file = fs::File::open(dir).map_err(LockError::Io)?;
     Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
@@ -207,6 +216,17 @@ pub struct DetachReport {
     pub link: bool,
     /// The map pins removed (and anything else found in the directory).
     pub pins: Vec<String>,
+}
+
+impl DetachReport {
+    fn nothing(interface: &str) -> Self {
+        Self {
+            interface: interface.to_owned(),
+            dir: None,
+            link: false,
+            pins: Vec::new(),
+        }
+    }
 }
 
 impl fmt::Display for DetachReport {
@@ -244,36 +264,21 @@ impl fmt::Display for DetachReport {
 pub fn detach_interface(interface: &str) -> Result<DetachReport, PinError> {
     match PinLocation::existing(interface)? {
         Some(location) => detach_at(&location, interface),
-        None => Ok(DetachReport {
-            interface: interface.to_owned(),
-            dir: None,
-            link: false,
-            pins: Vec::new(),
-        }),
+        None => Ok(DetachReport::nothing(interface)),
     }
 }
 
 /// [`detach_interface`] for a known location.
 pub fn detach_at(location: &PinLocation, interface: &str) -> Result<DetachReport, PinError> {
     let dir = &location.dir;
-    let mut report = DetachReport {
-        interface: interface.to_owned(),
-        dir: None,
-        link: false,
-        pins: Vec::new(),
-    };
+    let mut report = DetachReport::nothing(interface);
     if !dir.is_dir() {
         return Ok(report);
     }
-    let _lock = lock(dir).map_err(|error| match error {
-        LockError::Held => PinError::StillRunning {
+    let _lock = lock(dir).map_err(|error| {
+        error.into_pin_error(dir, || PinError::StillRunning {
             interface: interface.to_owned(),
-        },
-        LockError::Io(source) => PinError::Io {
-            what: "locking",
-            path: dir.clone(),
-            source,
-        },
+        })
     })?;
     let link_path = dir.join(LINK_PIN);
     if link_path.exists() {
