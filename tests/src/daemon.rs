@@ -57,15 +57,6 @@ pub struct LbDaemon {
     detach_on_drop: bool,
 }
 
-/// `interface = "..."` of a config.
-fn interface_of(config: &str) -> Option<String> {
-    config.lines().find_map(|line| {
-        let value = line.trim().strip_prefix("interface")?.trim_start();
-        let value = value.strip_prefix('=')?.trim();
-        Some(value.trim_matches('"').to_owned())
-    })
-}
-
 /// Runs `lb detach --interface IF` in `namespace` (a `/run/netns/NAME` path); returns its stdout.
 pub fn lb_detach(namespace: &Path, interface: &str) -> Result<String> {
     let out = Command::new("nsenter")
@@ -96,6 +87,10 @@ impl LbDaemon {
             );
         }
         let config_path = std::env::temp_dir().join(format!("{}.toml", namespace.name()));
+        // The daemon's own parser: the interface is where `lb detach` must look afterwards.
+        let interface = lb::config::Config::parse(config, &config_path)
+            .map_err(|e| anyhow!("the test config is invalid: {e}"))?
+            .interface;
         write_config(namespace, &config_path, config)?;
         let mut command = match launch {
             Launch::Nsenter => namespace.nsenter_command(&binary),
@@ -132,7 +127,7 @@ impl LbDaemon {
             stderr_reader: Some(stderr_reader),
             config_path,
             namespace: namespace.path(),
-            interface: interface_of(config).context("the config has no `interface`")?,
+            interface,
             detach_on_drop: true,
         };
         if let Err(e) = daemon.wait_for_log("XDP load balancer attached", Duration::from_secs(20)) {
