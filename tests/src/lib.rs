@@ -1,8 +1,10 @@
 //! Test harness for end-to-end tests and the demo: network namespaces, veths and bridges, the
 //! L2 DSR topology, real servers and clients, and bpffs checks. Needs root.
 
+pub mod bird;
 pub mod bpffs;
 pub mod daemon;
+pub mod ecmp;
 pub mod frames;
 pub mod links;
 pub mod load;
