@@ -6,12 +6,14 @@ pub mod bpffs;
 pub mod daemon;
 pub mod ecmp;
 pub mod frames;
+pub mod keepalived;
 pub mod links;
 pub mod load;
 pub mod netns;
 pub mod packet_lab;
 pub mod servers;
 pub mod topology;
+pub mod vrrp;
 pub mod web_lab;
 pub mod xdp;
 
