@@ -1,5 +1,6 @@
 //! The `lb` daemon's library: config, Maglev, the data-plane loader and map writer.
 
+pub mod announce;
 pub mod api;
 pub mod balancer;
 pub mod config;

@@ -258,6 +258,21 @@ fn stable_hash(seed: u64, bytes: &[u8]) -> u64 {
     fmix64(fnv1a64(FNV_OFFSET_BASIS ^ seed, bytes))
 }
 
+/// A digest of a table given as the sequence of its slots' owners (each owner's stable key, an
+/// empty slice for an empty slot): equal digests mean equal tables, from any build on any
+/// machine. Owners are separated, so ("ab", "c") and ("a", "bc") differ.
+pub fn table_digest<'a>(owners: impl IntoIterator<Item = &'a [u8]>) -> u64 {
+    let hash = owners
+        .into_iter()
+        .fold(FNV_OFFSET_BASIS ^ DIGEST_SEED, |hash, owner| {
+            fnv1a64(fnv1a64(hash, owner), &[0xff])
+        });
+    fmix64(hash)
+}
+
+/// Seed of [`table_digest`].
+const DIGEST_SEED: u64 = 0x6c62_5f72_696e_6721;
+
 const FNV_OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
 const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 

@@ -11,6 +11,7 @@
 //! | `lb_backend_new_flows_total` | counter | `vip`, `backend` | new flows assigned to the backend |
 //! | `lb_backend_up` | gauge | `vip`, `backend` | 1 while the health checks say up, else 0 (down, or not checked yet) |
 //! | `lb_vip_active_pool` | gauge | `vip`, `pool` | one series per pool (`primary`, `standby`, `none`): 1 for the pool serving new flows, 0 for the two others |
+//! | `lb_vip_announced` | gauge | `vip` | 1 while this node announces the VIP's address (some VIP on it can serve), else 0 |
 //! | `lb_health_check_duration_seconds` | histogram | `vip`, `backend` | each check's latency, 100µs to 5s buckets |
 //! | `lb_xdp_verdicts_total` | counter | `reason` | packets per verdict reason ([`Reason::name`]), every reason, zeros included |
 //! | `lb_flow_table_entries` | gauge | | entries in the flow table |
@@ -84,6 +85,8 @@ struct State {
     /// Health and pools at the last update, in config order.
     vips: Vec<VipGauges>,
     flow_entries: Option<u64>,
+    /// (vip, whether its address is announced), in config order.
+    announced: Vec<(String, bool)>,
     /// Check latencies by (vip, backend).
     checks: BTreeMap<(String, String), Histogram>,
 }
@@ -144,6 +147,16 @@ impl Metrics {
         state.snapshot = Some(snapshot.clone());
         state.vips = gauges;
         state.flow_entries = Some(flow_entries);
+    }
+
+    /// Takes which VIPs' addresses are announced from the announcer's last decision.
+    pub fn set_announcements(&self, decision: &crate::announce::Decision) {
+        let announced = decision
+            .vips
+            .iter()
+            .map(|vip| (vip.name.clone(), decision.announces(vip.address)))
+            .collect();
+        self.lock().announced = announced;
     }
 
     /// Records one health check's latency for `backend` (its address) of VIP `vip` (its name).
@@ -286,6 +299,24 @@ impl Collector for Exposition {
         .encode(&mut encoder)?;
 
         Family {
+            name: "lb_vip_announced",
+            help: "1 while this node announces the VIP's address (a VIP on it can serve new \
+                   flows), else 0.",
+            metric_type: MetricType::Gauge,
+            samples: state
+                .announced
+                .iter()
+                .map(|(vip, announced)| {
+                    (
+                        [("vip", vip.as_str())],
+                        ConstGauge::new(i64::from(*announced)),
+                    )
+                })
+                .collect(),
+        }
+        .encode(&mut encoder)?;
+
+        Family {
             name: "lb_health_check_duration_seconds",
             help: "How long each health check of the backend took, until its result or timeout.",
             metric_type: MetricType::Histogram,
@@ -419,7 +450,7 @@ mod tests {
     use crate::stats::{BackendCounters, VipCounters};
 
     /// Every family, with its type, as `# TYPE` names it.
-    const FAMILIES: [(&str, &str); 10] = [
+    const FAMILIES: [(&str, &str); 11] = [
         ("lb_vip_packets_total", "counter"),
         ("lb_vip_bytes_total", "counter"),
         ("lb_backend_packets_total", "counter"),
@@ -427,6 +458,7 @@ mod tests {
         ("lb_backend_new_flows_total", "counter"),
         ("lb_backend_up", "gauge"),
         ("lb_vip_active_pool", "gauge"),
+        ("lb_vip_announced", "gauge"),
         ("lb_health_check_duration_seconds", "histogram"),
         ("lb_xdp_verdicts_total", "counter"),
         ("lb_flow_table_entries", "gauge"),
@@ -698,6 +730,36 @@ mod tests {
         }
         // 2 VIPs x 2 families + 4 backends x (3 counters + up) + 2 VIPs x 3 pools + reasons + 1.
         assert_eq!(samples.len(), 4 + 16 + 6 + Reason::ALL.len() + 1, "{text}");
+    }
+
+    #[test]
+    fn announcements_are_a_gauge_per_vip() {
+        let metrics = Metrics::new();
+        let mut vips = vips();
+        for vip in &mut vips {
+            for backend in &mut vip.backends {
+                backend.path = Some(crate::balancer::L2Path {
+                    dst_mac: [2, 0, 0, 0, 0, 11],
+                    src_mac: [2, 0, 0, 0, 0, 2],
+                    ifindex: 2,
+                    redirect: false,
+                });
+            }
+            vip.active_pool = vip.select_pool();
+        }
+        metrics.set_announcements(&crate::announce::decide_vips(&vips, true));
+        let text = metrics.encode();
+        assert_lines(
+            &text,
+            &[
+                "# TYPE lb_vip_announced gauge",
+                r#"lb_vip_announced{vip="web"} 1"#,
+                r#"lb_vip_announced{vip="v6"} 0"#,
+            ],
+        );
+        // Before the first health results nothing is announced.
+        metrics.set_announcements(&crate::announce::decide_vips(&vips, false));
+        assert_lines(&metrics.encode(), &[r#"lb_vip_announced{vip="web"} 0"#]);
     }
 
     #[test]

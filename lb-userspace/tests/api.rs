@@ -8,7 +8,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyper::Method;
-use lb::api::model::{Admin, BackendStatus, Command, ReloadReport, StatusReport, VipStatus};
+use lb::api::model::{
+    AddressStatus, Admin, AnnounceStatus, BackendStatus, Command, ReloadReport, StatusReport,
+    VipStatus,
+};
 use lb::api::{client, server};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -53,6 +56,24 @@ fn fixed_report() -> StatusReport {
     unchecked.last_check = None;
     unchecked.last_check_latency_ms = None;
     StatusReport {
+        announce: AnnounceStatus {
+            route_table: Some(200),
+            health_file: Some("/run/lb/health".into()),
+            health_value: Some(1),
+            ready: true,
+            addresses: vec![
+                AddressStatus {
+                    address: "10.0.0.100".into(),
+                    announced: true,
+                    reason: "vip web: 2 backends take new flows (pool primary)".into(),
+                },
+                AddressStatus {
+                    address: "2001:db8::100".into(),
+                    announced: false,
+                    reason: "vip dns6: no backend takes new flows".into(),
+                },
+            ],
+        },
         vips: vec![
             VipStatus {
                 name: "web".into(),
@@ -60,6 +81,10 @@ fn fixed_report() -> StatusReport {
                 port: 80,
                 protocol: "tcp".into(),
                 active_pool: "primary".into(),
+                can_serve: true,
+                announced: true,
+                announce_reason: "2 backends take new flows (pool primary)".into(),
+                ring_digest: "0123456789abcdef".into(),
                 packets: 8400,
                 bytes: 840_000,
                 flows: 34,
@@ -75,6 +100,10 @@ fn fixed_report() -> StatusReport {
                 port: 53,
                 protocol: "udp".into(),
                 active_pool: "none".into(),
+                can_serve: false,
+                announced: false,
+                announce_reason: "no backend takes new flows".into(),
+                ring_digest: "fedcba9876543210".into(),
                 packets: 0,
                 bytes: 0,
                 flows: 0,
@@ -248,10 +277,17 @@ async fn status_json_is_the_daemons_report() {
         "port",
         "protocol",
         "active_pool",
+        "announced",
+        "ring_digest",
         "backends",
     ] {
         assert!(vip.get(key).is_some(), "no {key:?} in {vip}");
     }
+    assert_eq!(vip["announced"], true);
+    assert_eq!(vip["ring_digest"], "0123456789abcdef");
+    assert_eq!(value["announce"]["route_table"], 200);
+    assert_eq!(value["announce"]["health_value"], 1);
+    assert_eq!(value["announce"]["addresses"][1]["announced"], false);
     assert_eq!(vip["name"], "web");
     assert_eq!(vip["address"], "10.0.0.100");
     assert_eq!(vip["port"], 80);
@@ -325,12 +361,15 @@ async fn status_prints_a_table() {
     assert_eq!(
         lines,
         [
-            "web 10.0.0.100:80/tcp pool=primary packets=8400 bytes=840000 flows=34",
+            "web 10.0.0.100:80/tcp pool=primary announced ring=0123456789abcdef packets=8400 bytes=840000 flows=34",
             "  10.0.0.11 primary up weight=100 last=ok (0.4ms) packets=4200 bytes=420000 flows=17",
             "  10.0.0.12 primary draining weight=0/100 last=ok (0.4ms) packets=4200 bytes=420000 flows=17",
             "  10.0.0.13 standby down weight=100 last=connection refused (1.3ms) packets=0 bytes=0 flows=0",
-            "dns6 [2001:db8::100]:53/udp pool=none packets=0 bytes=0 flows=0",
+            "dns6 [2001:db8::100]:53/udp pool=none withdrawn ring=fedcba9876543210 packets=0 bytes=0 flows=0",
             "  2001:db8::11 primary unknown weight=100 last=- packets=4200 bytes=420000 flows=17",
+            "announce: route_table=200 health_file=/run/lb/health (1)",
+            "  10.0.0.100 announced: vip web: 2 backends take new flows (pool primary)",
+            "  2001:db8::100 withdrawn: vip dns6: no backend takes new flows",
         ],
         "{}",
         out.stdout

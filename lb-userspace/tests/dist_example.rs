@@ -17,6 +17,11 @@ fn the_example_config_loads() {
     assert_eq!(config.interface, "eth0");
     assert_eq!(config.api, Path::new("/run/lb/lb.sock"));
     assert_eq!(config.metrics, Some("127.0.0.1:9100".parse().unwrap()));
+    assert_eq!(config.announce.route_table, Some(200));
+    assert_eq!(
+        config.announce.health_file.as_deref(),
+        Some(Path::new("/run/lb/health"))
+    );
     assert!(config.vips.iter().any(|v| v.address.is_ipv6()));
     assert!(config.vips.iter().any(|v| v.protocol == Protocol::Udp));
     assert!(
@@ -63,6 +68,9 @@ fn the_example_config_shows_every_key() {
         "flow_table_size",
         "api",
         "metrics",
+        // [announce]
+        "route_table",
+        "health_file",
         // [[vip]]
         "name",
         "address",

@@ -34,6 +34,9 @@ const TOOLS: &[Package] = &[
     pkg("nftables"),
     pkg("iputils-ping"),
     pkg("procps"),
+    // The multi-node tests and demo: BGP (with BFD) and VRRP engines.
+    pkg("bird2"),
+    pkg("keepalived"),
     Package {
         name: "bpftool",
         optional: true,

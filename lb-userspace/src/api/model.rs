@@ -16,10 +16,39 @@ pub enum Admin {
     Disabled,
 }
 
-/// `GET /status`: `{"vips":[{"name","address","port","protocol","active_pool","backends":[...]}]}`.
+/// `GET /status`: `{"vips":[{"name","address","port","protocol","active_pool","announced",
+/// "ring_digest",...,"backends":[...]}],"announce":{...}}`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StatusReport {
     pub vips: Vec<VipStatus>,
+    /// What this node announces (route table, health file), per VIP address.
+    #[serde(default)]
+    pub announce: AnnounceStatus,
+}
+
+/// `[announce]` as it runs: the table and the file, and every VIP address with whether this
+/// node announces it and why.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct AnnounceStatus {
+    /// The kernel table lb's VIP routes are in; `null` without `route_table`.
+    pub route_table: Option<u32>,
+    pub health_file: Option<String>,
+    /// What the health file says: the number of VIPs that cannot serve.
+    pub health_value: Option<u32>,
+    /// False until the first health results are in (nothing is announced before).
+    pub ready: bool,
+    /// In address order.
+    pub addresses: Vec<AddressStatus>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AddressStatus {
+    pub address: String,
+    /// At least one VIP on the address can serve new flows on this node. With `route_table`,
+    /// lb's route to it is in that table exactly while this is true.
+    pub announced: bool,
+    /// Why: "vip web: 2 backends take new flows (pool primary)".
+    pub reason: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -30,6 +59,20 @@ pub struct VipStatus {
     pub protocol: String,
     /// `primary`, `standby` or `none`.
     pub active_pool: String,
+    /// This VIP can serve new flows on this node (a backend in its ring, or `on_all_down =
+    /// "pass"`).
+    #[serde(default)]
+    pub can_serve: bool,
+    /// This node announces the VIP's address (some VIP on it can serve).
+    #[serde(default)]
+    pub announced: bool,
+    /// Why the VIP can or cannot serve.
+    #[serde(default)]
+    pub announce_reason: String,
+    /// 16 hex digits of the live ring by backend address: nodes with equal digests send each
+    /// new flow of the VIP to the same backend.
+    #[serde(default)]
+    pub ring_digest: String,
     pub packets: u64,
     pub bytes: u64,
     pub flows: u64,

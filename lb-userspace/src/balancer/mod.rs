@@ -9,6 +9,7 @@
 //! update.
 
 mod adopt;
+mod digest;
 mod ids;
 mod publish;
 mod reconcile;
@@ -26,6 +27,7 @@ use crate::{
 };
 
 pub use adopt::Adopted;
+pub use digest::ring_digest;
 pub use publish::{PublishError, PublishReport, ring_for};
 pub use reconcile::{Change, ReconcileError};
 

@@ -103,14 +103,18 @@ pub fn ring_for(vip: &VipState, ring_size: u32) -> Vec<u32> {
     ring_for_pool(vip, vip.select_pool(), ring_size)
 }
 
+/// The same table on every node (README, "Running several load balancers"): which backend owns a
+/// slot depends only on the backends' addresses, their weights and which of them take new flows,
+/// never on data-plane ids, the order of the config or what happened before. Each backend's
+/// preference list is seeded by its address, and the backends take their turns in address order.
 fn ring_for_pool(vip: &VipState, pool: ActivePool, ring_size: u32) -> Vec<u32> {
-    let keys: Vec<Vec<u8>> = vip
-        .backends
+    let mut by_address: Vec<&BackendState> = vip.backends.iter().collect();
+    by_address.sort_unstable_by_key(|b| b.address);
+    let keys: Vec<Vec<u8>> = by_address
         .iter()
         .map(|b| b.address.to_string().into_bytes())
         .collect();
-    let candidates: Vec<MaglevBackend<'_>> = vip
-        .backends
+    let candidates: Vec<MaglevBackend<'_>> = by_address
         .iter()
         .zip(&keys)
         .map(|(b, key)| MaglevBackend {
@@ -128,7 +132,7 @@ fn ring_for_pool(vip: &VipState, pool: ActivePool, ring_size: u32) -> Vec<u32> {
             if i == NO_BACKEND {
                 NO_BACKEND
             } else {
-                vip.backends[i as usize].id
+                by_address[i as usize].id
             }
         })
         .collect()

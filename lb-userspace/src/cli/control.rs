@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use clap::Args;
 use lb::api::client;
-use lb::api::model::{Admin, BackendStatus, StatusReport, VipStatus};
+use lb::api::model::{Admin, AnnounceStatus, BackendStatus, StatusReport, VipStatus};
 use lb::config::{Config, DEFAULT_API};
 
 /// Where the daemon's control socket is.
@@ -177,10 +177,13 @@ fn fail(message: &str) -> ExitCode {
 }
 
 /// The readable form of `lb status`: per VIP a line
-/// `web 10.0.0.100:80/tcp pool=primary packets=.. bytes=.. flows=..`, then per backend
+/// `web 10.0.0.100:80/tcp pool=primary announced ring=0123456789abcdef packets=.. bytes=..
+/// flows=..`, then per backend
 /// `  10.0.0.11 primary up weight=100 last=ok (0.4ms) packets=.. bytes=.. flows=..`
 /// (`weight=0/100` when the weight new flows see is not the configured one, `last=-` before the
-/// first check).
+/// first check); last, what the node announces
+/// (`announce: route_table=200 health_file=/run/lb/health (0)`, then per VIP address
+/// `  10.0.0.100 announced: vip web: 2 backends take new flows (pool primary)`).
 pub fn format_status(report: &StatusReport) -> String {
     let mut out = String::new();
     if report.vips.is_empty() {
@@ -192,6 +195,28 @@ pub fn format_status(report: &StatusReport) -> String {
             let _ = writeln!(out, "  {}", backend_line(backend));
         }
     }
+    out.push_str(&announce_lines(&report.announce));
+    out
+}
+
+fn announce_lines(announce: &AnnounceStatus) -> String {
+    let table = announce
+        .route_table
+        .map_or("none".to_owned(), |t| t.to_string());
+    let file = match (&announce.health_file, announce.health_value) {
+        (Some(path), Some(value)) => format!("{path} ({value})"),
+        (Some(path), None) => format!("{path} (not written)"),
+        (None, _) => "none".to_owned(),
+    };
+    let mut out = format!("announce: route_table={table} health_file={file}\n");
+    for address in &announce.addresses {
+        let state = if address.announced {
+            "announced"
+        } else {
+            "withdrawn"
+        };
+        let _ = writeln!(out, "  {} {state}: {}", address.address, address.reason);
+    }
     out
 }
 
@@ -201,9 +226,21 @@ fn vip_line(vip: &VipStatus) -> String {
     } else {
         vip.address.clone()
     };
+    let announced = if vip.announced {
+        "announced"
+    } else {
+        "withdrawn"
+    };
     format!(
-        "{} {host}:{}/{} pool={} packets={} bytes={} flows={}",
-        vip.name, vip.port, vip.protocol, vip.active_pool, vip.packets, vip.bytes, vip.flows
+        "{} {host}:{}/{} pool={} {announced} ring={} packets={} bytes={} flows={}",
+        vip.name,
+        vip.port,
+        vip.protocol,
+        vip.active_pool,
+        vip.ring_digest,
+        vip.packets,
+        vip.bytes,
+        vip.flows
     )
 }
 
@@ -231,6 +268,8 @@ fn backend_line(backend: &BackendStatus) -> String {
 
 #[cfg(test)]
 mod tests {
+    use lb::api::model::AddressStatus;
+
     use super::*;
 
     fn backend(address: &str, standby: bool, state: &str, weight: u32) -> BackendStatus {
@@ -257,6 +296,24 @@ mod tests {
         refused.last_check = Some("connection refused".into());
         refused.last_check_latency_ms = None;
         let report = StatusReport {
+            announce: AnnounceStatus {
+                route_table: Some(200),
+                health_file: Some("/run/lb/health".into()),
+                health_value: Some(1),
+                ready: true,
+                addresses: vec![
+                    AddressStatus {
+                        address: "10.0.0.100".into(),
+                        announced: true,
+                        reason: "vip web: 2 backends take new flows (pool primary)".into(),
+                    },
+                    AddressStatus {
+                        address: "2001:db8::100".into(),
+                        announced: false,
+                        reason: "vip v6: no backend takes new flows (1 configured, on_all_down = \"drop\")".into(),
+                    },
+                ],
+            },
             vips: vec![
                 VipStatus {
                     name: "web".into(),
@@ -264,6 +321,10 @@ mod tests {
                     port: 80,
                     protocol: "tcp".into(),
                     active_pool: "primary".into(),
+                    can_serve: true,
+                    announced: true,
+                    announce_reason: "2 backends take new flows (pool primary)".into(),
+                    ring_digest: "00112233445566ff".into(),
                     packets: 10,
                     bytes: 1000,
                     flows: 3,
@@ -279,6 +340,10 @@ mod tests {
                     port: 53,
                     protocol: "udp".into(),
                     active_pool: "none".into(),
+                    can_serve: false,
+                    announced: false,
+                    announce_reason: "no backend takes new flows".into(),
+                    ring_digest: "89abcdef01234567".into(),
                     packets: 0,
                     bytes: 0,
                     flows: 0,
@@ -288,16 +353,22 @@ mod tests {
         };
         assert_eq!(
             format_status(&report),
-            "web 10.0.0.100:80/tcp pool=primary packets=10 bytes=1000 flows=3\n\
+            "web 10.0.0.100:80/tcp pool=primary announced ring=00112233445566ff packets=10 bytes=1000 flows=3\n\
              \x20 10.0.0.11 primary up weight=100 last=ok (0.4ms) packets=7 bytes=700 flows=2\n\
              \x20 10.0.0.12 primary draining weight=0/100 last=ok (0.4ms) packets=7 bytes=700 flows=2\n\
              \x20 10.0.0.13 standby down weight=100 last=connection refused packets=7 bytes=700 flows=2\n\
-             v6 [2001:db8::100]:53/udp pool=none packets=0 bytes=0 flows=0\n\
-             \x20 2001:db8::11 primary unknown weight=100 last=- packets=7 bytes=700 flows=2\n"
+             v6 [2001:db8::100]:53/udp pool=none withdrawn ring=89abcdef01234567 packets=0 bytes=0 flows=0\n\
+             \x20 2001:db8::11 primary unknown weight=100 last=- packets=7 bytes=700 flows=2\n\
+             announce: route_table=200 health_file=/run/lb/health (1)\n\
+             \x20 10.0.0.100 announced: vip web: 2 backends take new flows (pool primary)\n\
+             \x20 2001:db8::100 withdrawn: vip v6: no backend takes new flows (1 configured, on_all_down = \"drop\")\n"
         );
         assert_eq!(
-            format_status(&StatusReport { vips: vec![] }),
-            "no VIPs configured\n"
+            format_status(&StatusReport {
+                announce: AnnounceStatus::default(),
+                vips: vec![]
+            }),
+            "no VIPs configured\nannounce: route_table=none health_file=none\n"
         );
     }
 }

@@ -10,6 +10,10 @@
 //! api = "/run/lb/lb.sock"      # control API's Unix socket: an absolute path (this is the default)
 //! metrics = "127.0.0.1:9100"   # Prometheus `GET /metrics` on this address:port; unset: off
 //!
+//! [announce]                   # optional; both keys off by default
+//! route_table = 200            # a host route per servable VIP address in this kernel table
+//! health_file = "/run/lb/health"   # keepalived track_file: VIPs that cannot serve
+//!
 //! [[vip]]
 //! name = "web"                 # unique, [A-Za-z0-9_.-]+
 //! address = "10.0.0.100"       # IPv4 or IPv6
@@ -117,8 +121,21 @@ pub struct Config {
     pub api: PathBuf,
     /// Where `GET /metrics` (Prometheus text) is served; `None` (the default): not served.
     pub metrics: Option<SocketAddr>,
+    /// `[announce]`: route health injection and keepalived's health file; both off by default.
+    pub announce: AnnounceConfig,
     /// In file order.
     pub vips: Vec<VipConfig>,
+}
+
+/// How this node tells others which VIP addresses it can serve (`[announce]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AnnounceConfig {
+    /// Kernel routing table that holds a host route per servable VIP address, for a routing
+    /// daemon (BIRD, FRR) to export. Never 0, 253, 254 or 255 (the kernel's own tables).
+    pub route_table: Option<u32>,
+    /// keepalived `track_file`: the number of this node's VIPs that cannot serve. An absolute
+    /// path.
+    pub health_file: Option<PathBuf>,
 }
 
 /// How the XDP program is attached.

@@ -38,9 +38,25 @@ pub(super) struct RawConfig {
     /// Parsed in validation, so a bad address gets our message at the value.
     #[serde(default)]
     pub metrics: Option<Spanned<String>>,
+    /// `[announce]`: how this node tells routing daemons and keepalived what it can serve.
+    #[serde(default)]
+    pub announce: Option<RawAnnounce>,
     /// `[[vip]]` tables; the span of each is its `[[vip]]` header through its last key.
     #[serde(default)]
     pub vip: Vec<Spanned<RawVip>>,
+}
+
+/// The `[announce]` table.
+#[derive(Debug, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a table with route_table and health_file"
+)]
+pub(super) struct RawAnnounce {
+    #[serde(default)]
+    pub route_table: Option<Spanned<i64>>,
+    #[serde(default)]
+    pub health_file: Option<Spanned<String>>,
 }
 
 /// One `[[vip]]` table.

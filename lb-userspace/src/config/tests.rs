@@ -67,6 +67,10 @@ flow_table_size = 4096
 api = "/var/run/lb/control.sock"
 metrics = "[::1]:9101"
 
+[announce]
+route_table = 200
+health_file = "/run/lb/health"
+
 [[vip]]
 name = "web"
 address = "10.0.0.100"
@@ -104,6 +108,10 @@ protocol = "udp"
         flow_table_size: 4096,
         api: "/var/run/lb/control.sock".into(),
         metrics: Some("[::1]:9101".parse().unwrap()),
+        announce: AnnounceConfig {
+            route_table: Some(200),
+            health_file: Some("/run/lb/health".into()),
+        },
         vips: vec![
             VipConfig {
                 name: "web".into(),
@@ -1428,5 +1436,58 @@ fn exec_check_needs_a_command() {
         12,
         12,
         "the program (the first word of command) must not be empty",
+    );
+}
+
+#[test]
+fn announce_is_off_by_default() {
+    assert_eq!(parse_ok(BASE).announce, AnnounceConfig::default());
+    let only_file = parse_ok(&format!("{BASE}[announce]\nhealth_file = \"/run/lb/h\"\n"));
+    assert_eq!(only_file.announce.route_table, None);
+    assert_eq!(only_file.announce.health_file, Some("/run/lb/h".into()));
+}
+
+#[test]
+fn announce_route_table_must_be_lbs_own() {
+    for (table, needle) in [
+        ("0", "route_table 0 is unspec"),
+        ("253", "`default` table"),
+        ("254", "`main` table"),
+        ("255", "`local` table"),
+        ("-1", "route_table -1 is out of range"),
+        ("4294967296", "out of range"),
+    ] {
+        assert_error(
+            &format!("{BASE}[announce]\nroute_table = {table}\n"),
+            11,
+            15,
+            needle,
+        );
+    }
+    for table in [1u32, 200, 252, 256, u32::MAX] {
+        let config = parse_ok(&format!("{BASE}[announce]\nroute_table = {table}\n"));
+        assert_eq!(config.announce.route_table, Some(table));
+    }
+}
+
+#[test]
+fn announce_rejects_bad_health_files_and_unknown_keys() {
+    assert_error(
+        &format!("{BASE}[announce]\nhealth_file = \"run/lb/health\"\n"),
+        11,
+        15,
+        "health_file `run/lb/health` is not an absolute path",
+    );
+    assert_error(
+        &format!("{BASE}[announce]\nhealth_file = \"/run/lb/\"\n"),
+        11,
+        15,
+        "names a directory",
+    );
+    assert_error(
+        &format!("{BASE}[announce]\nroute_tabel = 200\n"),
+        11,
+        1,
+        "route_tabel",
     );
 }

@@ -8,6 +8,8 @@
 //! written in the backend's table if any (the override is what broke a VIP-level table that was
 //! valid on its own), else at the key the rule is about.
 
+mod announce;
+
 use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -121,6 +123,7 @@ impl Validator<'_> {
             .as_ref()
             .map(|value| self.metrics(value))
             .transpose()?;
+        let announce = self.announce(raw.announce.as_ref())?;
         let vips = self.vips(&raw.vip, &max_vips, &max_backends)?;
         Ok(Config {
             interface,
@@ -131,6 +134,7 @@ impl Validator<'_> {
             flow_table_size: flow_table_size.value,
             api,
             metrics,
+            announce,
             vips,
         })
     }

@@ -6,7 +6,11 @@ use tracing::{info, warn};
 use tokio::sync::oneshot;
 
 use crate::{
-    api::model::{Admin, BackendStatus, Command, ReloadReport, StatusReport, VipStatus},
+    announce::Announcer,
+    api::model::{
+        AddressStatus, Admin, AnnounceStatus, BackendStatus, Command, ReloadReport, StatusReport,
+        VipStatus,
+    },
     balancer::{BackendState, Balancer},
     health::{Health, supervisor::Supervisor},
     stats::Snapshot,
@@ -20,11 +24,12 @@ pub(super) type ReloadReply = oneshot::Sender<Result<ReloadReport, String>>;
 pub(super) fn handle(
     balancer: &mut Balancer,
     supervisor: &Supervisor,
+    announcer: &Announcer,
     command: Command,
 ) -> Option<ReloadReply> {
     match command {
         Command::Status(reply) => {
-            let _ = reply.send(status(balancer, supervisor));
+            let _ = reply.send(status(balancer, supervisor, announcer));
         }
         Command::SetAdmin {
             vip,
@@ -51,7 +56,12 @@ fn state_name(backend: &BackendState) -> &'static str {
 }
 
 /// Everything `lb status` shows.
-pub(super) fn status(balancer: &Balancer, supervisor: &Supervisor) -> StatusReport {
+pub(super) fn status(
+    balancer: &Balancer,
+    supervisor: &Supervisor,
+    announcer: &Announcer,
+) -> StatusReport {
+    let decision = announcer.decision();
     let snapshot = match Snapshot::read(balancer) {
         Ok(snapshot) => Some(snapshot),
         Err(e) => {
@@ -90,12 +100,21 @@ pub(super) fn status(balancer: &Balancer, supervisor: &Supervisor) -> StatusRepo
                 })
                 .collect();
             let c = counters.map(|c| c.counters).unwrap_or_default();
+            let serves = decision.vips.iter().find(|d| d.name == vip.name);
+            let ring_digest = balancer.live_ring_digest(v).unwrap_or_else(|e| {
+                warn!("status: reading the live ring of vip {}: {e}", vip.name);
+                String::new()
+            });
             VipStatus {
                 name: vip.name.clone(),
                 address: vip.address.to_string(),
                 port: vip.port,
                 protocol: vip.protocol.as_str().to_owned(),
                 active_pool: vip.active_pool.as_str().to_owned(),
+                can_serve: serves.is_some_and(|d| d.can_serve),
+                announced: decision.announces(vip.address),
+                announce_reason: serves.map(|d| d.reason.clone()).unwrap_or_default(),
+                ring_digest,
                 packets: c.packets,
                 bytes: c.bytes,
                 flows: c.new_flows,
@@ -103,7 +122,26 @@ pub(super) fn status(balancer: &Balancer, supervisor: &Supervisor) -> StatusRepo
             }
         })
         .collect();
-    StatusReport { vips }
+    let settings = announcer.settings();
+    let announce = AnnounceStatus {
+        route_table: settings.route_table,
+        health_file: settings
+            .health_file
+            .as_ref()
+            .map(|p| p.display().to_string()),
+        health_value: announcer.health_value(),
+        ready: announcer.ready(),
+        addresses: decision
+            .addresses
+            .iter()
+            .map(|(address, d)| AddressStatus {
+                address: address.to_string(),
+                announced: d.announce,
+                reason: d.reason.clone(),
+            })
+            .collect(),
+    };
+    StatusReport { announce, vips }
 }
 
 /// `lb drain|disable|enable VIP BACKEND`.

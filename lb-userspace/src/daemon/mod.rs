@@ -20,6 +20,7 @@ use tokio::{
 use tracing::{info, warn};
 
 use crate::{
+    announce::Announcer,
     api::model::Command,
     balancer::{Balancer, ReconcileError},
     config::Config,
@@ -41,6 +42,8 @@ const REFRESH_INTERVAL: Duration = Duration::from_secs(5);
 const METRICS_INTERVAL: Duration = Duration::from_secs(1);
 /// Most check results applied together (one map update per VIP for the lot).
 const MAX_BATCH: usize = 1024;
+/// How often a failed announcement (route or health file) is retried when nothing else happens.
+const ANNOUNCE_RETRY_INTERVAL: Duration = Duration::from_secs(1);
 /// Extra time, beyond the longest check timeout, that start-up waits for every first result.
 const FIRST_RESULTS_GRACE: Duration = Duration::from_millis(500);
 
@@ -79,12 +82,23 @@ pub async fn run(config: Config, path: &Path) -> Result<Snapshot, RunError> {
     attach::raise_memlock_limit();
 
     let (dataplane, pinned) = startup::load(&config)?;
+    let adopting = pinned == Some(PinnedState::Adopted);
     let mut balancer = Balancer::empty(dataplane);
-    if pinned == Some(PinnedState::Adopted) {
+    if adopting {
         let adopted = balancer.adopt(&config)?;
         startup::log_adopted(&balancer, &adopted);
     }
     balancer.reconcile(&config)?;
+    // Before any check runs: a node that starts from nothing withdraws what a dead daemon left
+    // announced; one that adopts a forwarding data plane keeps its announcements for now.
+    let mut announcer = Announcer::start(
+        config.announce.clone(),
+        netlink.clone(),
+        &interface,
+        adopting,
+        &balancer,
+    )
+    .await;
     let (report_tx, mut reports) = mpsc::channel::<CheckReport>(1024);
     let mut supervisor = Supervisor::new(report_tx);
     supervisor.sync(wanted_checks(&balancer, &config));
@@ -142,6 +156,8 @@ pub async fn run(config: Config, path: &Path) -> Result<Snapshot, RunError> {
         }
     }
     startup::log_attached(&balancer, &interface.name, mode);
+    // First results in, rings published, program attached: now the node may pull traffic.
+    announcer.set_ready(&balancer).await;
     if mode == AttachMode::Native && interface.kind.as_deref() == Some("veth") {
         warn!(
             "{} is a veth: frames sent with native XDP_TX reach its peer only if the peer runs an XDP \
@@ -159,6 +175,8 @@ pub async fn run(config: Config, path: &Path) -> Result<Snapshot, RunError> {
     refresh.tick().await; // the first tick is immediate; paths were just resolved
     let mut metrics_tick = tokio::time::interval(METRICS_INTERVAL);
     let mut census_tick = tokio::time::interval(telemetry::FLOW_CENSUS_INTERVAL);
+    // Retries a route or health-file write that failed, when nothing else happens.
+    let mut announce_tick = tokio::time::interval(ANNOUNCE_RETRY_INTERVAL);
     loop {
         tokio::select! {
             _ = sigterm.recv() => { info!("SIGTERM: stopping"); break; }
@@ -182,7 +200,7 @@ pub async fn run(config: Config, path: &Path) -> Result<Snapshot, RunError> {
             }
             _ = metrics_tick.tick(), if telemetry.is_some() => {
                 if let Some(telemetry) = &telemetry {
-                    telemetry.refresh(&balancer);
+                    telemetry.refresh(&balancer, announcer.decision());
                 }
             }
             _ = census_tick.tick(), if telemetry.is_some() => {
@@ -192,19 +210,23 @@ pub async fn run(config: Config, path: &Path) -> Result<Snapshot, RunError> {
             }
             _ = sighup.recv() => {
                 info!("SIGHUP: reloading {}", running.path.display());
-                reload_then_resolve(&mut running, &mut balancer, &mut supervisor, &mut telemetry, &netlink, &interface, None).await;
+                reload_then_resolve(&mut running, &mut balancer, &mut supervisor, &mut telemetry, &mut announcer, &netlink, &interface, None).await;
             }
             Some(command) = commands.recv() => {
-                if let Some(reply) = control::handle(&mut balancer, &supervisor, command) {
-                    reload_then_resolve(&mut running, &mut balancer, &mut supervisor, &mut telemetry, &netlink, &interface, Some(reply)).await;
+                if let Some(reply) = control::handle(&mut balancer, &supervisor, &announcer, command) {
+                    reload_then_resolve(&mut running, &mut balancer, &mut supervisor, &mut telemetry, &mut announcer, &netlink, &interface, Some(reply)).await;
                 }
             }
+            _ = announce_tick.tick() => {}
             _ = refresh.tick() => {
                 if let Err(e) = paths::refresh_paths(&netlink, &interface, &mut balancer).await {
                     warn!("refreshing backend paths failed: {e}");
                 }
             }
         }
+        // Whatever happened may have changed what this node can serve: the announcements
+        // follow at once (a cheap comparison when nothing changed).
+        announcer.update(&balancer).await;
     }
     drop(supervisor);
     if let Some(telemetry) = telemetry {
@@ -229,6 +251,9 @@ pub async fn run(config: Config, path: &Path) -> Result<Snapshot, RunError> {
         None => {
             balancer.dataplane.detach()?;
             info!("detached from {}", interface.name);
+            announcer
+                .withdraw_all("the daemon stopped and its program is detached")
+                .await;
         }
     }
     Ok(snapshot)
@@ -263,16 +288,18 @@ fn wanted_checks(balancer: &Balancer, config: &Config) -> Vec<(u32, CheckSpec, H
 /// Reloads (on SIGHUP, or for `lb reload`, whose answer goes to `reply` before anything else),
 /// then resolves the L2 paths of the backends the reload added: now, not at the next periodic
 /// refresh.
+#[allow(clippy::too_many_arguments)]
 async fn reload_then_resolve(
     running: &mut Running,
     balancer: &mut Balancer,
     supervisor: &mut Supervisor,
     telemetry: &mut Option<Telemetry>,
+    announcer: &mut Announcer,
     netlink: &NetlinkHandle,
     interface: &crate::net::Interface,
     reply: Option<ReloadReply>,
 ) {
-    let result = reload::reload(running, balancer, supervisor, telemetry).await;
+    let result = reload::reload(running, balancer, supervisor, telemetry, announcer).await;
     let reloaded = result.is_ok();
     if let Some(reply) = reply {
         let _ = reply.send(result);

@@ -12,6 +12,7 @@ use tracing::{error, info};
 
 use super::{telemetry::Telemetry, wanted_checks};
 use crate::{
+    announce::Announcer,
     api::model::ReloadReport,
     balancer::Balancer,
     config::Config,
@@ -36,6 +37,7 @@ fn fixed_setting_changed(path: &Path, old: &Config, new: &Config) -> Option<Stri
         api,
         // Applied by a reload:
         metrics: _,
+        announce: _,
         vips: _,
     } = new;
     let file = path.display();
@@ -94,8 +96,9 @@ pub(super) async fn reload(
     balancer: &mut Balancer,
     supervisor: &mut Supervisor,
     telemetry: &mut Option<Telemetry>,
+    announcer: &mut Announcer,
 ) -> Result<ReloadReport, String> {
-    let result = apply(running, balancer, supervisor, telemetry).await;
+    let result = apply(running, balancer, supervisor, telemetry, announcer).await;
     match &result {
         Ok(report) => {
             info!(
@@ -119,6 +122,7 @@ async fn apply(
     balancer: &mut Balancer,
     supervisor: &mut Supervisor,
     telemetry: &mut Option<Telemetry>,
+    announcer: &mut Announcer,
 ) -> Result<ReloadReport, String> {
     let path = running.path.clone();
     let new = Config::load(&path).map_err(|e| e.to_string())?;
@@ -172,6 +176,8 @@ async fn apply(
             None => "metrics: no longer served".to_owned(),
         });
     }
+    // After the VIPs: a dropped address is withdrawn, a new table gets what can serve now.
+    changes.extend(announcer.reconfigure(new.announce.clone(), balancer).await);
     running.config = new;
     Ok(ReloadReport {
         config: path.display().to_string(),

@@ -68,8 +68,10 @@ impl Telemetry {
         })
     }
 
-    /// Copies the data plane's counters and the backends' states into the metrics.
-    pub(super) fn refresh(&self, balancer: &Balancer) {
+    /// Copies the data plane's counters, the backends' states and what is announced into the
+    /// metrics.
+    pub(super) fn refresh(&self, balancer: &Balancer, announced: &crate::announce::Decision) {
+        self.metrics.set_announcements(announced);
         match Snapshot::read(balancer) {
             Ok(snapshot) => self.metrics.update_from(
                 &snapshot,
