@@ -393,16 +393,28 @@ impl EcmpTopology {
     }
 
     /// Destinations of lb's routes (`proto 76`) in node `index`'s table 200.
+    /// A table that never had a route does not exist yet: that is an empty list too.
     pub fn node_table_routes(&self, index: usize) -> Result<Vec<String>> {
-        let output = self.node(index).namespace.ip([
-            "-j",
-            "route",
-            "show",
-            "table",
-            &ROUTE_TABLE.to_string(),
-            "proto",
-            &LB_ROUTE_PROTO.to_string(),
-        ])?;
+        let mut command = Command::new("ip");
+        command
+            .args(["-n", self.node(index).namespace.name()])
+            .args([
+                "-j",
+                "route",
+                "show",
+                "table",
+                &ROUTE_TABLE.to_string(),
+                "proto",
+                &LB_ROUTE_PROTO.to_string(),
+            ]);
+        let output = command.output().context("ip route show table")?;
+        if !output.status.success() {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            if stderr.contains("FIB table does not exist") {
+                return Ok(Vec::new());
+            }
+            bail!("ip route show table {ROUTE_TABLE} failed: {stderr}");
+        }
         let text = String::from_utf8_lossy(&output.stdout);
         let routes: serde_json::Value = if text.trim().is_empty() {
             serde_json::Value::Array(Vec::new())

@@ -433,13 +433,14 @@ fn a_vip_one_node_cannot_serve_is_withdrawn_by_that_node_only_and_the_other_carr
         }
 
         // Node 0 cannot reach api's port any more (its checks are refused there only).
+        let blocked = SystemTime::now();
         block_checks(&lab, 0, 81);
         let removed_at = wait_for_table(&lab, 0, &["10.100.0.100"]);
         let down = lab
             .lb(0)
             .transitions()
             .into_iter()
-            .filter(|t| t.vip == "api" && t.to == "down")
+            .filter(|t| t.vip == "api" && t.to == "down" && t.at >= blocked)
             .map(|t| t.at)
             .max()
             .expect("node 0 logged api's backends going down");
@@ -501,13 +502,14 @@ fn a_vip_one_node_cannot_serve_is_withdrawn_by_that_node_only_and_the_other_carr
         assert!(batch.failures.is_empty(), "{:?}", batch.failures);
 
         // The checks pass again: node 0 announces api again.
+        let unblocked = SystemTime::now();
         unblock_checks(&lab, 0);
         let added_at = wait_for_table(&lab, 0, &["10.100.0.100", "10.100.0.101"]);
         let up = lab
             .lb(0)
             .transitions()
             .into_iter()
-            .filter(|t| t.vip == "api" && t.to == "up")
+            .filter(|t| t.vip == "api" && t.to == "up" && t.at >= unblocked)
             .map(|t| t.at)
             .min()
             .expect("node 0 logged api's backends coming up");
