@@ -37,6 +37,7 @@ use crate::links::{
     self, MacAddress, VethEnd, add_address, add_bridge_port, create_bridge, create_veth_pair,
     disable_tx_checksum_offload, set_up, wait_until,
 };
+use crate::load::Attempt;
 use crate::netns::{self, NetNs, run_command};
 use crate::servers::TcpIdentityServer;
 use crate::topology::{BRIDGE, FIRST_BACKEND_HOST_NUMBER, HOST_INTERFACE};
@@ -780,4 +781,43 @@ pub fn leftovers(prefix: &str) -> Vec<String> {
         );
     }
     left
+}
+
+/// How new connections fared around a node failure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Recovery {
+    /// From the failure until new connections succeeded again: the start of the first attempt
+    /// that succeeded after the last one that failed (zero when none failed).
+    pub recovered: Duration,
+    /// Attempts in the window that failed.
+    pub failed: usize,
+    /// Attempts in the window.
+    pub attempts: usize,
+}
+
+impl Recovery {
+    /// Looks at the attempts that started between `died - timeout` (their SYN may have reached
+    /// the node just before it died; `timeout` is the attempts' own bound) and `until`.
+    pub fn measure(attempts: &[Attempt], died: Instant, until: Instant, timeout: Duration) -> Self {
+        let window: Vec<&Attempt> = attempts
+            .iter()
+            .filter(|a| a.start + timeout >= died && a.start <= until)
+            .collect();
+        let last_failure = window.iter().filter(|a| a.failed()).map(|a| a.start).max();
+        let recovered = match last_failure {
+            None => Duration::ZERO,
+            Some(last) => window
+                .iter()
+                .filter(|a| !a.failed() && a.start > last)
+                .map(|a| a.start)
+                .min()
+                .unwrap_or(until)
+                .saturating_duration_since(died),
+        };
+        Self {
+            recovered,
+            failed: window.iter().filter(|a| a.failed()).count(),
+            attempts: window.len(),
+        }
+    }
 }

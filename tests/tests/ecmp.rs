@@ -6,8 +6,8 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant, SystemTime};
 
 use lb_tests::ecmp::{
-    EcmpLab, EcmpVip, LB_ROUTE_PROTO, ROUTE_TABLE, SESSION_TIMEOUT, leftovers, status_vip,
-    vip_flows,
+    EcmpLab, EcmpVip, LB_ROUTE_PROTO, ROUTE_TABLE, Recovery, SESSION_TIMEOUT, leftovers,
+    status_vip, vip_flows,
 };
 use lb_tests::load::{Attempt, Load, LoadOptions};
 use lb_tests::servers::{TcpLineClient, tcp_requests};
@@ -117,29 +117,6 @@ struct Outage {
     recovered: Duration,
     failed: usize,
     attempts: usize,
-}
-
-/// What the new connections around a failure at `died` tell: failed attempts that started
-/// between `died - CONNECT_TIMEOUT` (their SYN may have gone to the node just before) and `until`.
-fn outage_from(attempts: &[Attempt], died: Instant, until: Instant) -> (Duration, usize, usize) {
-    let window: Vec<&Attempt> = attempts
-        .iter()
-        .filter(|a| a.start + CONNECT_TIMEOUT >= died && a.start <= until)
-        .collect();
-    let last_failure = window.iter().filter(|a| a.failed()).map(|a| a.start).max();
-    let failed = window.iter().filter(|a| a.failed()).count();
-    let recovered = match last_failure {
-        None => Duration::ZERO,
-        Some(last) => window
-            .iter()
-            .filter(|a| !a.failed() && a.start > last)
-            .map(|a| a.start)
-            .min()
-            .map_or(until.saturating_duration_since(died), |first| {
-                first.saturating_duration_since(died)
-            }),
-    };
-    (recovered, failed, window.len())
 }
 
 #[test]
@@ -258,8 +235,16 @@ fn ecmp_spreads_over_both_nodes_and_survives_node_failures_without_breaking_conn
             // second of traffic after the withdrawal.
             std::thread::sleep(CONNECT_TIMEOUT + Duration::from_secs(1));
             let until = Instant::now();
-            let (recovered, failed, attempts) =
-                outage_from(&load.new_connections(), died, until - CONNECT_TIMEOUT);
+            let Recovery {
+                recovered,
+                failed,
+                attempts,
+            } = Recovery::measure(
+                &load.new_connections(),
+                died,
+                until - CONNECT_TIMEOUT,
+                CONNECT_TIMEOUT,
+            );
             let after_recovery: Vec<Attempt> = load
                 .new_connections_since(died + recovered)
                 .into_iter()

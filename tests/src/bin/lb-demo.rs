@@ -7,7 +7,9 @@
 //! all primaries and shows the standby serving; restarts them and shows traffic back; kills the
 //! daemon itself and shows traffic flowing on while a new daemon adopts the pinned state; prints
 //! the LB's own counters (continued across the crash) beside what the backends saw, with the
-//! timings. Everything is removed on exit, also on Ctrl-C.
+//! timings. Then two lb nodes behind a router namespace running BIRD: ECMP over both, one node
+//! killed under traffic while the other carries on, long-lived connections counted across it.
+//! Everything is removed on exit, also on Ctrl-C.
 
 use std::{
     collections::BTreeMap,
@@ -20,6 +22,9 @@ use std::{
 use anyhow::{Context, Result, bail};
 use lb_tests::{
     daemon::{Launch, LbDaemon},
+    ecmp::{EcmpLab, EcmpVip, Recovery, SESSION_TIMEOUT, status_vip, vip_flows},
+    load::{Attempt, Load, LoadOptions},
+    servers::TcpLineClient,
     servers::{TcpIdentityServer, tcp_request},
     topology::{DsrTopology, DsrTopologyOptions, leftovers},
 };
@@ -54,7 +59,10 @@ fn main() -> ExitCode {
             );
         }
     }
-    let result = Demo::build().and_then(|mut demo| demo.run());
+    // The single-node story first; its namespaces are gone before the two-node one is built.
+    let result = Demo::build()
+        .and_then(|mut demo| demo.run())
+        .and_then(|()| ecmp_story());
     let left = leftovers(PREFIX);
     if !left.is_empty() {
         eprintln!("warning: left behind: {left:?}");
@@ -306,4 +314,152 @@ impl Demo {
         println!(" backends also accepted the LB's own TCP health checks, which do not cross XDP)");
         Ok(())
     }
+}
+
+/// Long-lived connections kept open across the node failure.
+const ECMP_LONG_LIVED: usize = 12;
+/// Bound of each new connection in the ECMP story (below TCP's 1 s SYN retransmission).
+const ECMP_CONNECT_TIMEOUT: Duration = Duration::from_millis(700);
+
+/// Step 6: two lb nodes behind an ECMP router (BGP with BFD via BIRD); one dies under traffic.
+fn ecmp_story() -> Result<()> {
+    interrupted()?;
+    println!(
+        "\n6. no single point of failure: two lb nodes behind a router running BIRD (BGP + BFD \
+         100 ms x 3, ECMP with an L4 hash)"
+    );
+    let vip = EcmpVip::new("web", std::net::Ipv4Addr::new(10, 100, 0, 100), 80);
+    let target = vip.socket_address();
+    let mut lab = EcmpLab::new(PREFIX, 2, PRIMARIES, vec![vip.clone()])
+        .context("building the ECMP namespaces")?;
+    println!(
+        "  client {} -> router {} -> switch -> lb nodes {}, {} (each: lb run + BIRD, \
+         [announce] route_table = 200) and backends {}",
+        lb_tests::ecmp::CLIENT_ADDRESS,
+        lb_tests::ecmp::ROUTER_ADDRESS,
+        lab.topo.node(0).ipv4(),
+        lab.topo.node(1).ipv4(),
+        lab.topo
+            .backends()
+            .iter()
+            .map(|b| b.ipv4().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let started = Instant::now();
+    for node in 0..2 {
+        lab.start_node(node)?;
+    }
+    for node in 0..2 {
+        lab.wait_for_session(node)?;
+    }
+    lab.topo
+        .wait_for_router_next_hops(vip.address, &[0, 1], SESSION_TIMEOUT)?;
+    println!(
+        "  both nodes announce {} after {:.1} s; the router's route:",
+        vip.address,
+        started.elapsed().as_secs_f64()
+    );
+    let route = lab
+        .topo
+        .router()
+        .ip(["route", "show", &format!("{}/32", vip.address)])?;
+    for line in String::from_utf8_lossy(&route.stdout).lines() {
+        println!("    {line}");
+    }
+    for node in 0..2 {
+        let status = lab.status(node)?;
+        let web = status_vip(&status, "web")?;
+        println!(
+            "  node {node}: announced {}, ring digest {}",
+            web["announced"], web["ring_digest"]
+        );
+    }
+    interrupted()?;
+
+    let options = LoadOptions {
+        period: Duration::from_millis(10),
+        workers: 32,
+        timeout: ECMP_CONNECT_TIMEOUT,
+        long_lived_period: Duration::from_millis(50),
+    };
+    let load = Load::start(lab.topo.client(), target, options)?;
+    let mut per_node = BTreeMap::<usize, usize>::new();
+    for i in 0..ECMP_LONG_LIVED {
+        let mut client = TcpLineClient::connect(lab.topo.client(), target, Duration::from_secs(3))
+            .with_context(|| format!("long-lived connection {i}"))?;
+        let backend = client.request("hello")?;
+        let port = client.local_address()?.port();
+        if let Some(node) = lab.topo.node_for_flow(port, target)? {
+            *per_node.entry(node).or_default() += 1;
+        }
+        load.add_long_lived(client, backend);
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let flows: Vec<u64> = (0..2)
+        .map(|node| vip_flows(&lab.status(node)?, "web"))
+        .collect::<Result<_>>()?;
+    println!(
+        "  a new connection every 10 ms plus {ECMP_LONG_LIVED} long-lived ones (per node: \
+         {per_node:?}); new flows so far: node 0 {}, node 1 {}",
+        flows[0], flows[1]
+    );
+    interrupted()?;
+
+    println!("  node 0 dies: cable out, lb and BIRD killed with SIGKILL, its state wiped");
+    let died = lab.kill_node(0)?;
+    let withdrawn =
+        lab.topo
+            .wait_for_router_next_hops(vip.address, &[1], Duration::from_secs(5))?;
+    std::thread::sleep(ECMP_CONNECT_TIMEOUT + Duration::from_secs(1));
+    let until = Instant::now() - ECMP_CONNECT_TIMEOUT;
+    let recovery = Recovery::measure(&load.new_connections(), died, until, ECMP_CONNECT_TIMEOUT);
+    println!(
+        "  BFD noticed and the router withdrew node 0 after {} ms; new connections succeed again \
+         after {} ms ({} of {} failed meanwhile: those hashed to the dead node)",
+        withdrawn.as_millis(),
+        recovery.recovered.as_millis(),
+        recovery.failed,
+        recovery.attempts
+    );
+    let survivor = vip_flows(&lab.status(1)?, "web")?;
+    println!(
+        "  node 1 carries on: {} new flows (was {})",
+        survivor, flows[1]
+    );
+    interrupted()?;
+
+    println!("  node 0 comes back (lb first, then BIRD; it announces after its first checks)");
+    let revived = lab.revive_node(0)?;
+    let since = Instant::now();
+    std::thread::sleep(Duration::from_secs(1));
+    let failed_after = load
+        .new_connections_since(since)
+        .iter()
+        .filter(|a| Attempt::failed(a))
+        .count();
+    println!(
+        "  back at the router {:.1} s after its link came up; new connections since: {} failed",
+        revived.as_secs_f64(),
+        failed_after
+    );
+    let records = load.stop();
+    let broken = records.long_lived.iter().filter(|l| !l.alive()).count();
+    let moved = records
+        .long_lived
+        .iter()
+        .filter(|l| !l.moved().is_empty())
+        .count();
+    let answers: usize = records.long_lived.iter().map(|l| l.replies.len()).sum();
+    println!(
+        "  long-lived connections across the failure and the return: {} kept their backend, \
+         {broken} broken, {moved} moved ({answers} answers); the nodes' identical rings send a \
+         connection to the same backend whichever node the router picks",
+        records
+            .long_lived
+            .iter()
+            .filter(|l| l.alive() && l.moved().is_empty())
+            .count()
+    );
+    Ok(())
 }
