@@ -16,6 +16,8 @@
 mod decision;
 pub mod health_file;
 pub mod routes;
+#[cfg(test)]
+mod tests;
 
 use std::{collections::BTreeSet, net::IpAddr, path::PathBuf, time::Instant};
 
@@ -119,6 +121,39 @@ impl Announcer {
         }
         self.log_vip_changes(&decision);
         self.decision = decision;
+    }
+
+    /// Re-reads what the kernel table and the file hold, so the next [`Announcer::update`]
+    /// repairs whatever changed under lb: the kernel deletes IPv4 routes through an interface
+    /// that goes down (a link loss), an operator may delete a route or the file.
+    pub async fn resync(&mut self) {
+        if !self.ready {
+            return;
+        }
+        if let Some(table) = self.settings.route_table {
+            match routes::list(&self.netlink, Some(table), Some(self.ifindex)).await {
+                Ok(found) => {
+                    let found: BTreeSet<IpAddr> = found.iter().map(|r| r.address).collect();
+                    if found != self.routes {
+                        warn!(
+                            "announce: table {table} holds {} of lb's routes via {}, {} expected \
+                             (removed or added by somebody else, or the link went down); repairing",
+                            found.len(),
+                            self.interface,
+                            self.routes.len()
+                        );
+                        self.routes = found;
+                    }
+                }
+                Err(e) => warn!("announce: reading table {table}: {e}"),
+            }
+        }
+        if let Some(path) = &self.settings.health_file
+            && health_file::read(path) != self.health_value
+        {
+            warn!("announce: health file {} changed under lb; rewriting it", path.display());
+            self.health_value = None;
+        }
     }
 
     /// Applies a reloaded `[announce]`. A new table gets the routes and the old one loses

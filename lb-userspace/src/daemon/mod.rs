@@ -42,7 +42,8 @@ const REFRESH_INTERVAL: Duration = Duration::from_secs(5);
 const METRICS_INTERVAL: Duration = Duration::from_secs(1);
 /// Most check results applied together (one map update per VIP for the lot).
 const MAX_BATCH: usize = 1024;
-/// How often a failed announcement (route or health file) is retried when nothing else happens.
+/// How often the announcements are checked against the kernel table and the file (and failed
+/// writes retried).
 const ANNOUNCE_RETRY_INTERVAL: Duration = Duration::from_secs(1);
 /// Extra time, beyond the longest check timeout, that start-up waits for every first result.
 const FIRST_RESULTS_GRACE: Duration = Duration::from_millis(500);
@@ -175,7 +176,7 @@ pub async fn run(config: Config, path: &Path) -> Result<Snapshot, RunError> {
     refresh.tick().await; // the first tick is immediate; paths were just resolved
     let mut metrics_tick = tokio::time::interval(METRICS_INTERVAL);
     let mut census_tick = tokio::time::interval(telemetry::FLOW_CENSUS_INTERVAL);
-    // Retries a route or health-file write that failed, when nothing else happens.
+    // Repairs announcements the kernel or somebody else changed, and retries failed writes.
     let mut announce_tick = tokio::time::interval(ANNOUNCE_RETRY_INTERVAL);
     loop {
         tokio::select! {
@@ -217,7 +218,7 @@ pub async fn run(config: Config, path: &Path) -> Result<Snapshot, RunError> {
                     reload_then_resolve(&mut running, &mut balancer, &mut supervisor, &mut telemetry, &mut announcer, &netlink, &interface, Some(reply)).await;
                 }
             }
-            _ = announce_tick.tick() => {}
+            _ = announce_tick.tick() => announcer.resync().await,
             _ = refresh.tick() => {
                 if let Err(e) = paths::refresh_paths(&netlink, &interface, &mut balancer).await {
                     warn!("refreshing backend paths failed: {e}");
