@@ -26,7 +26,7 @@ use lb_tests::{
     load::{Attempt, Load, LoadOptions},
     servers::TcpLineClient,
     servers::{TcpIdentityServer, tcp_request},
-    topology::{DsrTopology, DsrTopologyOptions, leftovers},
+    topology::{DsrTopology, DsrTopologyOptions},
 };
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -63,7 +63,8 @@ fn main() -> ExitCode {
     let result = Demo::build()
         .and_then(|mut demo| demo.run())
         .and_then(|()| ecmp_story());
-    let left = leftovers(PREFIX);
+    // Namespaces, links, pins and BIRD processes of both stories.
+    let left = lb_tests::ecmp::leftovers(PREFIX);
     if !left.is_empty() {
         eprintln!("warning: left behind: {left:?}");
     }
