@@ -550,8 +550,9 @@ pub struct NodeProcesses {
     pub bird: Option<Bird>,
 }
 
-/// [`EcmpTopology`] with its processes (see the module documentation). Fields drop in order:
-/// servers, the nodes' lb (SIGTERM, `lb detach`) and BIRD, the router's BIRD, the namespaces.
+/// [`EcmpTopology`] with its processes (see the module documentation). On drop: the nodes' lb
+/// (SIGTERM, `lb detach`) and BIRD, their health files, then the fields in order: servers, the
+/// router's BIRD, the namespaces.
 pub struct EcmpLab {
     pub servers: Vec<TcpIdentityServer>,
     pub nodes: Vec<NodeProcesses>,
@@ -656,8 +657,8 @@ impl EcmpLab {
 
     /// Node `index` dies as a host does: its cable goes first (nothing in or out from that
     /// instant, which is returned), then its lb and BIRD are killed with SIGKILL, and what the
-    /// host's memory held goes with it: `lb detach` removes the XDP program and the pinned maps
-    /// (and lb's routes in table 200), as a reboot would. The link stays down until
+    /// host's memory held goes with it: `lb detach` removes the XDP program, the pinned maps and
+    /// lb's routes in table 200 (an error if it leaves any), as a reboot would. The link stays down until
     /// [`EcmpLab::revive_node`].
     pub fn kill_node(&mut self, index: usize) -> Result<Instant> {
         self.topo.set_node_link(index, false)?;
@@ -672,15 +673,11 @@ impl EcmpLab {
         let namespace = self.topo.node(index).namespace();
         lb_detach(&namespace.path(), HOST_INTERFACE)
             .with_context(|| format!("wiping node {index}'s lb state"))?;
-        // A rebooted host has an empty table 200, whatever lb detach did.
-        let _ = namespace.ip([
-            "route",
-            "flush",
-            "table",
-            &ROUTE_TABLE.to_string(),
-            "proto",
-            &LB_ROUTE_PROTO.to_string(),
-        ]);
+        // A rebooted host has an empty table 200: `lb detach` withdrew lb's routes.
+        let left = self.topo.node_table_routes(index)?;
+        if !left.is_empty() {
+            bail!("lb detach left node {index}'s routes in table {ROUTE_TABLE}: {left:?}");
+        }
         Ok(died)
     }
 
@@ -730,6 +727,19 @@ impl EcmpLab {
     }
 }
 
+impl Drop for EcmpLab {
+    fn drop(&mut self) {
+        // lb first (it writes the health file until it stops), then its file.
+        for node in &mut self.nodes {
+            node.lb.take();
+            node.bird.take();
+        }
+        for index in 0..self.nodes.len() {
+            let _ = std::fs::remove_file(self.health_file(index));
+        }
+    }
+}
+
 /// `lb status --json --api SOCKET`, parsed.
 pub fn lb_status(socket: &Path) -> Result<serde_json::Value> {
     let output = run_command_output(
@@ -768,10 +778,19 @@ pub fn vip_packets(status: &serde_json::Value, name: &str) -> Result<u64> {
         .with_context(|| format!("vip {name} has no packets counter"))
 }
 
-/// Everything left of labs named `prefix`: [`crate::topology::leftovers`] and BIRD processes
-/// whose directory names one of their namespaces. Empty after a lab dropped cleanly.
+/// Everything left of labs named `prefix`: [`crate::topology::leftovers`], lb health files and
+/// BIRD processes whose directory names one of their namespaces. Empty after a lab dropped cleanly.
 pub fn leftovers(prefix: &str) -> Vec<String> {
     let mut left = crate::topology::leftovers(prefix);
+    if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
+        left.extend(
+            entries
+                .filter_map(Result::ok)
+                .map(|entry| entry.file_name().to_string_lossy().into_owned())
+                .filter(|name| name.starts_with(&format!("lb-health-{prefix}-")))
+                .map(|name| format!("health file {name}")),
+        );
+    }
     if let Ok(output) = run_command("pgrep", ["-a", "-x", "bird"]) {
         let text = String::from_utf8_lossy(&output.stdout);
         left.extend(
