@@ -105,6 +105,9 @@ pub struct VrrpInstance {
     pub unicast: Option<Unicast>,
     /// `preempt` (keepalived's default) or `nopreempt`.
     pub preempt: bool,
+    /// `preempt_delay`: how long a node that became backup (at start-up or out of FAULT) waits
+    /// before it preempts a master of lower priority.
+    pub preempt_delay: Option<Duration>,
 }
 
 impl VrrpInstance {
@@ -140,6 +143,9 @@ impl VrrpInstance {
         );
         if !self.preempt {
             config.push_str("    nopreempt\n");
+        }
+        if let Some(delay) = self.preempt_delay {
+            let _ = writeln!(config, "    preempt_delay {:.2}", delay.as_secs_f64());
         }
         if self.track_file.is_some() {
             let _ = writeln!(
@@ -526,6 +532,7 @@ mod unit_tests {
             init_file: Some(1),
             unicast: None,
             preempt: true,
+            preempt_delay: None,
         }
     }
 
@@ -551,11 +558,15 @@ mod unit_tests {
                 peers: vec![Ipv4Addr::new(10, 100, 0, 3)],
             }),
             preempt: false,
+            preempt_delay: Some(Duration::from_millis(500)),
             ..instance()
         }
         .config();
         assert!(!config.contains("track_file"), "{config}");
-        assert!(config.contains("    nopreempt\n"), "{config}");
+        assert!(
+            config.contains("    nopreempt\n    preempt_delay 0.50\n"),
+            "{config}"
+        );
         assert!(
             config.contains(
                 "    unicast_src_ip 10.100.0.2\n    unicast_peer {\n        10.100.0.3\n    }\n"
