@@ -130,7 +130,7 @@ pub async fn run(config: Config, path: &Path) -> Result<Snapshot, RunError> {
             None
         }
     };
-    let mut telemetry = match config.metrics {
+    let telemetry = match config.metrics {
         Some(address) => Some(Telemetry::start(address, &balancer).await?),
         None => None,
     };
@@ -171,6 +171,8 @@ pub async fn run(config: Config, path: &Path) -> Result<Snapshot, RunError> {
     let mut running = Running {
         path: path.to_path_buf(),
         config,
+        telemetry,
+        announcer,
     };
     let mut refresh = tokio::time::interval(REFRESH_INTERVAL);
     refresh.tick().await; // the first tick is immediate; paths were just resolved
@@ -192,33 +194,33 @@ pub async fn run(config: Config, path: &Path) -> Result<Snapshot, RunError> {
                         Err(_) => break,
                     }
                 }
-                if let Some(telemetry) = &telemetry {
+                if let Some(telemetry) = &running.telemetry {
                     telemetry.observe(&balancer, &batch);
                 }
                 if let Err(e) = events::on_check_reports(&mut balancer, &mut supervisor, &batch, true) {
                     warn!("applying a health change failed: {e}");
                 }
             }
-            _ = metrics_tick.tick(), if telemetry.is_some() => {
-                if let Some(telemetry) = &telemetry {
-                    telemetry.refresh(&balancer, announcer.decision());
+            _ = metrics_tick.tick(), if running.telemetry.is_some() => {
+                if let Some(telemetry) = &running.telemetry {
+                    telemetry.refresh(&balancer, running.announcer.decision());
                 }
             }
-            _ = census_tick.tick(), if telemetry.is_some() => {
-                if let Some(telemetry) = &telemetry {
+            _ = census_tick.tick(), if running.telemetry.is_some() => {
+                if let Some(telemetry) = &running.telemetry {
                     telemetry.census();
                 }
             }
             _ = sighup.recv() => {
                 info!("SIGHUP: reloading {}", running.path.display());
-                reload_then_resolve(&mut running, &mut balancer, &mut supervisor, &mut telemetry, &mut announcer, &netlink, &interface, None).await;
+                reload_then_resolve(&mut running, &mut balancer, &mut supervisor, &netlink, &interface, None).await;
             }
             Some(command) = commands.recv() => {
-                if let Some(reply) = control::handle(&mut balancer, &supervisor, &announcer, command) {
-                    reload_then_resolve(&mut running, &mut balancer, &mut supervisor, &mut telemetry, &mut announcer, &netlink, &interface, Some(reply)).await;
+                if let Some(reply) = control::handle(&mut balancer, &supervisor, &running.announcer, command) {
+                    reload_then_resolve(&mut running, &mut balancer, &mut supervisor, &netlink, &interface, Some(reply)).await;
                 }
             }
-            _ = announce_tick.tick() => announcer.resync().await,
+            _ = announce_tick.tick() => running.announcer.resync().await,
             _ = refresh.tick() => {
                 if let Err(e) = paths::refresh_paths(&netlink, &interface, &mut balancer).await {
                     warn!("refreshing backend paths failed: {e}");
@@ -227,10 +229,10 @@ pub async fn run(config: Config, path: &Path) -> Result<Snapshot, RunError> {
         }
         // Whatever happened may have changed what this node can serve: the announcements
         // follow at once (a cheap comparison when nothing changed).
-        announcer.update(&balancer).await;
+        running.announcer.update(&balancer).await;
     }
     drop(supervisor);
-    if let Some(telemetry) = telemetry {
+    if let Some(telemetry) = running.telemetry.take() {
         telemetry.stop().await;
     }
     let _ = api_stop.send(());
@@ -252,7 +254,8 @@ pub async fn run(config: Config, path: &Path) -> Result<Snapshot, RunError> {
         None => {
             balancer.dataplane.detach()?;
             info!("detached from {}", interface.name);
-            announcer
+            running
+                .announcer
                 .withdraw_all("the daemon stopped and its program is detached")
                 .await;
         }
@@ -289,18 +292,15 @@ fn wanted_checks(balancer: &Balancer, config: &Config) -> Vec<(u32, CheckSpec, H
 /// Reloads (on SIGHUP, or for `lb reload`, whose answer goes to `reply` before anything else),
 /// then resolves the L2 paths of the backends the reload added: now, not at the next periodic
 /// refresh.
-#[allow(clippy::too_many_arguments)]
 async fn reload_then_resolve(
     running: &mut Running,
     balancer: &mut Balancer,
     supervisor: &mut Supervisor,
-    telemetry: &mut Option<Telemetry>,
-    announcer: &mut Announcer,
     netlink: &NetlinkHandle,
     interface: &crate::net::Interface,
     reply: Option<ReloadReply>,
 ) {
-    let result = reload::reload(running, balancer, supervisor, telemetry, announcer).await;
+    let result = reload::reload(running, balancer, supervisor).await;
     let reloaded = result.is_ok();
     if let Some(reply) = reply {
         let _ = reply.send(result);

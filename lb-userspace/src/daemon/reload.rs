@@ -19,10 +19,14 @@ use crate::{
     health::supervisor::{CheckerChange, Supervisor},
 };
 
-/// The config file the daemon was started with, and what of it runs now.
+/// The config file the daemon was started with, what of it runs now, and the parts of the
+/// daemon a reload replaces or reconfigures besides the balancer and the checkers.
 pub(super) struct Running {
     pub path: PathBuf,
     pub config: Config,
+    /// The metrics endpoint, while `metrics` is set.
+    pub telemetry: Option<Telemetry>,
+    pub announcer: Announcer,
 }
 
 /// Why a setting cannot change on a reload, or `None` when none of them did.
@@ -95,10 +99,8 @@ pub(super) async fn reload(
     running: &mut Running,
     balancer: &mut Balancer,
     supervisor: &mut Supervisor,
-    telemetry: &mut Option<Telemetry>,
-    announcer: &mut Announcer,
 ) -> Result<ReloadReport, String> {
-    let result = apply(running, balancer, supervisor, telemetry, announcer).await;
+    let result = apply(running, balancer, supervisor).await;
     match &result {
         Ok(report) => {
             info!(
@@ -121,8 +123,6 @@ async fn apply(
     running: &mut Running,
     balancer: &mut Balancer,
     supervisor: &mut Supervisor,
-    telemetry: &mut Option<Telemetry>,
-    announcer: &mut Announcer,
 ) -> Result<ReloadReport, String> {
     let path = running.path.clone();
     let new = Config::load(&path).map_err(|e| e.to_string())?;
@@ -168,7 +168,7 @@ async fn apply(
         }
     }
     if let Some(replacement) = new_telemetry {
-        if let Some(old) = std::mem::replace(telemetry, replacement) {
+        if let Some(old) = std::mem::replace(&mut running.telemetry, replacement) {
             old.stop().await;
         }
         changes.push(match new.metrics {
@@ -177,7 +177,12 @@ async fn apply(
         });
     }
     // After the VIPs: a dropped address is withdrawn, a new table gets what can serve now.
-    changes.extend(announcer.reconfigure(new.announce.clone(), balancer).await);
+    changes.extend(
+        running
+            .announcer
+            .reconfigure(new.announce.clone(), balancer)
+            .await,
+    );
     running.config = new;
     Ok(ReloadReport {
         config: path.display().to_string(),
