@@ -59,6 +59,9 @@ pub struct Announcer {
     /// What the health file holds, as far as this daemon knows.
     health_value: Option<u32>,
     decision: Decision,
+    /// The last error of each failing write (a route, the file), so a write retried on every
+    /// loop turn warns once per new error, not once per retry.
+    failing: std::collections::BTreeMap<String, String>,
 }
 
 impl Announcer {
@@ -82,6 +85,7 @@ impl Announcer {
             routes: BTreeSet::new(),
             health_value: None,
             decision: decide(balancer, false),
+            failing: std::collections::BTreeMap::new(),
         };
         announcer.take_over_table(adopted).await;
         if let Some(path) = announcer.settings.health_file.clone() {
@@ -151,7 +155,10 @@ impl Announcer {
         if let Some(path) = &self.settings.health_file
             && health_file::read(path) != self.health_value
         {
-            warn!("announce: health file {} changed under lb; rewriting it", path.display());
+            warn!(
+                "announce: health file {} changed under lb; rewriting it",
+                path.display()
+            );
             self.health_value = None;
         }
     }
@@ -293,6 +300,7 @@ impl Announcer {
             match routes::add(&self.netlink, route).await {
                 Ok(()) => {
                     self.routes.insert(address);
+                    self.recovered(&address.to_string());
                     let why = &decision.addresses[&address].reason;
                     info!(
                         address = %address,
@@ -303,7 +311,7 @@ impl Announcer {
                         started.elapsed().as_micros()
                     );
                 }
-                Err(e) => warn!("announce: {e}; retrying on the next change"),
+                Err(e) => self.failed(&address.to_string(), &e),
             }
         }
     }
@@ -314,6 +322,7 @@ impl Announcer {
         match routes::delete(&self.netlink, route).await {
             Ok(()) => {
                 self.routes.remove(&address);
+                self.recovered(&address.to_string());
                 warn!(
                     address = %address,
                     table,
@@ -325,7 +334,7 @@ impl Announcer {
             Err(e) => {
                 // Keep it listed, so the next update retries.
                 self.routes.insert(address);
-                warn!("announce: {e}; retrying on the next change");
+                self.failed(&address.to_string(), &e);
             }
         }
     }
@@ -339,11 +348,13 @@ impl Announcer {
     }
 
     fn write_health_file(&mut self, value: u32) {
-        let Some(path) = &self.settings.health_file else {
+        let Some(path) = self.settings.health_file.clone() else {
             return;
         };
-        match health_file::write(path, value) {
+        match health_file::write(&path, value) {
             Ok(()) => {
+                let what = path.display().to_string();
+                self.recovered(&what);
                 info!(
                     health_file = %path.display(),
                     value,
@@ -362,9 +373,27 @@ impl Announcer {
                     path: path.clone(),
                     source,
                 };
-                warn!("announce: {e}; retrying on the next change");
+                let what = path.display().to_string();
+                self.failed(&what, &e);
                 self.health_value = None;
             }
+        }
+    }
+
+    /// Logs a failed write of `what` (a route's address, the file's path) unless it failed the
+    /// same way last time.
+    fn failed(&mut self, what: &str, error: &AnnounceError) {
+        let message = error.to_string();
+        if self.failing.get(what) != Some(&message) {
+            warn!("announce: {message}; retrying on every change and every second");
+            self.failing.insert(what.to_owned(), message);
+        }
+    }
+
+    /// A write of `what` worked: say so if it had been failing.
+    fn recovered(&mut self, what: &str) {
+        if self.failing.remove(what).is_some() {
+            info!("announce: {what}: written again after failing");
         }
     }
 

@@ -21,9 +21,47 @@ fn lbs_routes_are_added_listed_and_withdrawn_and_no_other_route_is_touched() {
     let [lb, _] = pair.names();
     // Somebody else's routes in the same table: another protocol, and lb's protocol on a
     // prefix lb never makes.
-    pair.ip(&lb, &["route", "add", "192.0.2.1/32", "dev", "lba0", "table", "200", "proto", "static"]);
-    pair.ip(&lb, &["route", "add", "192.0.2.0/24", "dev", "lba0", "table", "200", "proto", "76"]);
-    pair.ip(&lb, &["-6", "route", "add", "2001:db8::1/128", "dev", "lba0", "table", "200"]);
+    pair.ip(
+        &lb,
+        &[
+            "route",
+            "add",
+            "192.0.2.1/32",
+            "dev",
+            "lba0",
+            "table",
+            "200",
+            "proto",
+            "static",
+        ],
+    );
+    pair.ip(
+        &lb,
+        &[
+            "route",
+            "add",
+            "192.0.2.0/24",
+            "dev",
+            "lba0",
+            "table",
+            "200",
+            "proto",
+            "76",
+        ],
+    );
+    pair.ip(
+        &lb,
+        &[
+            "-6",
+            "route",
+            "add",
+            "2001:db8::1/128",
+            "dev",
+            "lba0",
+            "table",
+            "200",
+        ],
+    );
     let foreign = |pair: &NsPair| {
         let v4 = pair.ip(&lb, &["route", "show", "table", "200"]);
         let v6 = pair.ip(&lb, &["-6", "route", "show", "table", "200"]);
@@ -48,11 +86,18 @@ fn lbs_routes_are_added_listed_and_withdrawn_and_no_other_route_is_touched() {
         // Adding twice replaces, it does not fail.
         routes::add(&net, v4).await.unwrap();
         assert_eq!(
-            routes::list(&net, Some(TABLE), Some(ifindex)).await.unwrap(),
+            routes::list(&net, Some(TABLE), Some(ifindex))
+                .await
+                .unwrap(),
             [v4, v6]
         );
         assert_eq!(routes::list(&net, Some(201), None).await.unwrap(), []);
-        assert_eq!(routes::list(&net, None, Some(ifindex + 1000)).await.unwrap(), []);
+        assert_eq!(
+            routes::list(&net, None, Some(ifindex + 1000))
+                .await
+                .unwrap(),
+            []
+        );
         ifindex
     });
     let (v4, v6) = foreign(&pair);
@@ -62,7 +107,8 @@ fn lbs_routes_are_added_listed_and_withdrawn_and_no_other_route_is_touched() {
         "lb's IPv4 route as ip shows it:\n{v4}"
     );
     assert!(
-        v6.lines().any(|l| l.starts_with("fd00:78::100 dev lba0 proto 76 ")),
+        v6.lines()
+            .any(|l| l.starts_with("fd00:78::100 dev lba0 proto 76 ")),
         "lb's IPv6 route as ip shows it:\n{v6}"
     );
 

@@ -116,7 +116,10 @@ mod tests {
         assert_eq!(digest(&node_a).len(), 16);
 
         // Equal weights take the round-robin path of the Maglev build: the same holds.
-        let equal: Vec<_> = backends.iter().map(|&(a, _, s, u)| (a, 100, s, u)).collect();
+        let equal: Vec<_> = backends
+            .iter()
+            .map(|&(a, _, s, u)| (a, 100, s, u))
+            .collect();
         let mut equal_reordered = equal.clone();
         equal_reordered.rotate_left(2);
         assert_eq!(
@@ -147,7 +150,10 @@ mod tests {
             assert_ne!(base, digest(&vip(&changed, &[0, 1, 2])), "{what} changed");
         }
         // An empty ring has a digest too, the same everywhere.
-        let none_up: Vec<_> = backends.iter().map(|&(a, w, s, _)| (a, w, s, false)).collect();
+        let none_up: Vec<_> = backends
+            .iter()
+            .map(|&(a, w, s, _)| (a, w, s, false))
+            .collect();
         assert_eq!(
             digest(&vip(&none_up, &[0, 1, 2])),
             digest(&vip(&none_up[..1], &[5]))
