@@ -14,7 +14,16 @@ const BPF_LINKER_SERIES: &str = "0.13.";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPFFS: &str = "/sys/fs/bpf";
 /// Commands the tests and the demo use (checked by name where we cannot install them).
-const TOOL_COMMANDS: &[&str] = &["ip", "ethtool", "nft", "ping", "ps"];
+const TOOL_COMMANDS: &[&str] = &[
+    "ip",
+    "ethtool",
+    "nft",
+    "ping",
+    "ps",
+    "bird",
+    "birdc",
+    "keepalived",
+];
 
 /// Runs every set-up step and returns the eBPF toolchain to build with.
 pub fn run() -> Result<String> {
@@ -50,6 +59,7 @@ fn check_non_debian() -> Result<()> {
         "this is not a Debian-like system (no apt-get or /etc/debian_version), so setup cannot \
          install for you{}. Install with your package manager:\n\
          \x20 - iproute2 (ip), ethtool, nftables (nft), iputils ping, procps (ps, sysctl), and bpftool if available\n\
+         \x20 - BIRD 2 (bird, birdc) and keepalived, for the multi-node tests and the demo\n\
          \x20 - LLVM 22 development files (llvm-config, libLLVM, Polly) and zstd development files\n\
          \x20 - a Rust toolchain built on LLVM 22 with rust-src, reachable through rustup: a nightly \
          (`rustup component add rust-src --toolchain nightly`), or rustc >= 1.96 from your distribution \
