@@ -57,6 +57,16 @@ pub struct LbDaemon {
     detach_on_drop: bool,
 }
 
+/// `lb status --json --api SOCKET`, parsed.
+pub fn lb_status(socket: &Path) -> Result<serde_json::Value> {
+    let output = crate::netns::run_checked(
+        Command::new(lb_binary())
+            .args(["status", "--json", "--api"])
+            .arg(socket),
+    )?;
+    serde_json::from_slice(&output.stdout).context("lb status --json is not JSON")
+}
+
 /// Runs `lb detach --interface IF` in `namespace` (a `/run/netns/NAME` path); returns its stdout.
 pub fn lb_detach(namespace: &Path, interface: &str) -> Result<String> {
     let out = Command::new("nsenter")

@@ -25,14 +25,14 @@
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
 use crate::bird::Bird;
-use crate::daemon::{Launch, LbDaemon, api_socket_for, lb_binary, lb_detach};
+pub use crate::daemon::lb_status;
+use crate::daemon::{Launch, LbDaemon, api_socket_for, lb_detach};
 use crate::links::{
     self, MacAddress, VethEnd, add_address, add_bridge_port, create_bridge, create_veth_pair,
     disable_tx_checksum_offload, set_up, wait_until,
@@ -738,20 +738,6 @@ impl Drop for EcmpLab {
             let _ = std::fs::remove_file(self.health_file(index));
         }
     }
-}
-
-/// `lb status --json --api SOCKET`, parsed.
-pub fn lb_status(socket: &Path) -> Result<serde_json::Value> {
-    let output = run_command_output(
-        Command::new(lb_binary())
-            .args(["status", "--json", "--api"])
-            .arg(socket),
-    )?;
-    serde_json::from_slice(&output).context("lb status --json is not JSON")
-}
-
-fn run_command_output(command: &mut Command) -> Result<Vec<u8>> {
-    Ok(crate::netns::run_checked(command)?.stdout)
 }
 
 /// The VIP object named `name` in an `lb status --json` answer.

@@ -11,7 +11,7 @@ use std::{
 };
 
 use lb_tests::{
-    daemon::{Launch, LbDaemon, api_socket_for, lb_binary, lb_detach},
+    daemon::{Launch, LbDaemon, api_socket_for, lb_detach, lb_status},
     netns::NetNs,
     servers::TcpIdentityServer,
     topology::leftovers,
@@ -82,17 +82,7 @@ fn wait_for_health_value(path: &Path, value: &str) {
 }
 
 fn status(ns: &NetNs) -> serde_json::Value {
-    let out = Command::new(lb_binary())
-        .args(["status", "--json", "--api"])
-        .arg(api_socket_for(ns))
-        .output()
-        .expect("run lb status");
-    assert!(
-        out.status.success(),
-        "lb status: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("status JSON")
+    lb_status(&api_socket_for(ns)).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 fn start_servers(lab: &WebLab) -> Vec<TcpIdentityServer> {

@@ -3,7 +3,6 @@
 
 use std::{
     path::Path,
-    process::Command,
     sync::atomic::{AtomicBool, Ordering},
     time::Duration,
 };
@@ -11,7 +10,7 @@ use std::{
 use aya::maps::{HashMap, Map, MapData};
 use lb_common::{FlowKey, FlowState};
 use lb_tests::{
-    daemon::{Launch, LbDaemon, api_socket_for, lb_binary, lb_detach},
+    daemon::{Launch, LbDaemon, api_socket_for, lb_detach, lb_status},
     servers::{BatchOutcome, TcpLineClient, tcp_requests},
     topology::{DsrTopology, LB_NETNS_PINS, leftovers},
     web_lab::WebLab,
@@ -20,17 +19,7 @@ use lb_tests::{
 const TIMEOUT: Duration = Duration::from_secs(3);
 
 fn status(socket: &Path) -> serde_json::Value {
-    let out = Command::new(lb_binary())
-        .args(["status", "--json", "--api"])
-        .arg(socket)
-        .output()
-        .expect("run lb status");
-    assert!(
-        out.status.success(),
-        "lb status: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("status JSON")
+    lb_status(socket).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// (packets, flows) per backend address, and the VIP's new flows.
