@@ -25,7 +25,8 @@
 //!   default) and the higher priority, MASTER again once it has missed the master's adverts for
 //!   its own master-down interval.
 //! - It logs `(NAME) Entering MASTER STATE`, `(NAME) Entering BACKUP STATE` (first with
-//!   ` (init)`), `(NAME) Entering FAULT STATE`; the log's own timestamps are whole seconds, so
+//!   ` (init)`), `(NAME) Entering FAULT STATE`, and `(NAME) entering FAULT state` when it starts
+//!   in FAULT (a tracked file non-zero already); the log's own timestamps are whole seconds, so
 //!   the guard stamps every line when it reads it.
 //! - A SIGKILLed parent leaves its VRRP child running for a while (it notices later and stops);
 //!   SIGTERM stops both, the child releasing the address, in about one to two seconds.
@@ -323,19 +324,13 @@ impl Keepalived {
 
     /// Every state the instance entered, in order.
     pub fn state_changes(&self) -> Vec<StateChange> {
-        let marker = format!("({}) Entering ", self.instance);
         lock(&self.log)
             .iter()
             .filter_map(|line| {
-                let rest = &line.text[line.text.find(&marker)? + marker.len()..];
-                let (word, rest) = rest.split_once(' ')?;
-                if !rest.starts_with("STATE") {
-                    return None;
-                }
                 Some(StateChange {
                     at: line.at,
                     wall: line.wall,
-                    state: VrrpState::parse(word)?,
+                    state: parse_state_line(&self.instance, &line.text)?,
                 })
             })
             .collect()
@@ -449,6 +444,18 @@ impl Drop for Keepalived {
     }
 }
 
+/// The state a log line says instance `instance` entered: `(lb) Entering MASTER STATE`, and at
+/// start-up `(lb) entering FAULT state`.
+fn parse_state_line(instance: &str, text: &str) -> Option<VrrpState> {
+    let marker = format!("({instance}) entering ").to_ascii_lowercase();
+    let at = text.to_ascii_lowercase().find(&marker)? + marker.len();
+    let (word, rest) = text.get(at..)?.split_once(' ')?;
+    if !rest.to_ascii_lowercase().starts_with("state") {
+        return None;
+    }
+    VrrpState::parse(word)
+}
+
 /// `keepalived -t -f FILE`: an error with keepalived's complaints if the config is not valid.
 pub fn check_config(path: &Path) -> Result<()> {
     let mut command = Command::new(KEEPALIVED);
@@ -547,6 +554,31 @@ mod unit_tests {
              priority 200\n    advert_int 0.10\n    track_file {\n        lb_health weight 0\n    }\n    \
              virtual_ipaddress {\n        10.100.0.50/32 dev eth0\n    }\n}\n"
         );
+    }
+
+    #[test]
+    fn state_lines_are_recognised() {
+        let parse = |text| parse_state_line("lb", text);
+        assert_eq!(
+            parse("Tue Dec  1 22:54:28 2026: (lb) Entering BACKUP STATE (init)"),
+            Some(VrrpState::Backup)
+        );
+        assert_eq!(
+            parse("Tue Dec  1 22:54:28 2026: (lb) Entering MASTER STATE"),
+            Some(VrrpState::Master)
+        );
+        assert_eq!(
+            parse("Tue Dec  1 23:20:37 2026: (lb) entering FAULT state"),
+            Some(VrrpState::Fault)
+        );
+        assert_eq!(
+            parse(
+                "Tue Dec  1 23:20:37 2026: (lb): entering FAULT state (tracked file lb_health has status -254)"
+            ),
+            None
+        );
+        assert_eq!(parse("(other) Entering MASTER STATE"), None);
+        assert_eq!(parse("(lb) setting VIPs."), None);
     }
 
     #[test]

@@ -57,9 +57,12 @@ const SKEW: Duration =
     Duration::from_micros((256 - PRIORITIES[1] as u64) * ADVERT.as_micros() as u64 / 256);
 
 /// A node out of FAULT waits this long before it takes the address back, so that all its
-/// backends have risen (`rise × interval + interval`, and slack) and its rings match its peer's
-/// (dist/keepalived.conf.example).
-const PREEMPT_DELAY: Duration = Duration::from_millis(500);
+/// backends have risen and its rings match its peer's (dist/keepalived.conf.example). Its
+/// health file says 0 as soon as one backend of every VIP is up; the others need `rise ×
+/// interval + interval` (300 ms) more, but after the link came back one check in some runs
+/// failed first and its backend rose ~0.9 s after the others. A node that preempts before
+/// then sends that backend's connections to the others, which reset them (seen with 0.5 s).
+const PREEMPT_DELAY: Duration = Duration::from_secs(2);
 /// Health checks: every 100 ms, down after 2 failures, up after 2 passes.
 const INTERVAL: Duration = Duration::from_millis(100);
 const RISE: u32 = 2;
@@ -131,8 +134,8 @@ impl Failure {
 
 struct Lab {
     // Dropped in this order: keepalived (releases the address), lb, servers, files, namespaces.
-    keepalived: Vec<Keepalived>,
-    daemons: Vec<LbDaemon>,
+    keepalived: [Option<Keepalived>; NODES],
+    daemons: [Option<LbDaemon>; NODES],
     _servers: Vec<TcpIdentityServer>,
     health: TempDir,
     topology: VrrpTopology,
@@ -142,6 +145,34 @@ impl Lab {
     /// Builds the topology, starts the servers and both `lb`s, waits for their health files to
     /// say 0, then starts keepalived on node 0 (waits for MASTER) and node 1 (BACKUP).
     fn new(prefix: &str, track: bool, unicast: bool) -> Self {
+        let mut lab = Self::build(prefix);
+        for node in 0..NODES {
+            lab.start_lb(node);
+        }
+        for node in 0..NODES {
+            lab.wait_for(
+                &format!("node {node}'s health file to say 0"),
+                WAIT,
+                |lab| lab.health_value(node) == Some(0),
+            );
+        }
+        for node in 0..NODES {
+            lab.start_keepalived(node, track, unicast);
+            let expected = if node == 0 {
+                VrrpState::Master
+            } else {
+                VrrpState::Backup
+            };
+            lab.wait_for_state(node, expected, 0);
+        }
+        lab.wait_for("node 0 to hold the next hop alone", WAIT, |lab| {
+            lab.holder() == Some(0)
+        });
+        lab
+    }
+
+    /// The topology and the servers; neither lb nor keepalived runs yet.
+    fn build(prefix: &str) -> Self {
         let topology = VrrpTopology::new(prefix, 3, &[DEFAULT_VIP_V4]).expect("the topology");
         let dsr = topology.dsr();
         let mut servers = Vec::new();
@@ -159,49 +190,48 @@ impl Lab {
         let health =
             TempDir(std::env::temp_dir().join(format!("lb-vrrp-{}", topology.name_prefix())));
         std::fs::create_dir_all(&health.0).expect("the health files' directory");
-        let mut lab = Self {
-            keepalived: Vec::new(),
-            daemons: Vec::new(),
+        Self {
+            keepalived: [None, None],
+            daemons: [None, None],
             _servers: servers,
             health,
             topology,
-        };
-        for node in 0..NODES {
-            let namespace = lab.topology.node(node).namespace;
-            let config = lab.lb_config(node);
-            let daemon = LbDaemon::start(namespace, &config, Launch::Nsenter)
-                .unwrap_or_else(|e| panic!("lb run on node {node}: {e:#}"));
-            lab.daemons.push(daemon);
         }
-        for node in 0..NODES {
-            lab.wait_for(
-                &format!("node {node}'s health file to say 0"),
-                WAIT,
-                |lab| lab.health_value(node) == Some(0),
-            );
-        }
-        for node in 0..NODES {
-            let instance = lab.instance(node, track, unicast);
-            let keepalived = Keepalived::start(
-                lab.topology.node(node).namespace,
-                &instance.name,
-                &instance.config(),
-            )
-            .unwrap_or_else(|e| lab.fail(&format!("keepalived on node {node}: {e:#}")));
-            lab.keepalived.push(keepalived);
-            let expected = if node == 0 {
-                VrrpState::Master
-            } else {
-                VrrpState::Backup
-            };
-            lab.keepalived[node]
-                .wait_for_state(expected, 0, WAIT)
-                .unwrap_or_else(|e| lab.fail(&format!("{e:#}")));
-        }
-        lab.wait_for("node 0 to hold the next hop alone", WAIT, |lab| {
-            lab.holder() == Some(0)
-        });
-        lab
+    }
+
+    /// Starts `lb run` on `node` (returns once it has attached).
+    fn start_lb(&mut self, node: usize) {
+        let namespace = self.topology.node(node).namespace;
+        let config = self.lb_config(node);
+        let daemon = LbDaemon::start(namespace, &config, Launch::Nsenter)
+            .unwrap_or_else(|e| self.fail(&format!("lb run on node {node}: {e:#}")));
+        self.daemons[node] = Some(daemon);
+    }
+
+    /// Starts keepalived on `node` (returns once its instance has a first state).
+    fn start_keepalived(&mut self, node: usize, track: bool, unicast: bool) {
+        let instance = self.instance(node, track, unicast);
+        let keepalived = Keepalived::start(
+            self.topology.node(node).namespace,
+            &instance.name,
+            &instance.config(),
+        )
+        .unwrap_or_else(|e| self.fail(&format!("keepalived on node {node}: {e:#}")));
+        self.keepalived[node] = Some(keepalived);
+    }
+
+    #[track_caller]
+    fn lb(&self, node: usize) -> &LbDaemon {
+        self.daemons[node]
+            .as_ref()
+            .unwrap_or_else(|| panic!("lb does not run on node {node}"))
+    }
+
+    #[track_caller]
+    fn ka(&self, node: usize) -> &Keepalived {
+        self.keepalived[node]
+            .as_ref()
+            .unwrap_or_else(|| panic!("keepalived does not run on node {node}"))
     }
 
     fn health_path(&self, node: usize) -> PathBuf {
@@ -302,12 +332,16 @@ impl Lab {
     fn fail(&self, message: &str) -> ! {
         let mut text = format!("{message}\n");
         for (node, daemon) in self.daemons.iter().enumerate() {
+            let Some(daemon) = daemon else { continue };
             text.push_str(&format!(
                 "--- node {node}: last {LOG_TAIL} lines of lb ---\n{}\n",
                 daemon.log_tail(LOG_TAIL)
             ));
         }
         for (node, keepalived) in self.keepalived.iter().enumerate() {
+            let Some(keepalived) = keepalived else {
+                continue;
+            };
             text.push_str(&format!(
                 "--- node {node}: last {LOG_TAIL} lines of keepalived ---\n{}\n",
                 keepalived.log_tail(LOG_TAIL)
@@ -336,14 +370,14 @@ impl Lab {
 
     #[track_caller]
     fn wait_for_state(&self, node: usize, state: VrrpState, skip: usize) -> Instant {
-        self.keepalived[node]
+        self.ka(node)
             .wait_for_state(state, skip, WAIT)
             .unwrap_or_else(|e| self.fail(&format!("node {node}: {e:#}")))
             .at
     }
 
     fn state_counts(&self) -> [usize; NODES] {
-        [0, 1].map(|n| self.keepalived[n].state_changes().len())
+        [0, 1].map(|n| self.ka(n).state_changes().len())
     }
 
     /// Makes node 0 fail; returns when the failure is in place.
@@ -561,9 +595,10 @@ fn rounded(value: f64) -> Value {
 /// Whether long-lived connection `l` broke, in a health round, because node 0 (still the
 /// master) re-chose its flow: node 0's own checks had marked the connection's backend down
 /// (from node 0 only: the backend is healthy), its data plane sent the next packet to another
-/// backend of the VIP, which answered with a reset. That happens between node 0 marking the
-/// first of web's backends down and the standby taking over (web's three checks fail at their
-/// own phases, up to one interval apart; the VIP counts as unservable only after the last).
+/// backend of the VIP, which answered with a reset. That can happen only while node 0 had
+/// marked the connection's backend down and not yet the last of web's (web's three checks fail
+/// at their own phases, up to one interval apart; the VIP counts as unservable only after the
+/// last, and from then on node 0 drops web's packets until the standby has taken over).
 /// Returns a description if so.
 fn divergent_view_break(node0: &LbDaemon, rounds: &[Round], l: &LongLived) -> Option<String> {
     let broke = l.broken()?;
@@ -574,30 +609,34 @@ fn divergent_view_break(node0: &LbDaemon, rounds: &[Round], l: &LongLived) -> Op
         return None;
     }
     let wall = |at: Instant| round.broken_wall + (at - round.broken_at);
-    let marked_down = node0
+    let downs: Vec<_> = node0
         .transitions()
         .into_iter()
-        .find(|t| {
-            t.vip == "web" && t.backend == l.expected && t.to == "down" && t.at >= round.broken_wall
-        })?
-        .at;
-    // One long-lived period of leeway either side: the request may have been sent just before
-    // the map update and retransmitted after it, or forwarded by node 0 until the client
-    // processed the standby's gratuitous ARP.
-    let leeway = Duration::from_millis(100);
+        .filter(|t| {
+            t.vip == "web"
+                && t.to == "down"
+                && t.at >= round.broken_wall
+                && t.at < wall(round.repaired_at)
+        })
+        .collect();
+    let marked_down = downs.iter().find(|t| t.backend == l.expected)?.at;
+    // From the last one on, web's ring on node 0 is empty: its packets are dropped, not sent to
+    // a wrong backend.
+    let ring_empty = downs.iter().map(|t| t.at).max()?;
+    // The log line is written just after the map update it reports.
+    let leeway = Duration::from_millis(10);
     let sent = wall(broke.start);
-    let taken_over = wall(round.standby_master);
-    (sent + leeway >= marked_down && sent <= taken_over + leeway).then(|| {
+    let signed = |from: SystemTime, to: SystemTime| {
+        to.duration_since(from)
+            .map(ms)
+            .unwrap_or_else(|e| -ms(e.duration()))
+    };
+    (sent + leeway >= marked_down && sent <= ring_empty + leeway).then(|| {
         format!(
-            "broke {:.1} ms after node 0 marked {} down, {:.1} ms before node 1 took over ({})",
-            sent.duration_since(marked_down)
-                .map(ms)
-                .unwrap_or_else(|e| -ms(e.duration())),
+            "sent {:.1} ms after node 0 marked {} down, {:.1} ms before its ring of web was empty ({})",
+            signed(marked_down, sent),
             l.expected,
-            taken_over
-                .duration_since(sent)
-                .map(ms)
-                .unwrap_or_else(|e| -ms(e.duration())),
+            signed(sent, ring_empty),
             when(rounds, broke.start)
         )
     })
@@ -747,14 +786,15 @@ fn the_standby_takes_over_on_link_loss_and_on_a_vip_the_master_cannot_serve() {
                     )
                 },
             );
-            let fault_wall = lab.keepalived[0]
+            let fault_wall = lab
+                .ka(0)
                 .state_changes()
                 .get(skip[0]..)
                 .and_then(|c| c.iter().find(|c| c.state == VrrpState::Fault))
                 .map(|c| c.wall)
                 .expect("the FAULT waited for above");
             let decision_to_fault = match failure {
-                Failure::Health => last_down_before(&lab.daemons[0], fault_wall)
+                Failure::Health => last_down_before(lab.lb(0), fault_wall)
                     .filter(|&t| t >= broken_wall)
                     .and_then(|t| fault_wall.duration_since(t).ok()),
                 Failure::Link => None,
@@ -864,7 +904,7 @@ fn the_standby_takes_over_on_link_loss_and_on_a_vip_the_master_cannot_serve() {
             .long_lived
             .iter()
             .filter(|l| !l.alive() || !l.moved().is_empty())
-            .partition(|l| divergent_view_break(&lab.daemons[0], &rounds, l).is_some());
+            .partition(|l| divergent_view_break(lab.lb(0), &rounds, l).is_some());
         let diverged: Vec<String> = diverged
             .iter()
             .map(|l| {
@@ -872,7 +912,7 @@ fn the_standby_takes_over_on_link_loss_and_on_a_vip_the_master_cannot_serve() {
                     "#{} to {}: {}",
                     l.index,
                     l.expected,
-                    divergent_view_break(&lab.daemons[0], &rounds, l).unwrap_or_default()
+                    divergent_view_break(lab.lb(0), &rounds, l).unwrap_or_default()
                 )
             })
             .collect();
@@ -995,7 +1035,7 @@ fn without_track_file_a_master_that_cannot_serve_keeps_the_address_and_connectio
         std::thread::sleep(MASTER_DOWN.saturating_mul(5).max(Duration::from_secs(2)));
         let watched = Instant::now();
         let changes: Vec<usize> = (0..NODES)
-            .map(|n| lab.keepalived[n].state_changes().len() - skip[n])
+            .map(|n| lab.ka(n).state_changes().len() - skip[n])
             .collect();
         lab.check(changes == [0, 0], || {
             format!("without track_file keepalived changed state anyway: {changes:?}")
@@ -1022,6 +1062,100 @@ fn without_track_file_a_master_that_cannot_serve_keeps_the_address_and_connectio
             format!("expected every new connection to fail while node 0 cannot serve web: {during:?}")
         });
         lab.repair_node0(Failure::Health);
+    }
+    assert_eq!(leftovers(prefix), Vec::<String>::new(), "left behind");
+}
+
+#[test]
+#[ignore = "needs root, keepalived and the lb binary: run with cargo xtask test"]
+fn a_node_takes_the_address_only_once_its_lb_has_health_results_that_say_it_can_serve() {
+    let _serial = serial();
+    let prefix = "lbvrrpst";
+    {
+        let mut lab = Lab::build(prefix);
+        // Node 1 alone: it becomes master.
+        lab.start_lb(1);
+        lab.wait_for("node 1's health file to say 0", WAIT, |lab| {
+            lab.health_value(1) == Some(0)
+        });
+        lab.start_keepalived(1, true, false);
+        lab.wait_for_state(1, VrrpState::Master, 0);
+
+        // Node 0's keepalived before its lb: `init_file 1` creates the missing file with 1.
+        lab.check(lab.health_value(0).is_none(), || {
+            "node 0's health file exists before anything ran there".into()
+        });
+        lab.start_keepalived(0, true, false);
+        lab.check(
+            lab.ka(0).state() == Some(VrrpState::Fault) && lab.health_value(0) == Some(1),
+            || {
+                format!(
+                    "node 0's keepalived should start in FAULT on the file it created: state {:?}, file {:?}",
+                    lab.ka(0).state(),
+                    lab.health_value(0)
+                )
+            },
+        );
+
+        // Node 0's lb starts while its checks of web's backends fail: it writes 2 (no health
+        // results yet), then 1 (web cannot serve). Node 0 stays in FAULT throughout.
+        lab.break_node0(Failure::Health);
+        lab.start_lb(0);
+        lab.wait_for("node 0's lb to report web unservable", WAIT, |lab| {
+            lab.health_value(0) == Some(1)
+        });
+        // Several preempt delays and master-down intervals: it would have taken over by now.
+        std::thread::sleep(PREEMPT_DELAY + MASTER_DOWN.saturating_mul(3));
+        let states: Vec<VrrpState> = lab.ka(0).state_changes().iter().map(|c| c.state).collect();
+        lab.check(states == [VrrpState::Fault], || {
+            format!("node 0 left FAULT while its lb could not serve web: {states:?}")
+        });
+        lab.check(lab.holder() == Some(1), || {
+            "node 1 should hold the next hop alone".into()
+        });
+        let values: Vec<String> = lab
+            .lb(0)
+            .log()
+            .lines()
+            .filter(|line| line.contains("announce: health file"))
+            .filter_map(|line| line.split_once(" now ").map(|(_, rest)| rest))
+            .filter_map(|rest| rest.split_whitespace().next())
+            .map(str::to_owned)
+            .collect();
+        lab.check(values.first().map(String::as_str) == Some("2"), || {
+            format!("node 0's lb should write 2 (both VIPs) before its first results: {values:?}")
+        });
+
+        // Its checks pass: the file goes to 0, node 0 leaves FAULT and takes the address back.
+        let skip = lab.state_counts();
+        lab.repair_node0(Failure::Health);
+        let backup = lab.wait_for_state(0, VrrpState::Backup, skip[0]);
+        let master = lab.wait_for_state(0, VrrpState::Master, skip[0]);
+        lab.wait_for_state(1, VrrpState::Backup, skip[1]);
+        lab.check(lab.health_value(0) == Some(0), || {
+            format!(
+                "node 0 is master with health file {:?}",
+                lab.health_value(0)
+            )
+        });
+        lab.check(master - backup >= PREEMPT_DELAY, || {
+            format!(
+                "node 0 preempted {:?} after leaving FAULT, before its preempt delay {PREEMPT_DELAY:?}",
+                master - backup
+            )
+        });
+        lab.wait_for("node 0 to hold the next hop alone", WAIT, |lab| {
+            lab.holder() == Some(0)
+        });
+        let answer = lb_tests::servers::tcp_request(
+            lab.topology.client(),
+            lab.web(),
+            NEW_CONNECTION_TIMEOUT,
+        )
+        .unwrap_or_else(|e| lab.fail(&format!("a new connection through node 0: {e:#}")));
+        lab.check(lab.client_next_hop() == Some(0), || {
+            format!("the client answered by {answer} but not via node 0")
+        });
     }
     assert_eq!(leftovers(prefix), Vec::<String>::new(), "left behind");
 }
