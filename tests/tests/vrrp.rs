@@ -13,10 +13,18 @@
 //!   and writes 1 (one VIP it cannot serve; `alt` on port 8080 stays servable) to the health
 //!   file: keepalived goes FAULT and sends priority 0, the standby takes over at once.
 //!
-//! Every failure is measured from the moment it was made until new connections succeed again;
-//! long-lived connections (opened through either node) must all survive, on their backend.
+//! Every failure is measured from the moment it was made until new connections succeed again
+//! (printed, and written to `target/vrrp-failover.json`). Long-lived connections, opened through
+//! either node, must survive every link failure and every fail-back, on their backend. In a
+//! health failure, one kind of loss is allowed and counted, because today's data plane does it:
+//! web's three checks fail at their own phases (up to one interval apart), and while node 0,
+//! still master, has marked some of web's backends down but not all, it re-chooses the flows of
+//! those backends from its ring, so their next packet goes to another backend, which resets the
+//! connection. Every other break fails the test.
+//!
 //! The control test runs the health failure without `track_file`: the master keeps the address
-//! and new connections fail.
+//! and new connections fail. The start-up test shows that a node whose lb has no health results
+//! yet (keepalived's `init_file 1`, then lb's own start-up value) or cannot serve stays in FAULT.
 //!
 //! The tests of this file run one at a time (a lock): their timings mean something only on an
 //! otherwise quiet machine.
@@ -844,7 +852,8 @@ fn the_standby_takes_over_on_link_loss_and_on_a_vip_the_master_cannot_serve() {
         // Per round: the failover window [broken, repaired) and the fail-back [repaired, end).
         let mut table = String::from(
             "round kind    standby MASTER(ms)  new conns back(ms)  outage(ms)  failed/attempts  \
-             decision->FAULT(ms)  fail-back: MASTER(ms)  failed/attempts  longest stall(ms)\n",
+             decision->FAULT(ms)  fail-back: MASTER(ms)  failed/attempts  longest stall(ms)  \
+             long-lived open/broken\n",
         );
         let mut per_kind: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
         let mut json_rounds = Vec::new();
@@ -855,6 +864,19 @@ fn the_standby_takes_over_on_link_loss_and_on_a_vip_the_master_cannot_serve() {
             let back = window(&records, r.repaired_at, r.end);
             let recovered = over.recovered.map(ms).unwrap_or(f64::NAN);
             let stall = longest_stall(&records, r.broken_at, r.end);
+            // Long-lived connections that were open when the failure was made, and how many of
+            // them broke before the round ended.
+            let open: Vec<&LongLived> = records
+                .long_lived
+                .iter()
+                .filter(|l| {
+                    l.added < r.broken_at && l.broken().is_none_or(|b| b.start >= r.broken_at)
+                })
+                .collect();
+            let cut = open
+                .iter()
+                .filter(|l| l.broken().is_some_and(|b| b.start < r.end))
+                .count();
             per_kind
                 .entry(r.failure.name())
                 .or_default()
@@ -869,7 +891,7 @@ fn the_standby_takes_over_on_link_loss_and_on_a_vip_the_master_cannot_serve() {
             }
             failback_failures += back.failed;
             table.push_str(&format!(
-                "{i:>5} {:<7} {:>18.1}  {:>18.1}  {:>10.1}  {:>7}/{:<7}  {:>19}  {:>21.1}  {:>7}/{:<7}  {:>17.1}\n",
+                "{i:>5} {:<7} {:>18.1}  {:>18.1}  {:>10.1}  {:>7}/{:<7}  {:>19}  {:>21.1}  {:>7}/{:<7}  {:>17.1}  {:>9}/{:<6}\n",
                 r.failure.name(),
                 ms(r.standby_master - r.broken_at),
                 recovered,
@@ -881,6 +903,8 @@ fn the_standby_takes_over_on_link_loss_and_on_a_vip_the_master_cannot_serve() {
                 back.failed,
                 back.attempts,
                 ms(stall),
+                open.len(),
+                cut,
             ));
             json_rounds.push(json!({
                 "kind": r.failure.name(),
@@ -896,6 +920,8 @@ fn the_standby_takes_over_on_link_loss_and_on_a_vip_the_master_cannot_serve() {
                 "failback_failed_new_connections": back.failed,
                 "failback_new_connections": back.attempts,
                 "longest_long_lived_stall_ms": rounded(ms(stall)),
+                "long_lived_open": open.len(),
+                "long_lived_broken": cut,
             }));
         }
         // A connection node 0 moved itself, while it was still master, because its own checks
