@@ -33,13 +33,12 @@ use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
-    process::Command,
     sync::Mutex,
     time::{Duration, Instant, SystemTime},
 };
 
 use lb_tests::{
-    daemon::{Launch, LbDaemon, api_socket_for, lb_binary},
+    daemon::{Launch, LbDaemon, api_socket_for, lb_status},
     keepalived::{Keepalived, Unicast, VrrpInstance, VrrpState, holds_address, neighbour_mac},
     load::{Attempt, Load, LoadOptions, LoadRecords, LongLived},
     servers::{TcpIdentityServer, TcpLineClient},
@@ -494,19 +493,8 @@ impl Lab {
     }
 
     fn status(&self, node: usize) -> Value {
-        let socket = api_socket_for(self.topology.node(node).namespace);
-        let output = Command::new(lb_binary())
-            .args(["status", "--json", "--api"])
-            .arg(&socket)
-            .output()
-            .expect("run lb status");
-        self.check(output.status.success(), || {
-            format!(
-                "lb status on node {node}: {}",
-                String::from_utf8_lossy(&output.stderr)
-            )
-        });
-        serde_json::from_slice(&output.stdout).expect("lb status prints JSON")
+        lb_status(&api_socket_for(self.topology.node(node).namespace))
+            .unwrap_or_else(|e| self.fail(&format!("lb status on node {node}: {e:#}")))
     }
 }
 
