@@ -98,6 +98,10 @@ pub const BACKEND_F_DRAINED: u32 = 1 << 2;
 /// The operator disabled the backend (`lb disable`); ignored by the data plane like
 /// `BACKEND_F_DRAINED` (a disabled backend simply has no `BACKEND_F_UP`).
 pub const BACKEND_F_DISABLED: u32 = 1 << 3;
+/// The backend's checks took it down, but its established flows are held on it for a moment
+/// (several nodes: see the daemon's flow hold); it carries `BACKEND_F_UP` meanwhile. Ignored by
+/// the data plane; a restarted daemon reads it as "not up".
+pub const BACKEND_F_HELD: u32 = 1 << 4;
 
 /// `RingSlot`: one Maglev slot. The kernel stores array values at an 8-byte stride anyway, and
 /// `RINGS` is memory-mapped by the daemon (`BPF_F_MMAPABLE`), so the padding is made explicit:

@@ -481,6 +481,7 @@ mod tests {
             health,
             path: None,
             admin: crate::balancer::Admin::Enabled,
+            held_until: None,
         }
     }
 

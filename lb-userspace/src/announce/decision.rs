@@ -148,6 +148,7 @@ mod tests {
             health,
             path: Some(PATH),
             admin: Admin::Enabled,
+            held_until: None,
         }
     }
 

@@ -19,14 +19,23 @@ pub mod routes;
 #[cfg(test)]
 mod tests;
 
-use std::{collections::BTreeSet, net::IpAddr, path::PathBuf, time::Instant};
+use std::{
+    collections::BTreeSet,
+    net::IpAddr,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
 use tracing::{info, warn};
 
 pub use decision::{AddressDecision, Decision, VipDecision, decide, decide_vips};
 pub use routes::{LB_ROUTE_PROTOCOL, LbRoute};
 
-use crate::{balancer::Balancer, config::AnnounceConfig, net::NetlinkHandle};
+use crate::{
+    balancer::Balancer,
+    config::{AnnounceConfig, Config},
+    net::NetlinkHandle,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AnnounceError {
@@ -420,6 +429,33 @@ impl Announcer {
 
 fn describe_option(table: Option<u32>) -> String {
     table.map_or("none".to_owned(), |t| t.to_string())
+}
+
+/// Shortest and longest flow hold of a node in a group.
+const MIN_FLOW_HOLD: Duration = Duration::from_secs(1);
+const MAX_FLOW_HOLD: Duration = Duration::from_secs(10);
+
+/// How long a backend that this node's checks take down keeps its established flows
+/// ([`crate::balancer::Balancer::flow_hold`]): zero for a node on its own (no `[announce]`);
+/// in a group, twice the longest check interval (the other backends of a VIP whose checks fail
+/// from this node only go down within about one interval of the first, and the hand-over
+/// follows within milliseconds), between 1 s and 10 s.
+pub fn flow_hold(config: &Config) -> Duration {
+    let AnnounceConfig {
+        route_table,
+        health_file,
+    } = &config.announce;
+    if route_table.is_none() && health_file.is_none() {
+        return Duration::ZERO;
+    }
+    let longest = config
+        .vips
+        .iter()
+        .flat_map(|v| &v.backends)
+        .map(|b| b.health.interval)
+        .max()
+        .unwrap_or_default();
+    (longest * 2).clamp(MIN_FLOW_HOLD, MAX_FLOW_HOLD)
 }
 
 /// `lb detach`: withdraws lb's routes through `ifindex`, in every table. Returns them.

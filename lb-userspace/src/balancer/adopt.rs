@@ -8,7 +8,7 @@
 //! backends the config no longer has are removed; the rest of the config is added by
 //! [`Balancer::reconcile`] as on a reload.
 
-use lb_common::{BACKEND_F_REDIRECT, BACKEND_F_UP, Backend, VipInfo, VipKey};
+use lb_common::{BACKEND_F_HELD, BACKEND_F_REDIRECT, BACKEND_F_UP, Backend, VipInfo, VipKey};
 use tracing::warn;
 
 use super::{
@@ -68,7 +68,8 @@ impl Balancer {
                 if !self.backend_ids.reserve(id) {
                     continue;
                 }
-                let up = record.flags & BACKEND_F_UP != 0;
+                // A backend whose flows were only held (its checks had taken it down) was not up.
+                let up = record.flags & BACKEND_F_UP != 0 && record.flags & BACKEND_F_HELD == 0;
                 adopted.up += usize::from(up);
                 backends.push(BackendState {
                     id,
@@ -85,6 +86,7 @@ impl Balancer {
                         redirect: record.flags & BACKEND_F_REDIRECT != 0,
                     }),
                     admin: admin_from_flags(record.flags),
+                    held_until: None,
                 });
                 self.written.insert(id, record);
             }

@@ -77,6 +77,7 @@ mod tests {
                         redirect: false,
                     }),
                     admin: Admin::Enabled,
+                    held_until: None,
                 })
                 .collect(),
         }

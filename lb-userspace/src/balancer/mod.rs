@@ -15,6 +15,7 @@ mod publish;
 mod reconcile;
 
 use std::net::IpAddr;
+use std::time::{Duration, Instant};
 
 use lb_common::{FAMILY_V4, FAMILY_V6, VipKey};
 
@@ -58,6 +59,9 @@ pub struct BackendState {
     pub path: Option<L2Path>,
     /// The operator's override (`lb drain`, `lb disable`, `lb enable`).
     pub admin: Admin,
+    /// Until when its established flows stay on it although its checks took it down (see
+    /// [`Balancer::flow_hold`]); `None` when not held.
+    pub held_until: Option<Instant>,
 }
 
 impl BackendState {
@@ -65,6 +69,17 @@ impl BackendState {
     /// a backend whatever the pools do.
     pub fn reachable(&self) -> bool {
         self.health == Health::Up && self.path.is_some() && self.admin != Admin::Disabled
+    }
+
+    /// Whether its established flows stay on it at `now`: it is reachable, or its checks took it
+    /// down less than the flow hold ago (and the operator has not disabled it).
+    pub fn keeps_flows(&self, now: Instant) -> bool {
+        self.reachable() || (self.held(now) && self.admin != Admin::Disabled && self.path.is_some())
+    }
+
+    /// Down, with its flows held on it at `now`.
+    pub fn held(&self, now: Instant) -> bool {
+        self.health != Health::Up && self.held_until.is_some_and(|until| now < until)
     }
 
     /// The weight new flows see: 0 while draining.
@@ -127,6 +142,13 @@ pub struct Balancer {
     backend_ids: ids::IdPool,
     /// Backend id → (VIP index, backend index) in `vips`.
     index: std::collections::HashMap<u32, (usize, usize)>,
+    /// How long a backend that its checks take down keeps its established flows; zero (a single
+    /// node) moves them at once. A node of a group sets it: its own view of a backend may be wrong
+    /// (its checks fail, the backend is fine for the other nodes), and moving a TCP connection to
+    /// another backend can only reset it. If the whole VIP goes, the node hands it over (route
+    /// withdrawn, keepalived FAULT) within the hold, and the connections go on through the node
+    /// that takes over; if the backend is really dead, its flows move when the hold ends.
+    pub flow_hold: Duration,
 }
 
 /// The capacity a config asks for.
@@ -167,6 +189,7 @@ impl Balancer {
             vip_ids: ids::IdPool::new(capacity.max_vips),
             backend_ids: ids::IdPool::new(capacity.max_backends),
             index: std::collections::HashMap::new(),
+            flow_hold: Duration::ZERO,
         }
     }
 
@@ -196,6 +219,14 @@ impl Balancer {
             .iter()
             .find(|b| b.address == address)
             .map(|b| b.id)
+    }
+
+    /// Whether some backend's flows are held (so [`Balancer::end_flow_holds`] has work to do).
+    pub fn holds_flows(&self) -> bool {
+        self.vips
+            .iter()
+            .flat_map(|v| &v.backends)
+            .any(|b| b.held_until.is_some())
     }
 
     fn reindex(&mut self) {

@@ -4,8 +4,8 @@
 use std::time::{Duration, Instant};
 
 use lb_common::{
-    BACKEND_F_DISABLED, BACKEND_F_DRAINED, BACKEND_F_REDIRECT, BACKEND_F_UP, Backend, NO_BACKEND,
-    VIP_F_PASS_WHEN_EMPTY, VipInfo,
+    BACKEND_F_DISABLED, BACKEND_F_DRAINED, BACKEND_F_HELD, BACKEND_F_REDIRECT, BACKEND_F_UP,
+    Backend, NO_BACKEND, VIP_F_PASS_WHEN_EMPTY, VipInfo,
 };
 
 use super::{Admin, BackendState, Balancer, VipState};
@@ -76,14 +76,17 @@ pub(super) fn admin_from_flags(flags: u32) -> Admin {
     }
 }
 
-fn backend_record(vip_id: u32, backend: &BackendState) -> Backend {
+fn backend_record(vip_id: u32, backend: &BackendState, now: Instant) -> Backend {
     let (dst_mac, src_mac, ifindex, redirect) = match backend.path {
         Some(p) => (p.dst_mac, p.src_mac, p.ifindex, p.redirect),
         None => ([0; 6], [0; 6], 0, false),
     };
     let mut flags = admin_flags(backend.admin);
-    if backend.reachable() {
+    if backend.keeps_flows(now) {
         flags |= BACKEND_F_UP;
+        if !backend.reachable() {
+            flags |= BACKEND_F_HELD;
+        }
     }
     if redirect {
         flags |= BACKEND_F_REDIRECT;
@@ -157,7 +160,7 @@ impl Balancer {
         let pool_after = vip.select_pool();
         let maps = &mut self.dataplane.maps;
         for backend in &vip.backends {
-            let record = backend_record(vip.id, backend);
+            let record = backend_record(vip.id, backend, started);
             if self.written.get(&backend.id) == Some(&record) {
                 continue;
             }
@@ -227,7 +230,7 @@ impl Balancer {
         backend_index: usize,
         health: Health,
     ) -> Result<PublishReport, PublishError> {
-        self.backend_mut(vip_index, backend_index)?.health = health;
+        self.mark_health(vip_index, backend_index, health)?;
         self.publish(vip_index)
     }
 
@@ -242,15 +245,43 @@ impl Balancer {
         self.publish(vip_index)
     }
 
-    /// Sets a backend's health in the model only; `publish` makes it live.
+    /// Sets a backend's health in the model only; `publish` makes it live. A backend that goes
+    /// from up to down keeps its established flows for [`Balancer::flow_hold`]; returns until
+    /// when, if it does.
     pub fn mark_health(
         &mut self,
         vip_index: usize,
         backend_index: usize,
         health: Health,
-    ) -> Result<(), PublishError> {
-        self.backend_mut(vip_index, backend_index)?.health = health;
-        Ok(())
+    ) -> Result<Option<Instant>, PublishError> {
+        let hold = self.flow_hold;
+        let backend = self.backend_mut(vip_index, backend_index)?;
+        let was_up = backend.health == Health::Up;
+        backend.health = health;
+        backend.held_until =
+            (was_up && health == Health::Down && !hold.is_zero()).then(|| Instant::now() + hold);
+        Ok(backend.held_until)
+    }
+
+    /// Ends the flow holds that are over at `now` and republishes their VIPs (the held
+    /// backends' flows are re-chosen from then on). Returns the backends released, as (VIP
+    /// index, backend index).
+    pub fn end_flow_holds(&mut self, now: Instant) -> Result<Vec<(usize, usize)>, PublishError> {
+        let mut released = Vec::new();
+        for (v, vip) in self.vips.iter_mut().enumerate() {
+            for (b, backend) in vip.backends.iter_mut().enumerate() {
+                if backend.held_until.is_some_and(|until| until <= now) {
+                    backend.held_until = None;
+                    released.push((v, b));
+                }
+            }
+        }
+        let mut vips: Vec<usize> = released.iter().map(|(v, _)| *v).collect();
+        vips.dedup();
+        for v in vips {
+            self.publish(v)?;
+        }
+        Ok(released)
     }
 
     /// Marks a backend up or down (shorthand for `set_health`) and republishes its VIP.

@@ -338,6 +338,7 @@ impl Balancer {
             health: Health::Unknown,
             path: None,
             admin: Admin::Enabled,
+            held_until: None,
         })
     }
 }

@@ -1491,3 +1491,29 @@ fn announce_rejects_bad_health_files_and_unknown_keys() {
         "route_tabel",
     );
 }
+
+#[test]
+fn the_flow_hold_is_twice_the_longest_interval_in_a_group_and_zero_alone() {
+    use crate::announce::flow_hold;
+    assert_eq!(
+        flow_hold(&parse_ok(BASE)),
+        Duration::ZERO,
+        "a node on its own"
+    );
+    let group = |extra: &str| {
+        parse_ok(&format!(
+            "{BASE}health = {{ interval = \"{extra}\", timeout = \"10ms\" }}\n[announce]\nhealth_file = \"/run/lb/h\"\n"
+        ))
+    };
+    assert_eq!(
+        flow_hold(&group("100ms")),
+        Duration::from_secs(1),
+        "at least 1 s"
+    );
+    assert_eq!(flow_hold(&group("3s")), Duration::from_secs(6));
+    assert_eq!(
+        flow_hold(&group("1m")),
+        Duration::from_secs(10),
+        "at most 10 s"
+    );
+}

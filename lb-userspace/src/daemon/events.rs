@@ -1,5 +1,7 @@
 //! Applying health results to the data plane, and the log line of every change.
 
+use std::time::Instant;
+
 use tracing::{info, warn};
 
 use super::RunError;
@@ -20,24 +22,26 @@ pub(super) fn on_check_reports(
     reports: &[CheckReport],
     attached: bool,
 ) -> Result<(), RunError> {
-    let mut changes: Vec<(&CheckReport, (usize, usize), Transition)> = Vec::new();
+    let mut changes: Vec<(&CheckReport, (usize, usize), Transition, Option<Instant>)> = Vec::new();
     for report in reports {
         // A result for a backend a reload just removed finds no place in the model.
         let Some(place) = balancer.locate(report.checker.backend) else {
             continue;
         };
         if let Some(transition) = supervisor.record(report) {
-            balancer.mark_health(place.0, place.1, transition.to)?;
-            changes.push((report, place, transition));
+            let held = balancer.mark_health(place.0, place.1, transition.to)?;
+            changes.push((report, place, transition, held));
         }
     }
-    let mut vips: Vec<usize> = changes.iter().map(|(_, (v, _), _)| *v).collect();
+    let mut vips: Vec<usize> = changes.iter().map(|(_, (v, _), _, _)| *v).collect();
     vips.sort_unstable();
     vips.dedup();
     for v in vips {
         let published = balancer.publish(v)?;
-        for (report, place, transition) in changes.iter().filter(|(_, (cv, _), _)| *cv == v) {
-            log_transition(balancer, report, *place, *transition, &published);
+        for (report, place, transition, held) in
+            changes.iter().filter(|(_, (cv, _), _, _)| *cv == v)
+        {
+            log_transition(balancer, report, *place, *transition, *held, &published);
         }
         if attached {
             log_flip(balancer, v, &published);
@@ -51,13 +55,22 @@ fn log_transition(
     report: &CheckReport,
     (v, b): (usize, usize),
     t: Transition,
+    held: Option<Instant>,
     published: &PublishReport,
 ) {
     let vip = &balancer.vips[v];
     let backend = &vip.backends[b];
     let map_update_us = published.elapsed.as_micros() as u64;
+    let hold = match held {
+        Some(until) => format!(
+            "; out of the ring, its established flows stay on it for {:?} (several nodes: \
+             another node may take the VIP over first)",
+            until.saturating_duration_since(Instant::now())
+        ),
+        None => String::new(),
+    };
     let message = format!(
-        "backend {} of vip {}: {} -> {} ({}); map updated in {}us",
+        "backend {} of vip {}: {} -> {} ({}); map updated in {}us{hold}",
         backend.address, vip.name, t.from, t.to, report.outcome.reason, map_update_us
     );
     let fields = (
@@ -72,6 +85,22 @@ fn log_transition(
     } else {
         info!(vip = fields.0, backend = %fields.1, from = fields.2, to = fields.3,
               reason = %report.outcome.reason, map_update_us, "{message}");
+    }
+}
+
+/// One line per backend whose flow hold ended: its flows are re-chosen from now on.
+pub(super) fn log_released(balancer: &Balancer, released: &[(usize, usize)]) {
+    for &(v, b) in released {
+        let vip = &balancer.vips[v];
+        let backend = &vip.backends[b];
+        if backend.reachable() {
+            continue;
+        }
+        info!(
+            vip = %vip.name, backend = %backend.address,
+            "backend {} of vip {}: flow hold over; its flows are re-chosen from the ring",
+            backend.address, vip.name
+        );
     }
 }
 

@@ -42,6 +42,8 @@ const REFRESH_INTERVAL: Duration = Duration::from_secs(5);
 const METRICS_INTERVAL: Duration = Duration::from_secs(1);
 /// Most check results applied together (one map update per VIP for the lot).
 const MAX_BATCH: usize = 1024;
+/// How often flow holds are checked for their end (they last a second or more).
+const HOLD_TICK: Duration = Duration::from_millis(50);
 /// How often the announcements are checked against the kernel table and the file (and failed
 /// writes retried).
 const ANNOUNCE_RETRY_INTERVAL: Duration = Duration::from_secs(1);
@@ -90,6 +92,7 @@ pub async fn run(config: Config, path: &Path) -> Result<Snapshot, RunError> {
         startup::log_adopted(&balancer, &adopted);
     }
     balancer.reconcile(&config)?;
+    balancer.flow_hold = crate::announce::flow_hold(&config);
     // Before any check runs: a node that starts from nothing withdraws what a dead daemon left
     // announced; one that adopts a forwarding data plane keeps its announcements for now.
     let mut announcer = Announcer::start(
@@ -178,6 +181,8 @@ pub async fn run(config: Config, path: &Path) -> Result<Snapshot, RunError> {
     refresh.tick().await; // the first tick is immediate; paths were just resolved
     let mut metrics_tick = tokio::time::interval(METRICS_INTERVAL);
     let mut census_tick = tokio::time::interval(telemetry::FLOW_CENSUS_INTERVAL);
+    // Ends flow holds (several nodes: a backend taken down keeps its flows for a moment).
+    let mut hold_tick = tokio::time::interval(HOLD_TICK);
     // Repairs announcements the kernel or somebody else changed, and retries failed writes.
     let mut announce_tick = tokio::time::interval(ANNOUNCE_RETRY_INTERVAL);
     loop {
@@ -221,6 +226,12 @@ pub async fn run(config: Config, path: &Path) -> Result<Snapshot, RunError> {
                 }
             }
             _ = announce_tick.tick() => running.announcer.resync().await,
+            _ = hold_tick.tick(), if balancer.holds_flows() => {
+                match balancer.end_flow_holds(std::time::Instant::now()) {
+                    Ok(released) => events::log_released(&balancer, &released),
+                    Err(e) => warn!("ending a flow hold failed: {e}"),
+                }
+            }
             _ = refresh.tick() => {
                 if let Err(e) = paths::refresh_paths(&netlink, &interface, &mut balancer).await {
                     warn!("refreshing backend paths failed: {e}");

@@ -176,6 +176,7 @@ async fn apply(
             None => "metrics: no longer served".to_owned(),
         });
     }
+    balancer.flow_hold = crate::announce::flow_hold(&new);
     // After the VIPs: a dropped address is withdrawn, a new table gets what can serve now.
     changes.extend(
         running
