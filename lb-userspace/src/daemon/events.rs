@@ -15,13 +15,14 @@ use crate::{
 /// changed is rewritten once, so a mass failure costs one Maglev build per VIP, not one per
 /// backend. Each change is logged with the map update that made it live, and, once the program is
 /// attached, each pool flip too (before that no packet sees a pool; the start-up summary reports
-/// each VIP's).
+/// each VIP's). Returns whether a backend came up without a known L2 path (its MAC was lost,
+/// say while a link was down): it is out of the ring until its path is resolved again.
 pub(super) fn on_check_reports(
     balancer: &mut Balancer,
     supervisor: &mut Supervisor,
     reports: &[CheckReport],
     attached: bool,
-) -> Result<(), RunError> {
+) -> Result<bool, RunError> {
     let mut changes: Vec<(&CheckReport, (usize, usize), Transition, Option<Instant>)> = Vec::new();
     for report in reports {
         // A result for a backend a reload just removed finds no place in the model.
@@ -47,7 +48,10 @@ pub(super) fn on_check_reports(
             log_flip(balancer, v, &published);
         }
     }
-    Ok(())
+    let up_unresolved = changes.iter().any(|(_, (v, b), t, _)| {
+        t.to == Health::Up && balancer.vips[*v].backends[*b].path.is_none()
+    });
+    Ok(up_unresolved)
 }
 
 fn log_transition(

@@ -42,6 +42,9 @@ const REFRESH_INTERVAL: Duration = Duration::from_secs(5);
 const METRICS_INTERVAL: Duration = Duration::from_secs(1);
 /// Most check results applied together (one map update per VIP for the lot).
 const MAX_BATCH: usize = 1024;
+/// Least time between two path refreshes made because a backend came up without a path (a
+/// refresh may wait for ARP).
+const EARLY_REFRESH_SPACING: Duration = Duration::from_secs(1);
 /// How often flow holds are checked for their end (they last a second or more).
 const HOLD_TICK: Duration = Duration::from_millis(50);
 /// How often the announcements are checked against the kernel table and the file (and failed
@@ -183,6 +186,7 @@ pub async fn run(config: Config, path: &Path) -> Result<Snapshot, RunError> {
     let mut census_tick = tokio::time::interval(telemetry::FLOW_CENSUS_INTERVAL);
     // Ends flow holds (several nodes: a backend taken down keeps its flows for a moment).
     let mut hold_tick = tokio::time::interval(HOLD_TICK);
+    let mut last_early_refresh = std::time::Instant::now();
     // Repairs announcements the kernel or somebody else changed, and retries failed writes.
     let mut announce_tick = tokio::time::interval(ANNOUNCE_RETRY_INTERVAL);
     loop {
@@ -202,8 +206,17 @@ pub async fn run(config: Config, path: &Path) -> Result<Snapshot, RunError> {
                 if let Some(telemetry) = &running.telemetry {
                     telemetry.observe(&balancer, &batch);
                 }
-                if let Err(e) = events::on_check_reports(&mut balancer, &mut supervisor, &batch, true) {
-                    warn!("applying a health change failed: {e}");
+                match events::on_check_reports(&mut balancer, &mut supervisor, &batch, true) {
+                    // A backend passes its checks again but lost its MAC (a link went down and
+                    // up): resolve now rather than at the next periodic refresh.
+                    Ok(true) if last_early_refresh.elapsed() >= EARLY_REFRESH_SPACING => {
+                        last_early_refresh = std::time::Instant::now();
+                        if let Err(e) = paths::refresh_paths(&netlink, &interface, &mut balancer).await {
+                            warn!("resolving backends that came up failed: {e}");
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => warn!("applying a health change failed: {e}"),
                 }
             }
             _ = metrics_tick.tick(), if running.telemetry.is_some() => {
