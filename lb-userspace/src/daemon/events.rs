@@ -23,7 +23,7 @@ pub(super) fn on_check_reports(
     reports: &[CheckReport],
     attached: bool,
 ) -> Result<bool, RunError> {
-    let mut changes: Vec<(&CheckReport, (usize, usize), Transition, Option<Instant>)> = Vec::new();
+    let mut changes: Vec<HealthChange<'_>> = Vec::new();
     for report in reports {
         // A result for a backend a reload just removed finds no place in the model.
         let Some(place) = balancer.locate(report.checker.backend) else {
@@ -31,37 +31,50 @@ pub(super) fn on_check_reports(
         };
         if let Some(transition) = supervisor.record(report) {
             let held = balancer.mark_health(place.0, place.1, transition.to)?;
-            changes.push((report, place, transition, held));
+            changes.push(HealthChange {
+                report,
+                place,
+                transition,
+                held,
+            });
         }
     }
-    let mut vips: Vec<usize> = changes.iter().map(|(_, (v, _), _, _)| *v).collect();
+    let mut vips: Vec<usize> = changes.iter().map(|c| c.place.0).collect();
     vips.sort_unstable();
     vips.dedup();
     for v in vips {
         let published = balancer.publish(v)?;
-        for (report, place, transition, held) in
-            changes.iter().filter(|(_, (cv, _), _, _)| *cv == v)
-        {
-            log_transition(balancer, report, *place, *transition, *held, &published);
+        for change in changes.iter().filter(|c| c.place.0 == v) {
+            log_transition(balancer, change, &published);
         }
         if attached {
             log_flip(balancer, v, &published);
         }
     }
-    let up_unresolved = changes.iter().any(|(_, (v, b), t, _)| {
-        t.to == Health::Up && balancer.vips[*v].backends[*b].path.is_none()
+    let up_unresolved = changes.iter().any(|c| {
+        let (v, b) = c.place;
+        c.transition.to == Health::Up && balancer.vips[v].backends[b].path.is_none()
     });
     Ok(up_unresolved)
 }
 
-fn log_transition(
-    balancer: &Balancer,
-    report: &CheckReport,
-    (v, b): (usize, usize),
-    t: Transition,
+/// One backend's health transition in a batch of check results.
+struct HealthChange<'a> {
+    report: &'a CheckReport,
+    /// (VIP index, backend index).
+    place: (usize, usize),
+    transition: Transition,
+    /// Until when its established flows are held on it (it went down in a group).
     held: Option<Instant>,
-    published: &PublishReport,
-) {
+}
+
+fn log_transition(balancer: &Balancer, change: &HealthChange<'_>, published: &PublishReport) {
+    let HealthChange {
+        report,
+        place: (v, b),
+        transition: t,
+        held,
+    } = *change;
     let vip = &balancer.vips[v];
     let backend = &vip.backends[b];
     let map_update_us = published.elapsed.as_micros() as u64;
