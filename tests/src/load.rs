@@ -168,6 +168,32 @@ pub struct LoadRecords {
     pub long_lived: Vec<LongLived>,
 }
 
+/// How the long-lived connections of a [`LoadRecords`] fared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LongLivedTally {
+    /// Connections that ended in an error or stalled too long.
+    pub broken: usize,
+    /// Connections that answered from another backend than their first at least once.
+    pub moved: usize,
+    /// Answers over all of them.
+    pub answers: usize,
+}
+
+impl LoadRecords {
+    /// Broken and moved long-lived connections, and their answers.
+    pub fn long_lived_tally(&self) -> LongLivedTally {
+        LongLivedTally {
+            broken: self.long_lived.iter().filter(|l| !l.alive()).count(),
+            moved: self
+                .long_lived
+                .iter()
+                .filter(|l| !l.moved().is_empty())
+                .count(),
+            answers: self.long_lived.iter().map(|l| l.replies.len()).sum(),
+        }
+    }
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panicking worker must not hide the records of the others.
     mutex

@@ -319,13 +319,11 @@ fn ecmp_spreads_over_both_nodes_and_survives_node_failures_without_breaking_conn
         }
 
         let records = load.stop();
-        let broken = records.long_lived.iter().filter(|l| !l.alive()).count();
-        let moved = records
-            .long_lived
-            .iter()
-            .filter(|l| !l.moved().is_empty())
-            .count();
-        let answers: usize = records.long_lived.iter().map(|l| l.replies.len()).sum();
+        let lb_tests::load::LongLivedTally {
+            broken,
+            moved,
+            answers,
+        } = records.long_lived_tally();
         let mut recovered: Vec<Duration> = outages.iter().map(|o| o.recovered).collect();
         recovered.sort();
         let mut withdrawn: Vec<Duration> = outages.iter().map(|o| o.withdrawn).collect();

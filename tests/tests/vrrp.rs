@@ -110,6 +110,18 @@ const LOG_TAIL: usize = 30;
 /// nftables table that blocks node 0's checks.
 const BLOCK_TABLE: &str = "lbvrrp";
 
+/// The client's load: a new connection every 10 ms, long-lived ones asked every 100 ms.
+fn load_options() -> LoadOptions {
+    LoadOptions {
+        period: Duration::from_millis(10),
+        // Enough that some are always free while others wait out a dropped SYN's timeout: the
+        // time back is then seen to within one period.
+        workers: 64,
+        timeout: NEW_CONNECTION_TIMEOUT,
+        long_lived_period: Duration::from_millis(100),
+    }
+}
+
 /// One test at a time (see the module documentation).
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -696,19 +708,8 @@ fn the_standby_takes_over_on_link_loss_and_on_a_vip_the_master_cannot_serve() {
         // Both nodes see the same backends the same way: their rings choose alike.
         lab.check_rings_agree("at the start");
 
-        let load = Load::start(
-            lab.topology.client(),
-            lab.web(),
-            LoadOptions {
-                period: Duration::from_millis(10),
-                // Enough that some are always free while others wait out a dropped SYN's
-                // timeout: the time back is then seen to within one period.
-                workers: 64,
-                timeout: NEW_CONNECTION_TIMEOUT,
-                long_lived_period: Duration::from_millis(100),
-            },
-        )
-        .expect("the client's load");
+        let load = Load::start(lab.topology.client(), lab.web(), load_options())
+            .expect("the client's load");
         lab.long_lived_to_every_backend(&load);
         lab.wait_for("the client to reach the VIP via node 0", WAIT, |lab| {
             lab.client_next_hop() == Some(0)
@@ -1022,19 +1023,8 @@ fn without_track_file_a_master_that_cannot_serve_keeps_the_address_and_connectio
     {
         // Unicast adverts here, so that configuration is exercised too.
         let lab = Lab::new(prefix, false, true);
-        let load = Load::start(
-            lab.topology.client(),
-            lab.web(),
-            LoadOptions {
-                period: Duration::from_millis(10),
-                // Enough that some are always free while others wait out a dropped SYN's
-                // timeout: the time back is then seen to within one period.
-                workers: 64,
-                timeout: NEW_CONNECTION_TIMEOUT,
-                long_lived_period: Duration::from_millis(100),
-            },
-        )
-        .expect("the client's load");
+        let load = Load::start(lab.topology.client(), lab.web(), load_options())
+            .expect("the client's load");
         lab.wait_for("a first new connection", WAIT, |_| {
             load.new_connections().iter().any(|a| !a.failed())
         });

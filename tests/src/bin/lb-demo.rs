@@ -445,13 +445,11 @@ fn ecmp_story() -> Result<()> {
         failed_after
     );
     let records = load.stop();
-    let broken = records.long_lived.iter().filter(|l| !l.alive()).count();
-    let moved = records
-        .long_lived
-        .iter()
-        .filter(|l| !l.moved().is_empty())
-        .count();
-    let answers: usize = records.long_lived.iter().map(|l| l.replies.len()).sum();
+    let lb_tests::load::LongLivedTally {
+        broken,
+        moved,
+        answers,
+    } = records.long_lived_tally();
     println!(
         "  long-lived connections across the failure and the return: {} kept their backend, \
          {broken} broken, {moved} moved ({answers} answers); the nodes' identical rings send a \
