@@ -5,8 +5,10 @@ use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, killpg};
+use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
 use nix::unistd::Pid;
 use tokio::process::Command;
+use tokio::signal::unix::{SignalKind, signal};
 use tokio::time::Instant;
 
 use super::{CheckFuture, CheckOutcome, CheckTarget, HealthCheck, format_duration, os_error_text};
@@ -22,8 +24,9 @@ const REAP_GRACE: Duration = Duration::from_millis(50);
 /// Healthy when it exits 0; otherwise `exit 2` or `killed by signal 9`. At the timeout the whole
 /// process group gets SIGKILL (so a script's children die with it), the command is reaped, and
 /// the reason is `killed after timeout 500ms`. A command that cannot be started fails with
-/// `cannot run /path: No such file or directory`. Processes the command leaves running in the
-/// background after exiting on its own are left alone.
+/// `cannot run /path: No such file or directory`. When the command exits on its own, whatever it
+/// left running in its group (a background child) gets SIGKILL too, before the command is
+/// reaped: nothing of a check outlives it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ExecCheck {
     pub command: Vec<String>,
@@ -65,14 +68,26 @@ impl HealthCheck for ExecCheck {
                     .map(Pid::from_raw),
             };
 
-            match tokio::time::timeout(timeout, child.wait()).await {
-                Ok(Ok(status)) => {
-                    // Reaped: the id may be reused from now on, so never signal it again.
-                    group.disarm();
+            let exited = match group.pgid {
+                Some(pid) => tokio::time::timeout(timeout, leader_exited(pid)).await,
+                // No pid: the child is already reaped (cannot happen before a wait).
+                None => Ok(Ok(())),
+            };
+            match exited {
+                Ok(Ok(())) => {
                     let latency = started.elapsed();
-                    match status.code() {
-                        Some(0) => CheckOutcome::ok(latency),
-                        _ => CheckOutcome::failed(exit_reason(status), latency),
+                    // The leader has exited but is not reaped, so its pid still names this
+                    // group and nobody else's: kill what it left behind, then reap it.
+                    group.kill();
+                    let status = child.wait().await;
+                    group.disarm();
+                    match status {
+                        Ok(status) if status.code() == Some(0) => CheckOutcome::ok(latency),
+                        Ok(status) => CheckOutcome::failed(exit_reason(status), latency),
+                        Err(error) => CheckOutcome::failed(
+                            format!("cannot wait for {program}: {}", os_error_text(&error)),
+                            latency,
+                        ),
                     }
                 }
                 Ok(Err(error)) => {
@@ -101,6 +116,38 @@ impl HealthCheck for ExecCheck {
 
     fn kind(&self) -> &'static str {
         "exec"
+    }
+}
+
+/// How often [`leader_exited`] looks again when no SIGCHLD came (one may come before it listens).
+const EXIT_POLL: Duration = Duration::from_millis(10);
+
+/// Waits until the process `pid` (a child of ours) has exited, without reaping it
+/// (`waitid(WNOWAIT)`): until it is reaped its pid cannot be handed out again, so its group can
+/// still be signalled safely.
+async fn leader_exited(pid: Pid) -> std::io::Result<()> {
+    let mut sigchld = signal(SignalKind::child()).ok();
+    loop {
+        match waitid(
+            Id::Pid(pid),
+            WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT | WaitPidFlag::WNOHANG,
+        ) {
+            Ok(WaitStatus::StillAlive) => {}
+            Ok(_) => return Ok(()),
+            Err(errno) => return Err(errno.into()),
+        }
+        let child_signal = async {
+            match &mut sigchld {
+                Some(sigchld) => {
+                    sigchld.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            () = child_signal => {}
+            () = tokio::time::sleep(EXIT_POLL) => {}
+        }
     }
 }
 

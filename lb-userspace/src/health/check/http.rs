@@ -22,7 +22,8 @@ const USER_AGENT_VALUE: &str = concat!("lb-health-check/", env!("CARGO_PKG_VERSI
 ///
 /// The request carries `Host: host`, or `Host: address:port` (`[v6]:port`) without one, and
 /// `Connection: close`. Only the status line and headers are read: the body is ignored and the
-/// connection dropped as soon as the status is known.
+/// connection reset as soon as the status is known (`SO_LINGER` 0, as for the TCP check: no
+/// TIME_WAIT socket stays on the load balancer).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HttpCheck {
     /// Origin-form request target: `/health`, `/status?full=1`.
@@ -59,6 +60,8 @@ impl HttpCheck {
             .map_err(|error| io_reason(&error))?;
         // The request is one small write: send it at once.
         let _ = stream.set_nodelay(true);
+        // Dropped with the connection below: a reset, not a FIN (see the type's docs).
+        let _ = stream.set_zero_linger();
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|error| hyper_reason(&error))?;

@@ -171,11 +171,81 @@ async fn tcp_connect_to_a_listener_passes() {
             Duration::ZERO..ms(100),
         )
         .await;
-        // The check closed its connection at once: the server reads end-of-stream.
+        // The check reset its connection at once (no TIME_WAIT on our side): the server reads
+        // the reset.
         let (mut accepted, _) = listener.accept().await.expect("accept");
         let mut buf = [0u8; 1];
         let read = tokio::time::timeout(ms(500), accepted.read(&mut buf)).await;
-        assert!(matches!(read, Ok(Ok(0))), "{read:?}");
+        assert!(
+            matches!(&read, Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset),
+            "{read:?}"
+        );
+    }
+}
+
+/// The checker's sockets in TIME_WAIT: those whose remote end is `port` (the backend's; a
+/// backend's own TIME_WAIT, after it closed first, is on the backend, not the load balancer).
+fn time_wait_sockets(port: u16) -> usize {
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|table| std::fs::read_to_string(table).ok())
+        .flat_map(|text| text.lines().skip(1).map(str::to_owned).collect::<Vec<_>>())
+        .filter(|line| {
+            // `sl local_address rem_address st ...`, addresses as HEXIP:HEXPORT, st 06 = TIME_WAIT.
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let port_of = |address: &str| {
+                address
+                    .rsplit(':')
+                    .next()
+                    .and_then(|p| u16::from_str_radix(p, 16).ok())
+            };
+            fields.len() > 3 && fields[3] == "06" && port_of(fields[2]) == Some(port)
+        })
+        .count()
+}
+
+/// A backend as real servers behave: it answers `reply` (if any) to whatever it reads first, then
+/// reads until the client closes, and closes too. So the client is the first to close, and with a
+/// FIN its socket would go to TIME_WAIT.
+async fn serve_until_the_client_closes(listener: TcpListener, reply: &'static [u8]) {
+    while let Ok((mut stream, _)) = listener.accept().await {
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            if !reply.is_empty() {
+                let _ = stream.read(&mut buf).await;
+                let _ = stream.write_all(reply).await;
+            }
+            while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
+        });
+    }
+}
+
+#[tokio::test]
+async fn tcp_and_http_checks_leave_no_time_wait_sockets() {
+    const CHECKS: usize = 20;
+    // An HTTP answer whose body is still to come: the check stops reading after the status.
+    const HTTP_REPLY: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\npartial";
+    for (what, reply) in [("tcp", &b""[..]), ("http", HTTP_REPLY)] {
+        let listener = TcpListener::bind((LOCALHOST, 0)).await.expect("bind");
+        let target = target(listener.local_addr().expect("local_addr"));
+        let serving = tokio::spawn(serve_until_the_client_closes(listener, reply));
+        for _ in 0..CHECKS {
+            let outcome = if reply.is_empty() {
+                TcpCheck.check(&target, ms(1000)).await
+            } else {
+                http("/", &[200], None).check(&target, ms(1000)).await
+            };
+            assert!(outcome.healthy, "{what}: {outcome:?}");
+        }
+        // Give the backend's side its moment to close after the check's.
+        tokio::time::sleep(ms(100)).await;
+        assert_eq!(
+            time_wait_sockets(target.port),
+            0,
+            "{what} checks left TIME_WAIT sockets to port {}",
+            target.port
+        );
+        serving.abort();
     }
 }
 
@@ -757,6 +827,35 @@ async fn exec_is_killed_at_the_timeout() {
         ms(200)..ms(300),
     )
     .await;
+}
+
+#[tokio::test]
+async fn exec_that_exits_0_leaves_no_background_child() {
+    let target = CheckTarget::new(LOCALHOST, 8080);
+    let file = TempFile::new("background");
+    // Healthy, but leaves a `sleep 30` running in its group.
+    let check = sh(&format!(
+        "echo $$ > '{0}'; sleep 30 & echo $! >> '{0}'; exit 0",
+        file.path()
+    ));
+    assert_check(
+        &check,
+        &target,
+        ms(2000),
+        true,
+        "ok",
+        Duration::ZERO..ms(1000),
+    )
+    .await;
+    let pids = file.pids();
+    assert_eq!(pids.len(), 2, "{pids:?}");
+    assert_group_dead(pids[0]);
+    assert!(
+        is_dead(pids[1]),
+        "the background child {} still runs",
+        pids[1]
+    );
+    assert_eq!(kill(Pid::from_raw(pids[0]), None), Err(Errno::ESRCH));
 }
 
 #[tokio::test]
