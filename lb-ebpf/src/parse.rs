@@ -174,7 +174,9 @@ fn parse_ports(
             let tcp: *const TcpHdr = header(ctx, offset).ok_or(Reason::PassMalformed)?;
             // SAFETY: bounds-checked by `header`.
             let tcp = unsafe { &*tcp };
-            if usize::from(tcp.doff()) * 4 < TcpHdr::LEN {
+            // The options too must lie inside the datagram (corpus: tcp-data-offset-*).
+            let header_len = usize::from(tcp.doff()) * 4;
+            if header_len < TcpHdr::LEN || offset + header_len > l3_end {
                 return Err(Reason::PassMalformed);
             }
             key.sport_be = u16::from_ne_bytes(tcp.source);
@@ -187,6 +189,12 @@ fn parse_ports(
             let udp: *const UdpHdr = header(ctx, offset).ok_or(Reason::PassMalformed)?;
             // SAFETY: bounds-checked by `header`.
             let udp = unsafe { &*udp };
+            // A length field shorter than the header or past the datagram is inconsistent
+            // (corpus: udp-length-*).
+            let udp_len = usize::from(u16::from_be_bytes(udp.len));
+            if udp_len < UdpHdr::LEN || offset + udp_len > l3_end {
+                return Err(Reason::PassMalformed);
+            }
             key.sport_be = u16::from_ne_bytes(udp.src);
             key.dport_be = u16::from_ne_bytes(udp.dst);
         }
@@ -196,10 +204,14 @@ fn parse_ports(
 }
 
 /// IPv6 extension headers (hop-by-hop, routing, fragment, ESP, AH, destination options,
-/// mobility, HIP, shim6): the host handles these.
+/// mobility, HIP, shim6, and the two experimental ones, RFC 3692): the host handles these
+/// (corpus: ipv6-experimental-extension).
 #[inline(always)]
 fn is_ipv6_extension(next_header: u8) -> bool {
-    matches!(next_header, 0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140)
+    matches!(
+        next_header,
+        0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140 | 253 | 254
+    )
 }
 
 /// An IPv4 address in the 16-byte key form (zero-padded), built whole: zeroing the key first

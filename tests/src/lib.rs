@@ -26,3 +26,5 @@ pub use servers::{
 };
 pub use topology::{DsrTopology, DsrTopologyOptions, Host, leftovers};
 pub mod bench;
+pub mod fuzz;
+pub mod model;

@@ -8,6 +8,7 @@ mod bench;
 mod checks;
 mod cmd;
 mod demo;
+mod fuzz;
 mod setup;
 mod toolchain;
 
@@ -67,6 +68,24 @@ enum Task {
         )]
         args: Vec<String>,
     },
+    /// Run setup, build the release binaries and run the differential fuzzer of the data plane
+    /// (lb-fuzz: the real XDP program against the reference model; run as root). Any
+    /// difference is reported with the seed, the frame's index and the frame in hex.
+    Fuzz {
+        /// Frames to generate.
+        #[arg(long, default_value_t = 1_000_000)]
+        packets: u64,
+        /// RNG seed (default: the seed `cargo xtask test` uses); the same seed replays the run.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// More lb-fuzz arguments: --max-differences N, --frame HEX, --corpus DIR.
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "ARGS"
+        )]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -96,6 +115,15 @@ fn run(task: Task) -> Result<ExitCode> {
             require_root_for("bench")?;
             let toolchain = setup::run()?;
             bench::run(&toolchain, &args)
+        }
+        Task::Fuzz {
+            packets,
+            seed,
+            args,
+        } => {
+            require_root_for("fuzz")?;
+            let toolchain = setup::run()?;
+            fuzz::run(&toolchain, &fuzz::args(packets, seed, &args))
         }
     }
 }
@@ -131,6 +159,24 @@ mod tests {
             ["maglev", "--exact"]
         );
         assert!(test_args(&["xtask", "test"]).is_empty());
+    }
+
+    #[test]
+    fn fuzz_args_pass_through() {
+        let Task::Fuzz {
+            packets,
+            seed,
+            args,
+        } = Cli::try_parse_from(["xtask", "fuzz", "--packets", "5", "--seed", "7"])
+            .expect("parses")
+            .task
+        else {
+            panic!("not the fuzz task");
+        };
+        assert_eq!(
+            fuzz::args(packets, seed, &args),
+            ["--packets", "5", "--seed", "7"]
+        );
     }
 
     #[test]
