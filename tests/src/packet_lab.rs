@@ -5,7 +5,7 @@ use std::{net::IpAddr, path::Path};
 
 use aya::{TestRun as _, TestRunOptions};
 use lb::{
-    balancer::{Adopted, Balancer, Change, L2Path, capacity_of, ring_for, vip_key},
+    balancer::{Adopted, Balancer, Change, L2Path, ReconcileError, capacity_of, ring_for, vip_key},
     config::Config,
     dataplane::DataPlane,
     health::Health,
@@ -47,14 +47,19 @@ impl PacketLab {
     /// Applies `config_toml` as `lb reload` does (reconcile); backends it adds come up at once
     /// with the lab's path, as if their first check had passed. Returns the changes.
     pub fn reload(&mut self, config_toml: &str) -> Vec<Change> {
+        self.try_reload(config_toml)
+            .unwrap_or_else(|e| panic!("reconciling the lab config: {e}"))
+    }
+
+    /// [`PacketLab::reload`] that hands back a failed reconcile (which rolled back). An injected
+    /// map-write failure the reconcile did not reach is cleared before the lab's own writes.
+    pub fn try_reload(&mut self, config_toml: &str) -> Result<Vec<Change>, ReconcileError> {
         let config = Config::parse(config_toml, Path::new("lab.toml"))
             .unwrap_or_else(|e| panic!("lab config is invalid: {e}"));
-        let changes = self
-            .balancer
-            .reconcile(&config)
-            .unwrap_or_else(|e| panic!("reconciling the lab config: {e}"));
+        let changes = self.balancer.reconcile(&config)?;
+        self.balancer.inject_map_write_failure(None);
         self.bring_up_new_backends();
-        changes
+        Ok(changes)
     }
 
     /// What a restarted daemon does with the same maps: a new model adopts what they hold for

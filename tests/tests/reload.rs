@@ -378,3 +378,92 @@ fn a_vip_may_take_over_the_address_another_vip_leaves_in_the_same_reload() {
         "53/udp is no VIP any more"
     );
 }
+
+/// What a packet-level observer can see of the data plane: where each of `flows` goes next, the
+/// web VIP's live ring by address, and whether a frame to a VIP web's new config would add is
+/// balanced.
+fn observe(lab: &mut PacketLab, flows: &[FrameSpec]) -> (Vec<u32>, String, Vec<(u32, Vec<u8>)>) {
+    let next: Vec<u32> = flows.iter().map(|f| backend_of(lab, &ack(f))).collect();
+    let digest = lab.balancer.live_ring_digest(WEB).expect("ring digest");
+    let probes = [
+        FrameSpec::tcp_syn(ip("192.0.2.60"), 6000, ip("10.0.0.100"), 443),
+        FrameSpec::udp(ip("192.0.2.60"), 6001, ip("10.0.0.100"), 53, b"q"),
+    ];
+    let verdicts = probes.iter().map(|p| lab.run(&p.build())).collect();
+    (next, digest, verdicts)
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn a_reload_that_fails_part_way_leaves_the_old_config_running_exactly() {
+    // The new config removes .13, reweights .11, adds .14, and replaces the VIP dns (53/udp)
+    // with tls (443/tcp): removals, changes and additions, each a place to fail.
+    let new = after()
+        .replace("name = \"dns\"", "name = \"tls\"")
+        .replace(
+            "port = 53\nprotocol = \"udp\"",
+            "port = 443\nprotocol = \"tcp\"",
+        )
+        .replace("10.0.0.21", "10.0.0.31");
+    let mut failures = 0;
+    for writes in 0.. {
+        let mut lab = PacketLab::new(BEFORE);
+        let (flows, _) = open_web_flows(&mut lab, "192.0.2.50", 7000..7300);
+        let names = |lab: &PacketLab| -> Vec<(String, Vec<(IpAddr, u32)>)> {
+            lab.balancer
+                .vips
+                .iter()
+                .map(|v| {
+                    let backends = v.backends.iter().map(|b| (b.address, b.id)).collect();
+                    (v.name.clone(), backends)
+                })
+                .collect()
+        };
+        let model_before = names(&lab);
+        let seen_before = observe(&mut lab, &flows);
+        lab.balancer.inject_map_write_failure(Some(writes));
+        match lab.try_reload(&new) {
+            Ok(_) => {
+                // Enough writes allowed: the reload went through, with the new VIP.
+                assert!(failures >= 5, "only {failures} failure points were tried");
+                println!("a reload failing at each of its first {failures} map writes rolled back");
+                let (_, _, verdicts) = observe(&mut lab, &flows);
+                assert_eq!(verdicts[0].0, XDP_TX, "the new VIP is balanced");
+                assert_eq!(verdicts[1].0, XDP_PASS, "the removed VIP is not");
+                break;
+            }
+            Err(e) => {
+                failures += 1;
+                let message = e.to_string();
+                assert!(
+                    message.contains("injected failure")
+                        && message.contains("rolled back: the previous config runs unchanged"),
+                    "after {writes} writes: {message}"
+                );
+                // The model and everything a packet sees are as before the reload.
+                assert_eq!(names(&lab), model_before, "after {writes} writes");
+                let seen_after = observe(&mut lab, &flows);
+                assert_eq!(
+                    seen_after.0, seen_before.0,
+                    "flows moved (after {writes} writes)"
+                );
+                assert_eq!(
+                    seen_after.1, seen_before.1,
+                    "web's ring changed (after {writes} writes)"
+                );
+                assert_eq!(
+                    seen_after.2, seen_before.2,
+                    "another VIP is balanced differently (after {writes} writes)"
+                );
+                assert_eq!(seen_after.2[0].0, XDP_PASS, "the new VIP is not there");
+                assert_eq!(
+                    seen_after.2[1].0, XDP_TX,
+                    "the old VIP dns is still balanced"
+                );
+                // And the same reload, without the fault, still applies.
+                let changes = lab.try_reload(&new).expect("the reload without a fault");
+                assert!(changes.len() >= 4, "{changes:?}");
+            }
+        }
+    }
+}

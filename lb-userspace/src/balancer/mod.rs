@@ -13,6 +13,7 @@ mod digest;
 mod ids;
 mod publish;
 mod reconcile;
+mod rollback;
 
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
@@ -149,6 +150,8 @@ pub struct Balancer {
     /// withdrawn, keepalived FAULT) within the hold, and the connections go on through the node
     /// that takes over; if the backend is really dead, its flows move when the hold ends.
     pub flow_hold: Duration,
+    /// Test-only: a map write that fails on purpose (see [`Balancer::inject_map_write_failure`]).
+    faults: rollback::FaultInjection,
 }
 
 /// The capacity a config asks for.
@@ -190,6 +193,7 @@ impl Balancer {
             backend_ids: ids::IdPool::new(capacity.max_backends),
             index: std::collections::HashMap::new(),
             flow_hold: Duration::ZERO,
+            faults: rollback::FaultInjection::default(),
         }
     }
 

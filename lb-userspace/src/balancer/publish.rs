@@ -44,6 +44,8 @@ pub enum PublishError {
     },
     #[error("writing TX_PORTS: {0}")]
     TxPort(#[source] aya::maps::xdp::XdpMapError),
+    #[error("writing {what}: injected failure (test)")]
+    Injected { what: &'static str },
 }
 
 /// A backend's address as its record holds it: IPv4 in the first four bytes, the rest zero.
@@ -158,25 +160,31 @@ impl Balancer {
             .ok_or(PublishError::NoSuchVip(vip_index))?;
         let pool_before = vip.active_pool;
         let pool_after = vip.select_pool();
-        let maps = &mut self.dataplane.maps;
-        for backend in &vip.backends {
-            let record = backend_record(vip.id, backend, started);
-            if self.written.get(&backend.id) == Some(&record) {
-                continue;
-            }
+        let records: Vec<(u32, Backend)> = vip
+            .backends
+            .iter()
+            .map(|backend| (backend.id, backend_record(vip.id, backend, started)))
+            .filter(|(id, record)| self.written.get(id) != Some(record))
+            .collect();
+        for (id, record) in records {
+            self.map_write("BACKENDS")?;
+            let maps = &mut self.dataplane.maps;
             if record.flags & BACKEND_F_REDIRECT != 0 {
                 maps.tx_ports
-                    .set(backend.id, record.ifindex, None, 0)
+                    .set(id, record.ifindex, None, 0)
                     .map_err(PublishError::TxPort)?;
             }
             maps.backends
-                .set(backend.id, record, 0)
+                .set(id, record, 0)
                 .map_err(|source| PublishError::Map {
                     what: "BACKENDS",
                     source,
                 })?;
-            self.written.insert(backend.id, record);
+            self.written.insert(id, record);
         }
+        self.map_write("VIPS")?;
+        let vip = &self.vips[vip_index];
+        let maps = &mut self.dataplane.maps;
         let table = ring_for_pool(vip, pool_after, maps.rings.ring_size());
         let in_ring = vip
             .backends
@@ -312,6 +320,7 @@ impl Balancer {
     /// Clears the `BACKENDS` record of a backend that is gone: flows still pinned to it see no
     /// `BACKEND_F_UP` and are re-chosen from their VIP's ring.
     pub(super) fn clear_backend(&mut self, id: u32) -> Result<(), PublishError> {
+        self.map_write("BACKENDS")?;
         self.dataplane
             .maps
             .backends

@@ -78,6 +78,15 @@ pub enum ReconcileError {
     Publish(#[from] PublishError),
     #[error(transparent)]
     DataPlane(#[from] DataPlaneError),
+    /// A reconcile failed part-way and was undone (or, with `rollback`, could not be).
+    #[error("{failed}; {}", match rollback {
+        None => "rolled back: the previous config runs unchanged".to_owned(),
+        Some(e) => format!("rolling back failed too ({e}): the maps may hold part of the new config"),
+    })]
+    RolledBack {
+        failed: Box<ReconcileError>,
+        rollback: Option<Box<ReconcileError>>,
+    },
 }
 
 /// Ids a reconcile removed. An addition of the same reconcile takes one of them only when the
@@ -96,8 +105,24 @@ fn endpoint(address: IpAddr, port: u16, protocol: crate::config::Protocol) -> St
 
 impl Balancer {
     /// Makes the model and the maps match `config` and returns what changed. Only VIPs that
-    /// changed are republished; nothing else is written.
+    /// changed are republished; nothing else is written. All or nothing: if a map write fails
+    /// part-way, the model and the maps go back to what they were (see [`super::rollback`]) and
+    /// the error says so.
     pub fn reconcile(&mut self, config: &Config) -> Result<Vec<Change>, ReconcileError> {
+        let before = self.snapshot();
+        match self.apply(config) {
+            Ok(changes) => Ok(changes),
+            Err(failed) => {
+                let rollback = self.restore(before).err().map(Box::new);
+                Err(ReconcileError::RolledBack {
+                    failed: Box::new(failed),
+                    rollback,
+                })
+            }
+        }
+    }
+
+    fn apply(&mut self, config: &Config) -> Result<Vec<Change>, ReconcileError> {
         let mut changes = Vec::new();
         let mut freed = Freed::default();
         self.remove_missing(config, &mut changes, &mut freed)?;
@@ -198,6 +223,7 @@ impl Balancer {
         &mut self,
         key: &lb_common::VipKey,
     ) -> Result<(), ReconcileError> {
+        self.map_write("VIPS")?;
         match self.dataplane.maps.vips.remove(key) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(source) => Err(PublishError::Map {

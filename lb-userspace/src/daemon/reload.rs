@@ -148,11 +148,8 @@ async fn apply(
             if let Some(Some(started)) = new_telemetry {
                 started.stop().await;
             }
-            // Part of the new config may be in the maps: say so rather than pretend.
-            return Err(format!(
-                "{}: applying it failed part-way: {e}; `lb status` shows what runs",
-                path.display()
-            ));
+            // The error says whether the maps went back to the old config.
+            return Err(format!("{}: applying it failed: {e}", path.display()));
         }
     };
     for (id, change) in supervisor.sync(wanted_checks(balancer, &new)) {
