@@ -72,10 +72,20 @@ enum Command {
         api: ApiArgs,
     },
     /// Remove lb's XDP program, link and pinned maps from an interface (after `lb run` has
-    /// stopped).
+    /// stopped), or with `--orphans` every pinned instance whose interface or network namespace
+    /// is gone.
     Detach {
-        #[arg(long, value_name = "IF")]
-        interface: String,
+        #[arg(
+            long,
+            value_name = "IF",
+            required_unless_present = "orphans",
+            conflicts_with = "orphans"
+        )]
+        interface: Option<String>,
+        /// Remove every orphaned pinned instance (its XDP link defunct, or its named network
+        /// namespace gone); never a live one.
+        #[arg(long)]
+        orphans: bool,
     },
 }
 
@@ -88,7 +98,13 @@ fn main() -> ExitCode {
         Command::Disable(args) => cli::control::set_admin(&args, Admin::Disabled),
         Command::Enable(args) => cli::control::set_admin(&args, Admin::Enabled),
         Command::Reload { api } => cli::control::reload(&api),
-        Command::Detach { interface } => cli::detach::detach(&interface),
+        Command::Detach {
+            interface: Some(interface),
+            ..
+        } => cli::detach::detach(&interface),
+        Command::Detach {
+            interface: None, ..
+        } => cli::detach::detach_orphans(),
         Command::Run { config } => {
             init_logging(cli.log_format);
             match run(&config) {

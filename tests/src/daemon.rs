@@ -89,6 +89,17 @@ impl LbDaemon {
     /// Writes `config` to a temp file, starts `lb run --config` in `namespace` and waits until it
     /// says it is attached.
     pub fn start(namespace: &NetNs, config: &str, launch: Launch) -> Result<Self> {
+        Self::start_wrapped(namespace, config, launch, &[])
+    }
+
+    /// [`Self::start`] with `lb` run through `wrapper` (a command and its arguments, `lb run
+    /// ...` appended: `setpriv --bounding-set=... --`), inside the namespace.
+    pub fn start_wrapped(
+        namespace: &NetNs,
+        config: &str,
+        launch: Launch,
+        wrapper: &[String],
+    ) -> Result<Self> {
         let binary = lb_binary();
         if !binary.exists() {
             bail!(
@@ -103,10 +114,19 @@ impl LbDaemon {
             .interface;
         write_config(namespace, &config_path, config)?;
         let mut command = match launch {
-            Launch::Nsenter => namespace.nsenter_command(&binary),
+            Launch::Nsenter => match wrapper.split_first() {
+                None => namespace.nsenter_command(&binary),
+                Some((program, args)) => {
+                    let mut c = namespace.nsenter_command(program);
+                    c.args(args).arg(&binary);
+                    c
+                }
+            },
             Launch::IpNetnsExec => {
                 let mut c = Command::new("ip");
-                c.args(["netns", "exec", namespace.name()]).arg(&binary);
+                c.args(["netns", "exec", namespace.name()])
+                    .args(wrapper)
+                    .arg(&binary);
                 c
             }
         };

@@ -10,6 +10,7 @@ pub mod keepalived;
 pub mod links;
 pub mod load;
 pub mod netns;
+pub mod orphan_lab;
 pub mod packet_lab;
 pub mod servers;
 pub mod topology;

@@ -34,6 +34,8 @@ const TOOLS: &[Package] = &[
     pkg("nftables"),
     pkg("iputils-ping"),
     pkg("procps"),
+    // `setpriv`: the least-privilege test runs lb with only the unit's capabilities.
+    pkg("util-linux"),
     // The multi-node tests and demo: BGP (with BFD) and VRRP engines.
     pkg("bird2"),
     pkg("keepalived"),

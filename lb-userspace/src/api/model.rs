@@ -24,6 +24,10 @@ pub struct StatusReport {
     /// What this node announces (route table, health file), per VIP address.
     #[serde(default)]
     pub announce: AnnounceStatus,
+    /// Orphaned pinned state in the daemon's bpffs: instances whose interface or named network
+    /// namespace is gone, each holding its maps' memory until `lb detach --orphans`.
+    #[serde(default)]
+    pub orphans: Vec<crate::dataplane::pins::orphans::Orphan>,
 }
 
 /// `[announce]` as it runs: the table and the file, and every VIP address with whether this

@@ -196,6 +196,9 @@ pub fn format_status(report: &StatusReport) -> String {
         }
     }
     out.push_str(&announce_lines(&report.announce));
+    for orphan in &report.orphans {
+        let _ = writeln!(out, "warning: {orphan}");
+    }
     out
 }
 
@@ -296,6 +299,7 @@ mod tests {
         refused.last_check = Some("connection refused".into());
         refused.last_check_latency_ms = None;
         let report = StatusReport {
+            orphans: Vec::new(),
             announce: AnnounceStatus {
                 route_table: Some(200),
                 health_file: Some("/run/lb/health".into()),
@@ -366,7 +370,8 @@ mod tests {
         assert_eq!(
             format_status(&StatusReport {
                 announce: AnnounceStatus::default(),
-                vips: vec![]
+                vips: vec![],
+                orphans: Vec::new(),
             }),
             "no VIPs configured\nannounce: route_table=none health_file=none\n"
         );

@@ -2,12 +2,22 @@
 //! link, and with it the program, and its maps, all pinned), in the current network namespace,
 //! and withdraws lb's VIP routes through that interface (the node no longer forwards, so it must
 //! no longer attract VIP traffic).
+//!
+//! `lb detach --orphans`: removes every pinned instance whose interface or named network
+//! namespace is gone (see `lb::dataplane::pins::orphans`), in the bpffs this process sees; live
+//! ones (locked by a daemon, or attached to a live interface) are never touched.
 
 use std::process::ExitCode;
 
 use lb::{
     announce::{self, routes::describe},
-    dataplane::detach_interface,
+    dataplane::{
+        detach_interface,
+        pins::{
+            location,
+            orphans::{self, OrphanOutcome},
+        },
+    },
     net::{NetError, NetlinkHandle},
 };
 
@@ -53,4 +63,54 @@ fn withdraw_routes(interface: &str) -> Result<Vec<announce::LbRoute>, String> {
             .await
             .map_err(|e| e.to_string())
     })
+}
+
+/// A line per orphan removed (`removed orphan DIR (what is gone, N MB freed): ...`) or left alone
+/// (`skipped DIR: why`, on stderr); `no orphaned pinned state` when there is none. Exit 1 when a
+/// removal failed.
+pub fn detach_orphans() -> ExitCode {
+    let root = match location::bpffs_root(false) {
+        Ok(Some(root)) => root,
+        Ok(None) => {
+            println!("no bpffs here: no orphaned pinned state");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("lb detach --orphans: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcomes = orphans::detach_orphans(&root.join(location::TOP));
+    if outcomes.is_empty() {
+        println!("no orphaned pinned state");
+    }
+    let mut failed = false;
+    for outcome in outcomes {
+        match outcome {
+            OrphanOutcome::Removed { orphan, report } => println!(
+                "removed orphan {} ({}; {} freed): {} pinned maps{}",
+                orphan.dir,
+                orphan.what_is_gone(),
+                orphans::megabytes(orphan.memory_bytes),
+                report.pins.len(),
+                if report.link {
+                    " and the defunct XDP link"
+                } else {
+                    ""
+                }
+            ),
+            OrphanOutcome::Skipped { orphan, why } => {
+                eprintln!("skipped {}: {why}", orphan.dir);
+            }
+            OrphanOutcome::Failed { orphan, error } => {
+                eprintln!("lb detach --orphans: {}: {error}", orphan.dir);
+                failed = true;
+            }
+        }
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
 }

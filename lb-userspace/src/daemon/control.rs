@@ -141,7 +141,16 @@ pub(super) fn status(
             })
             .collect(),
     };
-    StatusReport { announce, vips }
+    let orphans = balancer
+        .dataplane
+        .pin_top()
+        .map(|top| crate::dataplane::pins::orphans::scan(&top))
+        .unwrap_or_default();
+    StatusReport {
+        announce,
+        vips,
+        orphans,
+    }
 }
 
 /// `lb drain|disable|enable VIP BACKEND`.

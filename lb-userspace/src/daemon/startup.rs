@@ -8,7 +8,9 @@ use super::{FIRST_RESULTS_GRACE, RunError, events};
 use crate::{
     balancer::{Adopted, Balancer, capacity_of},
     config::Config,
-    dataplane::{AttachMode, DataPlane, DataPlaneError, PinDir, PinError, PinnedState},
+    dataplane::{
+        AttachMode, DataPlane, DataPlaneError, PinDir, PinError, PinnedState, pins::orphans,
+    },
     health::{schedule::CheckReport, supervisor::Supervisor},
 };
 
@@ -34,8 +36,22 @@ pub(super) fn load(config: &Config) -> Result<(DataPlane, Option<PinnedState>), 
         }
         Err(e) => return Err(DataPlaneError::from(e).into()),
     };
+    let top = pins.top();
     let (dataplane, state) = DataPlane::load_pinned(capacity, pins)?;
+    warn_orphans(&top);
     Ok((dataplane, Some(state)))
+}
+
+/// One warning per orphaned pinned instance in our bpffs (other interfaces or namespaces whose
+/// interface or namespace is gone): each holds its maps' memory until removed.
+fn warn_orphans(top: &std::path::Path) {
+    for orphan in orphans::scan(top) {
+        warn!(
+            dir = %orphan.dir,
+            memory_bytes = orphan.memory_bytes,
+            "{orphan}"
+        );
+    }
 }
 
 pub(super) fn log_adopted(balancer: &Balancer, adopted: &Adopted) {

@@ -1,6 +1,6 @@
 //! Loading the XDP object with the capacities chosen in the config, and attaching it.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -163,6 +163,20 @@ impl DataPlane {
             return Err(DataPlaneError::NoObject);
         }
         let expected = layout::expected_maps(object, capacity)?;
+        if pins::orphans::link_is_defunct(pins.path()) {
+            // The interface these pins were for is gone: deleted, or destroyed with its
+            // namespace, and this one (a new interface, or a new namespace reusing the name)
+            // only has its name. Its flows, MACs and ports mean nothing here: start fresh.
+            let memory = pins::orphans::clear_defunct(pins.path())?;
+            tracing::warn!(
+                "{} held the pinned state of an earlier {} whose interface is gone (its XDP link \
+                 is defunct: the interface, or the network namespace of that name, was deleted \
+                 and made again): removed it ({}), starting with an empty flow table",
+                pins.path().display(),
+                pins.interface(),
+                pins::orphans::megabytes(memory)
+            );
+        }
         let pinned = pins.pinned()?;
         let state = if pinned.maps.is_empty() {
             PinnedState::Fresh
@@ -234,6 +248,11 @@ impl DataPlane {
     /// and the maps pinned); `None` when nothing is pinned (dropping detaches).
     pub fn pinned(&self) -> Option<&Path> {
         self.pins.as_ref().map(PinDir::path)
+    }
+
+    /// `<root>/lb` of the bpffs the pins are in, where the orphan scan looks.
+    pub fn pin_top(&self) -> Option<PathBuf> {
+        self.pins.as_ref().map(PinDir::top)
     }
 
     /// How the program is attached, once [`Self::attach`] succeeded.

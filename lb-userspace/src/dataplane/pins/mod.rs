@@ -7,6 +7,7 @@ pub mod layout;
 pub mod link;
 pub mod location;
 pub mod mode;
+pub mod orphans;
 #[cfg(test)]
 mod tests;
 
@@ -137,6 +138,11 @@ impl PinDir {
     /// The directory holding the pins.
     pub fn path(&self) -> &Path {
         &self.location.dir
+    }
+
+    /// `<root>/lb`: where every interface's directory is (for the orphan scan).
+    pub fn top(&self) -> PathBuf {
+        self.location.top()
     }
 
     /// The interface this directory is for.
@@ -271,15 +277,21 @@ pub fn detach_interface(interface: &str) -> Result<DetachReport, PinError> {
 /// [`detach_interface`] for a known location.
 pub fn detach_at(location: &PinLocation, interface: &str) -> Result<DetachReport, PinError> {
     let dir = &location.dir;
-    let mut report = DetachReport::nothing(interface);
     if !dir.is_dir() {
-        return Ok(report);
+        return Ok(DetachReport::nothing(interface));
     }
     let _lock = lock(dir).map_err(|error| {
         error.into_pin_error(dir, || PinError::StillRunning {
             interface: interface.to_owned(),
         })
     })?;
+    remove_pins(dir, &location.top(), interface)
+}
+
+/// Removes the link, the maps and the directory `dir` (whose lock the caller holds), and its
+/// parents up to `top` when they are left empty.
+fn remove_pins(dir: &Path, top: &Path, interface: &str) -> Result<DetachReport, PinError> {
+    let mut report = DetachReport::nothing(interface);
     let link_path = dir.join(LINK_PIN);
     if link_path.exists() {
         // Unpinning drops the pin's reference; the link (and the program's attachment) goes
@@ -303,7 +315,7 @@ pub fn detach_at(location: &PinLocation, interface: &str) -> Result<DetachReport
         fs::remove_file(&path).map_err(io_error("removing", &path))?;
         report.pins.push(name);
     }
-    location::remove_empty_dirs(dir, &location.top()).map_err(io_error("removing", dir))?;
-    report.dir = Some(dir.clone());
+    location::remove_empty_dirs(dir, top).map_err(io_error("removing", dir))?;
+    report.dir = Some(dir.to_path_buf());
     Ok(report)
 }
