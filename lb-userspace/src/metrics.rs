@@ -395,7 +395,8 @@ pub async fn serve(
 }
 
 /// Serves `GET /metrics` on a bound `listener` until `shutdown` completes, then closes every
-/// connection. HTTP/1.1 with keep-alive; at most 64 connections at once, 10 s to send headers.
+/// connection. HTTP/1.1 with keep-alive, within [`crate::http_server::LIMITS`] (64
+/// connections, 5 s to send headers, bodies over 64 KiB refused 413, ...).
 pub async fn serve_on(listener: TcpListener, metrics: Arc<Metrics>, shutdown: impl Future) {
     if let Ok(local) = listener.local_addr() {
         info!("serving metrics on http://{local}/metrics");

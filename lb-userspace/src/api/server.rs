@@ -105,8 +105,9 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
 
 /// Serves the control API on a bound `listener` until `shutdown` completes, then closes every
 /// connection and removes the socket file (if it is still the one bound: a file put there since
-/// is left alone). HTTP/1.1 with keep-alive; at most 64 connections at once, 10 s to send
-/// headers, 10 s for the daemon's loop to answer a command (else 503).
+/// is left alone). HTTP/1.1 with keep-alive, within [`crate::http_server::LIMITS`] (64
+/// connections, 5 s to send headers, bodies over 64 KiB refused 413, ...); 10 s for the
+/// daemon's loop to answer a command (else 503).
 pub async fn serve_on(
     listener: UnixListener,
     commands: mpsc::Sender<Command>,

@@ -38,8 +38,22 @@ impl ConfigError {
             path: path.to_path_buf(),
             line,
             column,
-            message,
+            message: escape_controls(&message),
         }
+    }
+
+    /// The error for `bytes` that are valid UTF-8 up to byte `valid_up_to` and not after it.
+    pub(super) fn invalid_utf8(path: &Path, bytes: &[u8], valid_up_to: usize) -> Self {
+        let valid_up_to = valid_up_to.min(bytes.len());
+        // The prefix is valid by definition; the fallback is never taken.
+        let text = std::str::from_utf8(&bytes[..valid_up_to]).unwrap_or_default();
+        let byte = bytes.get(valid_up_to).copied().unwrap_or_default();
+        ConfigError::at(
+            path,
+            text,
+            valid_up_to..valid_up_to,
+            format!("not valid UTF-8 (byte 0x{byte:02x}); a config file is UTF-8 text"),
+        )
     }
 
     /// Wraps a `toml` deserialisation error. We keep toml's message and span but not its
@@ -66,6 +80,21 @@ fn one_line(message: &str) -> String {
         .filter(|line| !line.is_empty())
         .collect::<Vec<_>>()
         .join(": ")
+}
+
+/// `message` with its control characters escaped (`\n`, `\u{0}`, ...): messages quote values
+/// from the file, and a value can hold a newline (a multi-line string) or a NUL, which must not
+/// break the error's single line or reach a terminal raw.
+fn escape_controls(message: &str) -> String {
+    let mut escaped = String::with_capacity(message.len());
+    for c in message.chars() {
+        if c.is_control() {
+            escaped.extend(c.escape_default());
+        } else {
+            escaped.push(c);
+        }
+    }
+    escaped
 }
 
 /// 1-based line and character column of byte `offset` in `text`. An offset at or past the end
@@ -97,6 +126,14 @@ mod tests {
         assert_eq!(line_and_column(text, text.len()), (3, 1));
         assert_eq!(line_and_column(text, text.len() + 10), (3, 1));
         assert_eq!(line_and_column("", 0), (1, 1));
+    }
+
+    #[test]
+    fn control_characters_in_messages_are_escaped() {
+        assert_eq!(
+            escape_controls("name `a\nb\tc\u{0}d\u{1b}[31m` é"),
+            "name `a\\nb\\tc\\u{0}d\\u{1b}[31m` é"
+        );
     }
 
     #[test]

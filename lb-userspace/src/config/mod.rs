@@ -354,11 +354,20 @@ pub struct BackendConfig {
 impl Config {
     /// Reads and validates the config file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|io| ConfigError::Read {
+        let bytes = std::fs::read(path).map_err(|io| ConfigError::Read {
             path: path.to_path_buf(),
             io,
         })?;
-        Config::parse(&text, path)
+        Config::parse_bytes(&bytes, path)
+    }
+
+    /// Validates config `bytes` like [`Config::parse`]; bytes that are not UTF-8 are an error
+    /// at the first invalid one (TOML files are UTF-8).
+    pub fn parse_bytes(bytes: &[u8], path: &Path) -> Result<Config, ConfigError> {
+        match std::str::from_utf8(bytes) {
+            Ok(text) => Config::parse(text, path),
+            Err(e) => Err(ConfigError::invalid_utf8(path, bytes, e.valid_up_to())),
+        }
     }
 
     /// Validates config `text`; `path` only names the file in errors.

@@ -1517,3 +1517,26 @@ fn the_flow_hold_is_twice_the_longest_interval_in_a_group_and_zero_alone() {
         "at most 10 s"
     );
 }
+
+// ---- found by tests/config_fuzz.rs ----
+
+#[test]
+fn a_value_with_a_newline_is_escaped_in_the_one_line_error() {
+    assert_error(
+        "interface = '''\nmulti\nline'''\n",
+        1,
+        13,
+        "interface name `multi\\nline`",
+    );
+}
+
+#[test]
+fn invalid_utf8_is_an_error_at_the_first_invalid_byte() {
+    let error = Config::parse_bytes(b"interface = \"eth0\"\n# caf\xe9\n", Path::new(FILE))
+        .expect_err("invalid UTF-8 parsed")
+        .to_string();
+    assert!(
+        error.starts_with(&format!("{FILE}:2:6: not valid UTF-8 (byte 0xe9)")),
+        "{error}"
+    );
+}
