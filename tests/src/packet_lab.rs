@@ -53,10 +53,10 @@ impl PacketLab {
 
     /// [`PacketLab::reload`] that hands back a failed reconcile (which rolled back). An injected
     /// map-write failure the reconcile did not reach is cleared before the lab's own writes.
-    pub fn try_reload(&mut self, config_toml: &str) -> Result<Vec<Change>, ReconcileError> {
+    pub fn try_reload(&mut self, config_toml: &str) -> Result<Vec<Change>, Box<ReconcileError>> {
         let config = Config::parse(config_toml, Path::new("lab.toml"))
             .unwrap_or_else(|e| panic!("lab config is invalid: {e}"));
-        let changes = self.balancer.reconcile(&config)?;
+        let changes = self.balancer.reconcile(&config).map_err(Box::new)?;
         self.balancer.inject_map_write_failure(None);
         self.bring_up_new_backends();
         Ok(changes)

@@ -379,10 +379,12 @@ fn a_vip_may_take_over_the_address_another_vip_leaves_in_the_same_reload() {
     );
 }
 
-/// What a packet-level observer can see of the data plane: where each of `flows` goes next, the
-/// web VIP's live ring by address, and whether a frame to a VIP web's new config would add is
-/// balanced.
-fn observe(lab: &mut PacketLab, flows: &[FrameSpec]) -> (Vec<u32>, String, Vec<(u32, Vec<u8>)>) {
+/// What a packet-level observer can see of the data plane: where each of `flows` goes next
+/// (backend ids), the web VIP's live ring digest, and the verdict and output of a probe frame to
+/// the VIP the new config adds and to the one it removes.
+type Observed = (Vec<u32>, String, Vec<(u32, Vec<u8>)>);
+
+fn observe(lab: &mut PacketLab, flows: &[FrameSpec]) -> Observed {
     let next: Vec<u32> = flows.iter().map(|f| backend_of(lab, &ack(f))).collect();
     let digest = lab.balancer.live_ring_digest(WEB).expect("ring digest");
     let probes = [
