@@ -761,6 +761,29 @@ fn assert_group_dead(pgid: i32) {
     }
 }
 
+/// A shell that writes its pid (= the group id) and a background `sleep 30`'s to `file`, then
+/// runs `then` (`exit 0`, `wait`).
+fn with_background_child(file: &TempFile, then: &str) -> ExecCheck {
+    sh(&format!(
+        "echo $$ > '{0}'; sleep 30 & echo $! >> '{0}'; {then}",
+        file.path()
+    ))
+}
+
+/// After a check of [`with_background_child`]: nothing of its group runs, the background child
+/// included. Returns the two pids.
+fn assert_group_and_child_dead(file: &TempFile) -> Vec<i32> {
+    let pids = file.pids();
+    assert_eq!(pids.len(), 2, "{pids:?}");
+    assert_group_dead(pids[0]);
+    assert!(
+        is_dead(pids[1]),
+        "the background child {} still runs",
+        pids[1]
+    );
+    pids
+}
+
 /// Whether `pid` is gone or a zombie.
 fn is_dead(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -834,10 +857,7 @@ async fn exec_that_exits_0_leaves_no_background_child() {
     let target = CheckTarget::new(LOCALHOST, 8080);
     let file = TempFile::new("background");
     // Healthy, but leaves a `sleep 30` running in its group.
-    let check = sh(&format!(
-        "echo $$ > '{0}'; sleep 30 & echo $! >> '{0}'; exit 0",
-        file.path()
-    ));
+    let check = with_background_child(&file, "exit 0");
     assert_check(
         &check,
         &target,
@@ -847,14 +867,7 @@ async fn exec_that_exits_0_leaves_no_background_child() {
         Duration::ZERO..ms(1000),
     )
     .await;
-    let pids = file.pids();
-    assert_eq!(pids.len(), 2, "{pids:?}");
-    assert_group_dead(pids[0]);
-    assert!(
-        is_dead(pids[1]),
-        "the background child {} still runs",
-        pids[1]
-    );
+    let pids = assert_group_and_child_dead(&file);
     assert_eq!(kill(Pid::from_raw(pids[0]), None), Err(Errno::ESRCH));
 }
 
@@ -863,10 +876,7 @@ async fn exec_timeout_kills_the_whole_process_group() {
     let target = CheckTarget::new(LOCALHOST, 8080);
     let file = TempFile::new("group");
     // The shell writes its pid (= the group id) and its background child's, then waits.
-    let check = sh(&format!(
-        "echo $$ > '{0}'; sleep 30 & echo $! >> '{0}'; wait",
-        file.path()
-    ));
+    let check = with_background_child(&file, "wait");
     assert_check(
         &check,
         &target,
@@ -876,11 +886,9 @@ async fn exec_timeout_kills_the_whole_process_group() {
         ms(200)..ms(300),
     )
     .await;
-    let pids = file.pids();
-    assert_eq!(pids.len(), 2, "{pids:?}");
     // Before the check, the group was there (the leader wrote its pid, the sleep had 30 s to go).
-    assert_group_dead(pids[0]);
-    assert!(is_dead(pids[0]) && is_dead(pids[1]), "{pids:?}");
+    let pids = assert_group_and_child_dead(&file);
+    assert!(is_dead(pids[0]), "{pids:?}");
     // The leader itself was reaped by the check.
     assert_eq!(kill(Pid::from_raw(pids[0]), None), Err(Errno::ESRCH));
 }
@@ -889,17 +897,11 @@ async fn exec_timeout_kills_the_whole_process_group() {
 async fn exec_cancelled_check_kills_the_process_group() {
     let target = CheckTarget::new(LOCALHOST, 8080);
     let file = TempFile::new("cancel");
-    let check = sh(&format!(
-        "echo $$ > '{0}'; sleep 30 & echo $! >> '{0}'; wait",
-        file.path()
-    ));
+    let check = with_background_child(&file, "wait");
     // Dropped mid-way, well before its own timeout.
     let cut = tokio::time::timeout(ms(200), check.check(&target, ms(5000))).await;
     assert!(cut.is_err(), "{cut:?}");
-    let pids = file.pids();
-    assert_eq!(pids.len(), 2, "{pids:?}");
-    assert_group_dead(pids[0]);
-    assert!(is_dead(pids[1]), "{pids:?}");
+    assert_group_and_child_dead(&file);
 }
 
 #[tokio::test]
