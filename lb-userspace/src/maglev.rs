@@ -558,6 +558,217 @@ mod tests {
     }
     const PINNED_PARAMETERS: (u32, u32) = (33082, 26240);
 
+    /// Weight sets of the golden test: equal ones, and skewed ones with zeros and huge weights.
+    fn golden_weight_sets() -> Vec<(&'static str, Vec<u32>)> {
+        let mut sets: Vec<(&'static str, Vec<u32>)> = [1, 2, 3, 10, 100, 1000]
+            .into_iter()
+            .map(|n| ("equal", vec![100; n]))
+            .collect();
+        sets.push(("cycling 1..10", (0..100).map(|i| i % 10 + 1).collect()));
+        sets.push(("cycling 0..12", (0..1000).map(|i| i * 7 % 13).collect()));
+        sets.push(("one huge", {
+            let mut w = vec![1; 100];
+            w[37] = u32::MAX;
+            w
+        }));
+        sets.push(("one heavy", {
+            let mut w = vec![100; 1000];
+            w[500] = 50_000;
+            w
+        }));
+        sets.push(("extremes", vec![u32::MAX, 1, 2, u32::MAX / 3, 7, 0]));
+        sets.push((
+            "equal with zeros",
+            (0..100).map(|i| if i % 3 == 0 { 0 } else { 5 }).collect(),
+        ));
+        sets.push(("all zero", vec![0; 10]));
+        sets.push(("powers of two", (0..20).map(|i| 1 << i).collect()));
+        // A fixed LCG, so the set is the same everywhere: weights 0..=999, about a tenth 0.
+        sets.push(("lcg", {
+            let mut state: u64 = 0x2545_f491_4f6c_dd1d;
+            (0..1000)
+                .map(|_| {
+                    state = state
+                        .wrapping_mul(6_364_136_223_846_793_005)
+                        .wrapping_add(1_442_695_040_888_963_407);
+                    let w = (state >> 33) as u32 % 1100;
+                    if w >= 1000 { 0 } else { w }
+                })
+                .collect()
+        }));
+        sets
+    }
+
+    /// A stable digest of a table (FNV-1a over its little-endian entries, then `fmix64`).
+    fn raw_table_digest(table: &[u32]) -> u64 {
+        let hash = table.iter().fold(FNV_OFFSET_BASIS, |hash, owner| {
+            fnv1a64(hash, &owner.to_le_bytes())
+        });
+        fmix64(hash ^ table.len() as u64)
+    }
+
+    /// Every node of a fleet and every restarted daemon must compute the ring older builds did:
+    /// pins the tables (not just properties of them) of many inputs. The digests were computed
+    /// by the build loop before it was optimised; a change here reshuffles production rings.
+    #[test]
+    fn the_tables_are_pinned() {
+        // The daemon's keys (address strings) and the binary ones of the other tests.
+        let address_keys: Vec<Vec<u8>> = (0..1000u32)
+            .map(|j| {
+                format!("10.{}.{}.{}", 50 + j / 40_000, j / 200 % 200, j % 200 + 1).into_bytes()
+            })
+            .collect();
+        let binary_keys = keys(1000);
+        let mut got = Vec::new();
+        for (key_name, keys) in [("address", &address_keys), ("binary", &binary_keys)] {
+            for (set_name, weights) in golden_weight_sets() {
+                for ring_size in [7, 251, 65537, 131071] {
+                    let table = build_table(&backends(keys, &weights), ring_size);
+                    got.push(format!(
+                        "{key_name} keys, {set_name} x{}, M={ring_size}: {:#018x}",
+                        weights.len(),
+                        raw_table_digest(&table)
+                    ));
+                }
+            }
+        }
+        let expected: Vec<String> = PINNED_TABLES
+            .lines()
+            .map(|l| l.trim().to_owned())
+            .filter(|l| !l.is_empty())
+            .collect();
+        if got != expected {
+            for line in &got {
+                println!("{line}");
+            }
+        }
+        assert_eq!(got, expected, "a Maglev table changed");
+    }
+
+    /// Digests of [`the_tables_are_pinned`], one case a line.
+    const PINNED_TABLES: &str = "
+    address keys, equal x1, M=7: 0xaec8f9a4ec2d57d8
+    address keys, equal x1, M=251: 0xd6edc015130548b2
+    address keys, equal x1, M=65537: 0x43b091b32a8c9c01
+    address keys, equal x1, M=131071: 0x01eda6b3d8cb2563
+    address keys, equal x2, M=7: 0xfe76ec0e280a1844
+    address keys, equal x2, M=251: 0xf2d048006cefee2c
+    address keys, equal x2, M=65537: 0x76b80658b909b1dc
+    address keys, equal x2, M=131071: 0x93bd422a86f86e57
+    address keys, equal x3, M=7: 0x980de8aa219da010
+    address keys, equal x3, M=251: 0xc450ab35285949be
+    address keys, equal x3, M=65537: 0x67fad9815652f40c
+    address keys, equal x3, M=131071: 0xee0e13947aa690ab
+    address keys, equal x10, M=7: 0x30e876335d9d8eb7
+    address keys, equal x10, M=251: 0x93b22b931884c611
+    address keys, equal x10, M=65537: 0xaa9c3f3b08344484
+    address keys, equal x10, M=131071: 0x75b143f16bffef2f
+    address keys, equal x100, M=7: 0x30e876335d9d8eb7
+    address keys, equal x100, M=251: 0x7ddb1a5a41a997f2
+    address keys, equal x100, M=65537: 0xe1f3e9cca8e35d7b
+    address keys, equal x100, M=131071: 0x74f1dd8b6cdf7d77
+    address keys, equal x1000, M=7: 0x30e876335d9d8eb7
+    address keys, equal x1000, M=251: 0xbca1dd9799773ac1
+    address keys, equal x1000, M=65537: 0x54b34f4d8e7a2e16
+    address keys, equal x1000, M=131071: 0x40f78b586e29c720
+    address keys, cycling 1..10 x100, M=7: 0x6a2a52dc8c173be6
+    address keys, cycling 1..10 x100, M=251: 0x07501c21492a60c4
+    address keys, cycling 1..10 x100, M=65537: 0x8561c0e13956374c
+    address keys, cycling 1..10 x100, M=131071: 0xc215436e16f97d87
+    address keys, cycling 0..12 x1000, M=7: 0x4aeb93d88495a6d4
+    address keys, cycling 0..12 x1000, M=251: 0xa58925100498aa11
+    address keys, cycling 0..12 x1000, M=65537: 0x0547303bcc7f6d98
+    address keys, cycling 0..12 x1000, M=131071: 0x794f46c4d9add759
+    address keys, one huge x100, M=7: 0x48b921a466d1ecf6
+    address keys, one huge x100, M=251: 0xe3f8d867993a7591
+    address keys, one huge x100, M=65537: 0xc660eadad4bf493a
+    address keys, one huge x100, M=131071: 0x840c5962101613e0
+    address keys, one heavy x1000, M=7: 0x19ba5730b551b58f
+    address keys, one heavy x1000, M=251: 0x6c8612c6daa64e88
+    address keys, one heavy x1000, M=65537: 0xb29592e4ecf2c16d
+    address keys, one heavy x1000, M=131071: 0x58ae6d38e03a703d
+    address keys, extremes x6, M=7: 0x005d988dcf90aa07
+    address keys, extremes x6, M=251: 0xe0388046596aec1f
+    address keys, extremes x6, M=65537: 0xe302c80c3da3245a
+    address keys, extremes x6, M=131071: 0x0abbb0dad3d8a593
+    address keys, equal with zeros x100, M=7: 0x83d519e691639319
+    address keys, equal with zeros x100, M=251: 0xb3ef619bd0145702
+    address keys, equal with zeros x100, M=65537: 0x03c9b806433dafcb
+    address keys, equal with zeros x100, M=131071: 0x0247109cbdce7583
+    address keys, all zero x10, M=7: 0x8052ea444db5419a
+    address keys, all zero x10, M=251: 0x96e38d7555ebd968
+    address keys, all zero x10, M=65537: 0x314bfa402f7cedc1
+    address keys, all zero x10, M=131071: 0x155acc22995b81ac
+    address keys, powers of two x20, M=7: 0x581a7d5044c38547
+    address keys, powers of two x20, M=251: 0xa37fdcd80098e418
+    address keys, powers of two x20, M=65537: 0x58d1883f57db1e2c
+    address keys, powers of two x20, M=131071: 0x57c9e72b469506d2
+    address keys, lcg x1000, M=7: 0x69b31449a920fc7c
+    address keys, lcg x1000, M=251: 0x27204c37626f6e88
+    address keys, lcg x1000, M=65537: 0x5cd02c99f6b66fe1
+    address keys, lcg x1000, M=131071: 0x113e9be979243ed5
+    binary keys, equal x1, M=7: 0xaec8f9a4ec2d57d8
+    binary keys, equal x1, M=251: 0xd6edc015130548b2
+    binary keys, equal x1, M=65537: 0x43b091b32a8c9c01
+    binary keys, equal x1, M=131071: 0x01eda6b3d8cb2563
+    binary keys, equal x2, M=7: 0xfbd0d0e5f77f4cea
+    binary keys, equal x2, M=251: 0x8f1f78b3ced79eb1
+    binary keys, equal x2, M=65537: 0x60d5804d401be0c0
+    binary keys, equal x2, M=131071: 0x32f4f0a36b3c50d3
+    binary keys, equal x3, M=7: 0x8b5f3f49da075928
+    binary keys, equal x3, M=251: 0x39e35d4921a1f6ba
+    binary keys, equal x3, M=65537: 0x43e058cc7ed12a80
+    binary keys, equal x3, M=131071: 0xcd1cc27c04fb49ba
+    binary keys, equal x10, M=7: 0xf6beccef3729e8e5
+    binary keys, equal x10, M=251: 0x955c6edded8cfabb
+    binary keys, equal x10, M=65537: 0x33d9fcd266b47857
+    binary keys, equal x10, M=131071: 0x47cfaf4e11bee7a9
+    binary keys, equal x100, M=7: 0xf6beccef3729e8e5
+    binary keys, equal x100, M=251: 0x03967174fe9110a4
+    binary keys, equal x100, M=65537: 0x31606bad18859238
+    binary keys, equal x100, M=131071: 0xd575868283a85d41
+    binary keys, equal x1000, M=7: 0xf6beccef3729e8e5
+    binary keys, equal x1000, M=251: 0xa0320382b922d6c3
+    binary keys, equal x1000, M=65537: 0xff74aefeb9a76a64
+    binary keys, equal x1000, M=131071: 0x9610d8c2462d07ec
+    binary keys, cycling 1..10 x100, M=7: 0x2937204deee43aa7
+    binary keys, cycling 1..10 x100, M=251: 0x03fc251127b504bf
+    binary keys, cycling 1..10 x100, M=65537: 0x9866f78629618c84
+    binary keys, cycling 1..10 x100, M=131071: 0x0c023855b88a9791
+    binary keys, cycling 0..12 x1000, M=7: 0x0780e7815a77a51a
+    binary keys, cycling 0..12 x1000, M=251: 0x0c3e963f1bdf9417
+    binary keys, cycling 0..12 x1000, M=65537: 0xfada8c8e16fc955d
+    binary keys, cycling 0..12 x1000, M=131071: 0x071336d67c2270f7
+    binary keys, one huge x100, M=7: 0x48b921a466d1ecf6
+    binary keys, one huge x100, M=251: 0xe3f8d867993a7591
+    binary keys, one huge x100, M=65537: 0xc660eadad4bf493a
+    binary keys, one huge x100, M=131071: 0x840c5962101613e0
+    binary keys, one heavy x1000, M=7: 0x19ba5730b551b58f
+    binary keys, one heavy x1000, M=251: 0x6c8612c6daa64e88
+    binary keys, one heavy x1000, M=65537: 0xcca3eae801ffba96
+    binary keys, one heavy x1000, M=131071: 0xace08fbe52df954b
+    binary keys, extremes x6, M=7: 0x005d988dcf90aa07
+    binary keys, extremes x6, M=251: 0xa17525dc7892bd00
+    binary keys, extremes x6, M=65537: 0x406671ada96252d0
+    binary keys, extremes x6, M=131071: 0x8d14d59776e0621c
+    binary keys, equal with zeros x100, M=7: 0x85c7f878de916485
+    binary keys, equal with zeros x100, M=251: 0xef1147a2d18c720c
+    binary keys, equal with zeros x100, M=65537: 0xbc45f847d27b749c
+    binary keys, equal with zeros x100, M=131071: 0x55130d91df4ba84b
+    binary keys, all zero x10, M=7: 0x8052ea444db5419a
+    binary keys, all zero x10, M=251: 0x96e38d7555ebd968
+    binary keys, all zero x10, M=65537: 0x314bfa402f7cedc1
+    binary keys, all zero x10, M=131071: 0x155acc22995b81ac
+    binary keys, powers of two x20, M=7: 0x98e7300f874a9639
+    binary keys, powers of two x20, M=251: 0x54e01143415670d3
+    binary keys, powers of two x20, M=65537: 0x7efbd470532f60a6
+    binary keys, powers of two x20, M=131071: 0x88ad9a6760bcbcb2
+    binary keys, lcg x1000, M=7: 0x61953e441c16d834
+    binary keys, lcg x1000, M=251: 0xff2bf7f8be5f42bc
+    binary keys, lcg x1000, M=65537: 0xd74f4dbd0bf8a736
+    binary keys, lcg x1000, M=131071: 0xe25f676248b9dc05
+";
+
     #[test]
     fn is_prime_knows_primes() {
         for prime in [
