@@ -49,8 +49,9 @@ const SKIP_SEED: u64 = 0x9e37_79b9_7f4a_7c15;
 /// `backends` and on `ring_size`; a backend of weight 0 yields exactly the table of the list
 /// without it (with indices of the original list).
 ///
-/// Cost: O(M log N) heap operations plus, as in the paper, about M ln M probes of taken slots;
-/// independent of how skewed the weights are.
+/// Cost: O(M log N) heap operations plus, as in the paper, about M ln M probes of taken slots,
+/// of which the last ~√M/2 slots' share (about half) is replaced by ~M/8 scanned entries (see
+/// [`Filler`]); independent of how skewed the weights are.
 ///
 /// # Panics
 ///
@@ -84,11 +85,11 @@ pub fn build_table(backends: &[MaglevBackend<'_>], ring_size: u32) -> Vec<u32> {
         .map(|(index, backend)| Candidate::new(index as u32, backend, ring_size))
         .collect();
 
-    let mut taken = TakenSlots::new(ring_size);
+    let mut filler = Filler::new(&mut table, ring_size);
     if candidates.iter().all(|c| c.weight == u64::from(max_weight)) {
         // Equal weights (the common case): every backend claims exactly once per round, in
         // order, so the round loop needs no schedule.
-        fill_round_robin(&mut table, &mut candidates, &mut taken, ring_size);
+        filler.fill_round_robin(&mut candidates);
         return table;
     }
 
@@ -98,15 +99,16 @@ pub fn build_table(backends: &[MaglevBackend<'_>], ring_size: u32) -> Vec<u32> {
     for (position, candidate) in candidates.iter_mut().enumerate() {
         schedule.push(candidate.advance_to_next_claim(0, max_weight), position);
     }
-
-    let mut free_slots = table.len();
+    let mut free = None;
     while let Some((round, position)) = schedule.pop() {
         let candidate = &mut candidates[position];
-        let slot = candidate.next_free_slot(&taken, ring_size);
-        taken.take(slot);
-        table[slot] = candidate.index;
-        free_slots -= 1;
-        if free_slots == 0 {
+        if filler.free_slots > filler.tail_slots {
+            filler.claim_by_probing(candidate);
+        } else {
+            let free = free.get_or_insert_with(|| filler.taken.free_slots(ring_size));
+            filler.claim_by_scanning(free, candidate);
+        }
+        if filler.free_slots == 0 {
             break;
         }
         let next_round = candidate.advance_to_next_claim(round, max_weight);
@@ -115,24 +117,64 @@ pub fn build_table(backends: &[MaglevBackend<'_>], ring_size: u32) -> Vec<u32> {
     table
 }
 
-/// The round loop for equal weights: each candidate in turn claims its next free slot.
-fn fill_round_robin(
-    table: &mut [u32],
-    candidates: &mut [Candidate],
-    taken: &mut TakenSlots,
+/// Hands out the slots of a table being built.
+///
+/// Most probes of a build happen at the end: with k slots free, finding one costs about M / k
+/// probes, so the last few hundred slots would take about half of the ~M ln M probes. From
+/// then on a claim instead scans the few free slots and takes the one that comes first in the
+/// backend's list: the same slot, since every slot the backend's list passed is taken for good.
+struct Filler<'t> {
+    table: &'t mut [u32],
+    taken: TakenSlots,
     ring_size: u32,
-) {
-    let mut free_slots = table.len();
-    loop {
-        for candidate in candidates.iter_mut() {
-            let slot = candidate.next_free_slot(taken, ring_size);
-            taken.take(slot);
-            table[slot] = candidate.index;
-            free_slots -= 1;
-            if free_slots == 0 {
-                return;
-            }
+    free_slots: usize,
+    /// Claims scan the free slots once there are at most this many.
+    tail_slots: usize,
+    modulus: Modulus,
+}
+
+impl<'t> Filler<'t> {
+    fn new(table: &'t mut [u32], ring_size: u32) -> Self {
+        Filler {
+            free_slots: table.len(),
+            table,
+            taken: TakenSlots::new(ring_size),
+            ring_size,
+            // Around √M / 2 free slots, a scan of them (a few multiplications each) costs about
+            // as much as the M / k probes it replaces (measured: √M / 4 and √M are slower).
+            tail_slots: (ring_size.isqrt() / 2) as usize,
+            modulus: Modulus::new(ring_size),
         }
+    }
+
+    /// The round loop for equal weights: each candidate in turn claims its next free slot.
+    fn fill_round_robin(&mut self, candidates: &mut [Candidate]) {
+        let mut turns = (0..candidates.len()).cycle();
+        while self.free_slots > self.tail_slots {
+            let position = turns.next().expect("at least one candidate");
+            self.claim_by_probing(&mut candidates[position]);
+        }
+        let mut free = self.taken.free_slots(self.ring_size);
+        while !free.is_empty() {
+            let position = turns.next().expect("at least one candidate");
+            self.claim_by_scanning(&mut free, &mut candidates[position]);
+        }
+    }
+
+    fn claim_by_probing(&mut self, candidate: &mut Candidate) {
+        let slot = candidate.next_free_slot(&self.taken, self.ring_size);
+        self.give(slot, candidate.index);
+    }
+
+    fn claim_by_scanning(&mut self, free: &mut Vec<u32>, candidate: &mut Candidate) {
+        let slot = candidate.first_of(free, &self.modulus);
+        self.give(slot, candidate.index);
+    }
+
+    fn give(&mut self, slot: usize, owner: u32) {
+        self.taken.take(slot);
+        self.table[slot] = owner;
+        self.free_slots -= 1;
     }
 }
 
@@ -179,6 +221,8 @@ struct Candidate {
     /// walks the same sequence as `(offset + j * skip) % M` without a multiplication.
     next_slot: u32,
     skip: u32,
+    /// `skip`'s inverse modulo M, or 0 until [`Candidate::first_of`] needs it.
+    inverse_skip: u32,
 }
 
 impl Candidate {
@@ -190,6 +234,7 @@ impl Candidate {
             credit: 0,
             next_slot: offset,
             skip,
+            inverse_skip: 0,
         }
     }
 
@@ -207,16 +252,90 @@ impl Candidate {
     fn next_free_slot(&mut self, taken: &TakenSlots, ring_size: u32) -> usize {
         loop {
             let slot = self.next_slot;
-            // slot < M and skip < M, so one subtraction reduces the sum modulo M (a division
-            // per probe would dominate the build: there are about M ln M probes).
-            let next = u64::from(slot) + u64::from(self.skip);
-            let wraps = next >= u64::from(ring_size);
-            self.next_slot = (next - if wraps { u64::from(ring_size) } else { 0 }) as u32;
+            self.next_slot = add_modulo(slot, self.skip, ring_size);
             if !taken.contains(slot as usize) {
                 return slot as usize;
             }
         }
     }
+
+    /// The slot of `free` (all the free slots) that comes first in this backend's list, removed
+    /// from `free`. Every slot the list passed before `next_slot` is taken, so that is the
+    /// same slot [`Candidate::next_free_slot`] would find. Leaves `next_slot` as it is: it
+    /// still precedes every free slot.
+    fn first_of(&mut self, free: &mut Vec<u32>, modulus: &Modulus) -> usize {
+        let ring_size = modulus.divisor as u32;
+        if self.inverse_skip == 0 {
+            self.inverse_skip = inverse_modulo(self.skip, ring_size);
+        }
+        // A slot's distance down the list from `next_slot` is `(slot - next_slot) / skip`
+        // modulo M, i.e. `slot * inverse + shift` with the `shift` below; distances of distinct
+        // slots differ, so the smallest one, with its index below it, is unique.
+        let inverse = u64::from(self.inverse_skip);
+        let shift = modulus.reduce(u64::from(ring_size - self.next_slot) * inverse);
+        let first = free
+            .iter()
+            .enumerate()
+            .map(|(index, &slot)| {
+                // slot * inverse + shift < M² + M < 2^64.
+                let steps = modulus.reduce(u64::from(slot) * inverse + shift);
+                steps << 32 | index as u64
+            })
+            .min()
+            .expect("a free slot is left");
+        free.swap_remove((first & u64::from(u32::MAX)) as usize) as usize
+    }
+}
+
+/// `(a + b) % m` for `a, b < m`: one subtraction, not a division (there are about M ln M
+/// probes per build).
+fn add_modulo(a: u32, b: u32, m: u32) -> u32 {
+    let sum = u64::from(a) + u64::from(b);
+    (if sum >= u64::from(m) {
+        sum - u64::from(m)
+    } else {
+        sum
+    }) as u32
+}
+
+/// Division by a u32 M known at run time, by a multiplication (Barrett reduction).
+struct Modulus {
+    divisor: u64,
+    /// ⌊(2^64 - 1) / M⌋.
+    reciprocal: u64,
+}
+
+impl Modulus {
+    fn new(divisor: u32) -> Self {
+        Modulus {
+            divisor: u64::from(divisor),
+            reciprocal: u64::MAX / u64::from(divisor),
+        }
+    }
+
+    /// `value % M`, for `value < M · (M + 1)`. The reciprocal is short of 2^64 / M by less
+    /// than 1 + 1/M, which makes the estimated quotient short by less than (M + 1)² / 2^64 ≤ 1
+    /// before rounding down: it is ⌊value / M⌋ or one less, so one correction.
+    fn reduce(&self, value: u64) -> u64 {
+        let quotient = ((u128::from(value) * u128::from(self.reciprocal)) >> 64) as u64;
+        let rest = value - quotient * self.divisor;
+        // Not an `if`: a branch here would be mispredicted half the time.
+        rest.min(rest.wrapping_sub(self.divisor))
+    }
+}
+
+/// `x` with `x · value ≡ 1 (mod modulus)`, for `value` in 1..modulus and `modulus` prime
+/// (extended Euclid).
+fn inverse_modulo(value: u32, modulus: u32) -> u32 {
+    let (mut r0, mut r1) = (modulus, value);
+    let (mut t0, mut t1) = (0_i64, 1_i64);
+    while r1 != 0 {
+        let q = r0 / r1;
+        (r0, r1) = (r1, r0 - q * r1);
+        (t0, t1) = (t1, t0 - i64::from(q) * t1);
+    }
+    debug_assert_eq!(r0, 1, "{value} has no inverse modulo {modulus}");
+    t0.rem_euclid(i64::from(modulus)) as u32
 }
 
 /// Which slots have an owner: one bit per slot, so the ~M ln M random probes of a build touch
@@ -238,6 +357,21 @@ impl TakenSlots {
 
     fn take(&mut self, slot: usize) {
         self.words[slot / 64] |= 1 << (slot % 64);
+    }
+
+    /// The free slots, in increasing order.
+    fn free_slots(&self, ring_size: u32) -> Vec<u32> {
+        let mut free = Vec::new();
+        for (word_index, &word) in self.words.iter().enumerate() {
+            let mut bits = !word;
+            while bits != 0 {
+                free.push(word_index as u32 * 64 + bits.trailing_zeros());
+                bits &= bits - 1;
+            }
+        }
+        // The last word's bits past the ring are never taken.
+        free.retain(|&slot| slot < ring_size);
+        free
     }
 }
 
@@ -523,7 +657,9 @@ mod tests {
     #[test]
     fn the_scheduled_build_matches_the_plain_round_loop() {
         let keys = keys(50);
-        let cases: [(&[u32], u32); 9] = [
+        let cases: [(&[u32], u32); 11] = [
+            (&[1, 2, 3], 3),
+            (&[5, 1], 2),
             (&[1; 50], 1021),
             (&[7; 10], 16381),
             (&[3, 0, 3, 3, 0], 1021),
@@ -768,6 +904,22 @@ mod tests {
     binary keys, lcg x1000, M=65537: 0xd74f4dbd0bf8a736
     binary keys, lcg x1000, M=131071: 0xe25f676248b9dc05
 ";
+
+    #[test]
+    fn modulus_and_inverse_agree_with_division() {
+        for m in [2_u32, 3, 7, 65537, 1_000_003, 4_294_967_291] {
+            let modulus = Modulus::new(m);
+            let m64 = u64::from(m);
+            let largest = m64 * (m64 + 1) - 1;
+            for value in [0, 1, m64 - 1, m64, largest / 3, largest - m64, largest] {
+                assert_eq!(modulus.reduce(value), value % m64, "{value} mod {m}");
+            }
+            for value in [1, 2, m - 1, m / 2 + 1].into_iter().filter(|&v| v < m) {
+                let inverse = inverse_modulo(value, m);
+                assert_eq!(u64::from(value) * u64::from(inverse) % m64, 1 % m64);
+            }
+        }
+    }
 
     #[test]
     fn is_prime_knows_primes() {
