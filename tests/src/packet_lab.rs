@@ -10,7 +10,7 @@ use lb::{
     dataplane::DataPlane,
     health::Health,
 };
-use lb_common::{FAMILY_V4, FAMILY_V6, FlowKey, flow_hash};
+use lb_common::{FAMILY_V4, FAMILY_V6, FlowKey, FlowState, RingSlot, flow_hash};
 
 use crate::frames::LB_MAC;
 
@@ -146,6 +146,39 @@ impl PacketLab {
         let vip = &self.balancer.vips[vip_index];
         let table = ring_for(vip, self.balancer.dataplane.capacity.ring_size);
         table[(flow_hash(flow) % self.balancer.dataplane.capacity.ring_size) as usize]
+    }
+}
+
+impl PacketLab {
+    /// The VIP's live ring as the data plane reads it (owner and prior of every slot).
+    pub fn live_ring(&self, vip_index: usize) -> Vec<RingSlot> {
+        let vip = &self.balancer.vips[vip_index];
+        self.balancer
+            .dataplane
+            .maps
+            .rings
+            .read_table(vip.id * 2 + (vip.active_ring & 1))
+            .unwrap_or_else(|e| panic!("reading the live ring: {e}"))
+    }
+
+    /// The live slot `flow` falls in.
+    pub fn live_slot(&self, vip_index: usize, flow: &FlowKey) -> RingSlot {
+        let m = self.balancer.dataplane.capacity.ring_size;
+        self.live_ring(vip_index)[(flow_hash(flow) % m) as usize]
+    }
+
+    /// Every entry of the flow table.
+    pub fn flow_entries(&self) -> Vec<(FlowKey, FlowState)> {
+        lb::dataplane::flows::read_flows(&self.balancer.dataplane.maps.flows)
+            .unwrap_or_else(|e| panic!("reading FLOWS: {e}"))
+    }
+
+    /// The data-plane id of `vip`'s backend at `address`.
+    pub fn id(&self, vip: &str, address: &str) -> u32 {
+        let address: IpAddr = address.parse().expect("backend address");
+        self.balancer
+            .backend_id(vip, address)
+            .unwrap_or_else(|| panic!("no backend {address} in vip {vip}"))
     }
 }
 

@@ -97,6 +97,8 @@ struct Freed {
     /// In the order they were freed; reused oldest first, like the pools do.
     vips: std::collections::VecDeque<u32>,
     backends: std::collections::VecDeque<u32>,
+    /// Ids given to new backends (fresh or reused).
+    allocated: Vec<u32>,
 }
 
 fn endpoint(address: IpAddr, port: u16, protocol: crate::config::Protocol) -> String {
@@ -173,6 +175,9 @@ impl Balancer {
         }
         self.vips = vips;
         self.reindex();
+        // A reused id must not inherit the flows its previous backend had recorded (the new
+        // backend is not up yet, so no packet followed them to it).
+        self.forget_flows_of(&freed.allocated)?;
         for v in republish {
             self.publish(v)?;
         }
@@ -367,6 +372,7 @@ impl Balancer {
                 self.dataplane.capacity.max_backends,
             ))?;
         self.dataplane.maps.reset_backend_counters(id)?;
+        freed.allocated.push(id);
         Ok(BackendState {
             id,
             address: config.address,

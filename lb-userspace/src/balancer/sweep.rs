@@ -152,6 +152,21 @@ impl Balancer {
         })
     }
 
+    /// Deletes the flows recorded on backends `ids` (new backends that may have been given the
+    /// id of a removed one).
+    pub(super) fn forget_flows_of(&mut self, ids: &[u32]) -> Result<usize, PublishError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let ids: std::collections::HashSet<u32> = ids.iter().copied().collect();
+        let stale: Vec<FlowKey> = read_flows(&self.dataplane.maps.flows)?
+            .into_iter()
+            .filter(|(_, state)| ids.contains(&state.backend))
+            .map(|(key, _)| key)
+            .collect();
+        Ok(delete_flows(&mut self.dataplane.maps.flows, &stale)?)
+    }
+
     /// Changed slots of the VIP at `vip_index`'s live ring.
     pub fn changed_slots(&self, vip_index: usize) -> usize {
         self.vips
