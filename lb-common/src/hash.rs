@@ -47,6 +47,27 @@ pub fn flow_hash(key: &FlowKey) -> u32 {
     h ^ (h >> 16)
 }
 
+/// The `VIP_FILTER` bit of a destination address (16-byte key form, IPv4 zero-padded): the
+/// address's four 32-bit words folded with XOR, then a multiplicative hash to 16 bits. An IPv4
+/// address folds to its own word, so [`vip_filter_bit_v4`] gives the same bit without reading
+/// the padding.
+#[inline(always)]
+pub fn vip_filter_bit(addr: &[u8; 16]) -> u32 {
+    let folded = word(addr, 0) ^ word(addr, 4) ^ word(addr, 8) ^ word(addr, 12);
+    filter_bit_of(folded)
+}
+
+/// [`vip_filter_bit`] of an IPv4 address given as its four bytes.
+#[inline(always)]
+pub fn vip_filter_bit_v4(addr: [u8; 4]) -> u32 {
+    filter_bit_of(u32::from_le_bytes(addr))
+}
+
+#[inline(always)]
+fn filter_bit_of(folded: u32) -> u32 {
+    folded.wrapping_mul(0x9e37_79b1) >> 16
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -68,6 +89,21 @@ mod tests {
         // Golden value: changing the hash remaps every flow of a running fleet, so it must be a
         // deliberate change of this constant, never an accident.
         assert_eq!(flow_hash(&key(40000)), 0xb311_937d);
+    }
+
+    #[test]
+    fn filter_bit_of_an_ipv4_address_is_that_of_its_padded_form() {
+        for a in [
+            [10, 0, 0, 100],
+            [192, 0, 2, 1],
+            [255, 255, 255, 255],
+            [0, 0, 0, 0],
+        ] {
+            let mut padded = [0u8; 16];
+            padded[..4].copy_from_slice(&a);
+            assert_eq!(vip_filter_bit(&padded), vip_filter_bit_v4(a), "{a:?}");
+            assert!(vip_filter_bit_v4(a) < crate::VIP_FILTER_WORDS * 64);
+        }
     }
 
     #[test]

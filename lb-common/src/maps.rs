@@ -16,6 +16,13 @@ pub const MAP_BACKEND_STATS: &str = "BACKEND_STATS";
 pub const MAP_REASONS: &str = "REASONS";
 /// `TX_PORTS`: devmap `backend id -> egress ifindex`, for backends behind another interface.
 pub const MAP_TX_PORTS: &str = "TX_PORTS";
+/// `VIP_FILTER`: array of `VIP_FILTER_WORDS` u64 words, a bitmap over destination addresses
+/// (bit [`vip_filter_bit`](crate::vip_filter_bit)): a clear bit means "no VIP has this address",
+/// so most traffic that is not for a VIP skips the `VIPS` hash lookup.
+pub const MAP_VIP_FILTER: &str = "VIP_FILTER";
+/// Words of `VIP_FILTER` (65536 bits: with 64 VIP addresses, about 0.1% of other addresses
+/// pass the filter and pay the `VIPS` lookup).
+pub const VIP_FILTER_WORDS: u32 = 1024;
 
 /// Read-only global: Maglev ring size M (a prime). Set at load time with `EbpfLoader::set_global`.
 pub const GLOBAL_RING_SIZE: &str = "RING_SIZE";
@@ -33,6 +40,11 @@ pub const FLOW_REFRESH_NS: u64 = 1_000_000_000;
 
 /// A ring slot holding this value has no backend (the VIP has none to offer).
 pub const NO_BACKEND: u32 = u32::MAX;
+
+/// `RingSlot::prior` of a changed slot whose prior owner was removed: the connections it had
+/// are gone, so unrecorded packets go to the owner. Never a backend id (ids stay below
+/// `NO_BACKEND - 1`, see the daemon's `max_backends` bound), so it is never "up in the VIP".
+pub const PRIOR_GONE: u32 = NO_BACKEND - 1;
 
 /// Address families as stored in keys (values of `AF_INET`/`AF_INET6` on Linux).
 pub const FAMILY_V4: u8 = 2;
@@ -103,15 +115,39 @@ pub const BACKEND_F_DISABLED: u32 = 1 << 3;
 /// the data plane; a restarted daemon reads it as "not up".
 pub const BACKEND_F_HELD: u32 = 1 << 4;
 
-/// `RingSlot`: one Maglev slot. The kernel stores array values at an 8-byte stride anyway, and
-/// `RINGS` is memory-mapped by the daemon (`BPF_F_MMAPABLE`), so the padding is made explicit:
-/// the daemon writes a whole table with one memcpy-like pass instead of 65537 syscalls.
+/// `RingSlot`: one Maglev slot. `RINGS` is memory-mapped by the daemon (`BPF_F_MMAPABLE`), so
+/// it writes a whole table with one memcpy-like pass instead of 65537 syscalls, and one aligned
+/// 8-byte store changes a slot for readers at once.
+///
+/// TCP (DESIGN §8): a slot whose owner has not changed (`prior == NO_BACKEND`) sends every
+/// packet to `owner` without touching the flow table: the ring alone gives an established
+/// connection its backend. In a changed slot the flow table decides; a packet of a connection it
+/// has not recorded (one that began before the change) goes to `prior`, the owner the slot had
+/// when it was last unchanged, if that backend is still up in the VIP.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RingSlot {
-    /// Backend id, or `NO_BACKEND`.
-    pub backend: u32,
-    pub _pad: u32,
+    /// Backend id that new flows get, or `NO_BACKEND`.
+    pub owner: u32,
+    /// `NO_BACKEND` while the slot is unchanged; otherwise the owner it had before it changed
+    /// (which may equal `owner` again, after A to B and back to A: connections that began on B
+    /// are in the flow table and must still be looked up).
+    pub prior: u32,
+}
+
+impl RingSlot {
+    /// A slot whose owner has not changed within the idle window.
+    pub const fn unchanged(owner: u32) -> Self {
+        Self {
+            owner,
+            prior: NO_BACKEND,
+        }
+    }
+
+    /// Whether the flow table must be consulted for TCP packets in this slot.
+    pub const fn is_changed(&self) -> bool {
+        self.prior != NO_BACKEND
+    }
 }
 
 /// `FlowKey`: a connection's 5-tuple as seen on the wire (ports in network byte order).

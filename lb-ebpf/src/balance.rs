@@ -1,43 +1,74 @@
-//! Backend choice: an established flow keeps its backend (flow table); a new flow, or one whose
-//! backend went down, takes the backend in its slot of the VIP's live Maglev table.
+//! Backend choice (DESIGN §8). The flow's slot of the VIP's live Maglev table names its `owner`
+//! and, when the slot changed recently, its `prior` owner.
+//!
+//! - TCP, unchanged slot: the owner; the flow table is neither read nor written (the ring
+//!   already gives every connection of the slot its backend, and a SYN flood cannot evict
+//!   anything).
+//! - TCP, changed slot: a recorded flow keeps its backend while that is up in this VIP (else it
+//!   is re-chosen: the owner). An unrecorded SYN goes to the owner; any other unrecorded packet
+//!   belongs to a connection that began before the change, so it goes to the prior owner if that
+//!   is still up in this VIP, else to the owner. Either way the flow is recorded.
+//! - UDP (no SYN to tell a new flow): every flow is recorded, and a recorded flow keeps its
+//!   backend while that is up in this VIP.
 
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
 use lb_common::{
     BACKEND_F_REDIRECT, BACKEND_F_UP, Backend, FLOW_REFRESH_NS, FlowKey, FlowState, NO_BACKEND,
-    Reason, VIP_F_PASS_WHEN_EMPTY, VipInfo, flow_hash,
+    PROTO_TCP, Reason, RingSlot, VIP_F_PASS_WHEN_EMPTY, VipInfo, flow_hash,
 };
 
 use crate::{
-    RING_SIZE, counters,
+    RING_SIZE, counters, filter,
     maps::{BACKENDS, FLOWS, RINGS, TX_PORTS, VIPS},
-    parse, rewrite,
+    parse::{self, Packet},
+    rewrite,
 };
+
+/// The backend a packet goes to.
+struct Choice {
+    id: u32,
+    backend: &'static Backend,
+    /// Counted as a new flow of the VIP and the backend: a TCP SYN, a flow (re-)chosen from the
+    /// owner, a new UDP flow.
+    new_flow: bool,
+}
 
 /// Forwards a parsed packet if it is addressed to a VIP; returns the verdict and why.
 #[inline(always)]
-pub fn forward(ctx: &XdpContext, flow: &FlowKey) -> (u32, Reason) {
+pub fn forward(ctx: &XdpContext, packet: &Packet) -> (u32, Reason) {
+    let flow = &packet.key;
+    if !filter::may_be_vip(flow) {
+        return (xdp_action::XDP_PASS, Reason::PassNotVip);
+    }
     // SAFETY: VIP records are written whole by the daemon with one map update; a concurrent
     // update at worst shows us the previous record, which is still a valid one.
     let Some(vip) = (unsafe { VIPS.get(flow.vip_key()) }) else {
         return (xdp_action::XDP_PASS, Reason::PassNotVip);
     };
-    let (backend_id, backend, new_flow) = match established(flow, vip) {
-        Some((id, backend)) => (id, backend, false),
-        None => match choose_new(flow, vip) {
-            Ok((id, backend)) => (id, backend, true),
-            Err(Reason::DropNoBackend) if vip.flags & VIP_F_PASS_WHEN_EMPTY != 0 => {
-                return (xdp_action::XDP_PASS, Reason::PassAllDown);
-            }
-            Err(reason) => return (xdp_action::XDP_DROP, reason),
-        },
+    let chosen = match ring_slot(flow, vip) {
+        Ok(slot) if flow.proto == PROTO_TCP => choose_tcp(flow, packet.opens, vip, slot),
+        Ok(slot) => choose_recorded(flow, vip, slot),
+        Err(reason) => Err(reason),
     };
-    counters::count_forwarded(vip.id, backend_id, parse::frame_len(ctx), new_flow);
+    let choice = match chosen {
+        Ok(choice) => choice,
+        Err(Reason::DropNoBackend) if vip.flags & VIP_F_PASS_WHEN_EMPTY != 0 => {
+            return (xdp_action::XDP_PASS, Reason::PassAllDown);
+        }
+        Err(reason) => return (xdp_action::XDP_DROP, reason),
+    };
+    let Choice {
+        id,
+        backend,
+        new_flow,
+    } = choice;
+    counters::count_forwarded(vip.id, id, parse::frame_len(ctx), new_flow);
     if !rewrite::set_macs(ctx, &backend.dst_mac, &backend.src_mac) {
         // Unreachable: the parser already proved the Ethernet header is there.
         return (xdp_action::XDP_PASS, Reason::PassMalformed);
     }
     if backend.flags & BACKEND_F_REDIRECT != 0 {
-        match TX_PORTS.redirect(backend_id, u64::from(xdp_action::XDP_DROP)) {
+        match TX_PORTS.redirect(id, u64::from(xdp_action::XDP_DROP)) {
             Ok(verdict) => (verdict, Reason::Redirect),
             Err(verdict) => (verdict, Reason::DropRedirectFailed),
         }
@@ -46,31 +77,9 @@ pub fn forward(ctx: &XdpContext, flow: &FlowKey) -> (u32, Reason) {
     }
 }
 
-/// The flow's pinned backend, if the flow is known and its backend is still up and still serves
-/// this VIP. Refreshes `last_seen_ns` only when it is stale, to keep the entry's cache line quiet.
+/// The flow's slot of the VIP's live table.
 #[inline(always)]
-fn established(flow: &FlowKey, vip: &VipInfo) -> Option<(u32, Backend)> {
-    let state = FLOWS.get_ptr_mut(flow)?;
-    // SAFETY: the pointer comes from a successful lookup; LRU entries stay valid for the
-    // program's run (RCU), and a racing update of the same entry writes the same field types.
-    let backend_id = unsafe { (*state).backend };
-    let backend = *BACKENDS.get(backend_id)?;
-    if backend.flags & BACKEND_F_UP == 0 || backend.vip_id != vip.id {
-        return None;
-    }
-    // SAFETY: `bpf_ktime_get_coarse_ns` has no preconditions; `state` is valid as above.
-    unsafe {
-        let now = bpf_ktime_get_coarse_ns();
-        if now.wrapping_sub((*state).last_seen_ns) > FLOW_REFRESH_NS {
-            (*state).last_seen_ns = now;
-        }
-    }
-    Some((backend_id, backend))
-}
-
-/// Picks the backend in the flow's slot of the live ring and records the flow.
-#[inline(always)]
-fn choose_new(flow: &FlowKey, vip: &VipInfo) -> Result<(u32, Backend), Reason> {
+fn ring_slot(flow: &FlowKey, vip: &VipInfo) -> Result<RingSlot, Reason> {
     // SAFETY: reading a read-only global; volatile so the compiler keeps the load that the
     // daemon's `set_global` patches instead of folding the compiled-in default.
     let ring_size = unsafe { core::ptr::read_volatile(&RING_SIZE) };
@@ -78,14 +87,120 @@ fn choose_new(flow: &FlowKey, vip: &VipInfo) -> Result<(u32, Backend), Reason> {
         return Err(Reason::DropNoBackend);
     }
     let table = vip.id * 2 + (vip.active_ring & 1);
-    let slot = table * ring_size + flow_hash(flow) % ring_size;
-    let backend_id = RINGS.get(slot).ok_or(Reason::DropBadBackend)?.backend;
-    if backend_id == NO_BACKEND {
+    let index = table * ring_size + flow_hash(flow) % ring_size;
+    // One 8-byte load: the daemon changes a live slot with one aligned store.
+    RINGS.get(index).copied().ok_or(Reason::DropBadBackend)
+}
+
+#[inline(always)]
+fn choose_tcp(
+    flow: &FlowKey,
+    opens: bool,
+    vip: &VipInfo,
+    slot: RingSlot,
+) -> Result<Choice, Reason> {
+    if !slot.is_changed() {
+        return Ok(Choice {
+            id: slot.owner,
+            backend: record(slot.owner)?,
+            new_flow: opens,
+        });
+    }
+    let prior = match recorded(flow, vip) {
+        Recorded::Usable(choice) => return Ok(choice),
+        // The recorded backend is gone: re-chosen, like any flow whose backend went down.
+        Recorded::Unusable => None,
+        Recorded::No => usable(slot.prior, vip),
+    };
+    let choice = match prior {
+        Some(backend) if !opens => Choice {
+            id: slot.prior,
+            backend,
+            new_flow: false,
+        },
+        _ => Choice {
+            id: slot.owner,
+            backend: record(slot.owner)?,
+            new_flow: true,
+        },
+    };
+    remember(flow, vip, choice.id);
+    Ok(choice)
+}
+
+/// UDP: the recorded backend, or the owner (recorded from now on).
+#[inline(always)]
+fn choose_recorded(flow: &FlowKey, vip: &VipInfo, slot: RingSlot) -> Result<Choice, Reason> {
+    if let Recorded::Usable(choice) = recorded(flow, vip) {
+        return Ok(choice);
+    }
+    let backend = record(slot.owner)?;
+    remember(flow, vip, slot.owner);
+    Ok(Choice {
+        id: slot.owner,
+        backend,
+        new_flow: true,
+    })
+}
+
+/// The backend record of a slot's owner.
+#[inline(always)]
+fn record(id: u32) -> Result<&'static Backend, Reason> {
+    if id == NO_BACKEND {
         return Err(Reason::DropNoBackend);
     }
-    let backend = *BACKENDS.get(backend_id).ok_or(Reason::DropBadBackend)?;
+    BACKENDS.get(id).ok_or(Reason::DropBadBackend)
+}
+
+/// `id`'s record, if that backend is up and serves this VIP.
+#[inline(always)]
+fn usable(id: u32, vip: &VipInfo) -> Option<&'static Backend> {
+    let backend = BACKENDS.get(id)?;
+    (backend.flags & BACKEND_F_UP != 0 && backend.vip_id == vip.id).then_some(backend)
+}
+
+/// What the flow table says about a flow.
+enum Recorded {
+    /// Recorded, and its backend is up in this VIP.
+    Usable(Choice),
+    /// Recorded on a backend that is down, gone or in another VIP.
+    Unusable,
+    /// Not recorded.
+    No,
+}
+
+/// The flow's recorded backend. Refreshes `last_seen_ns` only when it is stale, to keep the
+/// entry's cache line quiet.
+#[inline(always)]
+fn recorded(flow: &FlowKey, vip: &VipInfo) -> Recorded {
+    let Some(state) = FLOWS.get_ptr_mut(flow) else {
+        return Recorded::No;
+    };
+    // SAFETY: the pointer comes from a successful lookup; LRU entries stay valid for the
+    // program's run (RCU), and a racing update of the same entry writes the same field types.
+    let id = unsafe { (*state).backend };
+    let Some(backend) = usable(id, vip) else {
+        return Recorded::Unusable;
+    };
+    // SAFETY: `bpf_ktime_get_coarse_ns` has no preconditions; `state` is valid as above.
+    unsafe {
+        let now = bpf_ktime_get_coarse_ns();
+        if now.wrapping_sub((*state).last_seen_ns) > FLOW_REFRESH_NS {
+            (*state).last_seen_ns = now;
+        }
+    }
+    Recorded::Usable(Choice {
+        id,
+        backend,
+        new_flow: false,
+    })
+}
+
+/// Records the flow's backend.
+#[inline(always)]
+fn remember(flow: &FlowKey, vip: &VipInfo, id: u32) {
     let state = FlowState {
-        backend: backend_id,
+        backend: id,
         vip_id: vip.id,
         // SAFETY: helper without arguments or side effects.
         last_seen_ns: unsafe { bpf_ktime_get_coarse_ns() },
@@ -93,5 +208,4 @@ fn choose_new(flow: &FlowKey, vip: &VipInfo) -> Result<(u32, Backend), Reason> {
     // A full table evicts its least recently used entry, so the insert only fails on memory
     // pressure; the packet is forwarded anyway and the next one retries.
     let _ = FLOWS.insert(flow, state, 0);
-    Ok((backend_id, backend))
 }

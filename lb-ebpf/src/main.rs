@@ -1,13 +1,15 @@
 //! The XDP data plane of the load balancer.
 //!
-//! parse (headers → 5-tuple) → VIP lookup → flow table → Maglev ring for new flows → L2 DSR
-//! rewrite → `XDP_TX` / redirect. Anything that is not a VIP or cannot be parsed is `XDP_PASS`ed
-//! untouched: the program must never break the host's own traffic.
+//! parse (headers → 5-tuple) → VIP pre-filter → VIP lookup → ring slot (owner, prior) → flow
+//! table only where needed (changed TCP slots, UDP) → L2 DSR rewrite → `XDP_TX` / redirect.
+//! Anything that is not a VIP or cannot be parsed is `XDP_PASS`ed untouched: the program must
+//! never break the host's own traffic.
 #![no_std]
 #![no_main]
 
 mod balance;
 mod counters;
+mod filter;
 mod maps;
 mod parse;
 mod rewrite;
@@ -23,7 +25,7 @@ static RING_SIZE: u32 = lb_common::DEFAULT_RING_SIZE;
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     let (verdict, reason) = match parse::parse(&ctx) {
-        Parsed::Flow(flow) => balance::forward(&ctx, &flow),
+        Parsed::Flow(packet) => balance::forward(&ctx, &packet),
         Parsed::Pass(reason) => (xdp_action::XDP_PASS, reason),
     };
     counters::count_reason(reason, parse::frame_len(&ctx));

@@ -22,9 +22,21 @@ const ETH_P_8021Q: u16 = 0x8100;
 const IPV4_MF: u16 = 0x2000;
 const IPV4_OFFSET_MASK: u16 = 0x1fff;
 
+/// TCP flag bits, in byte 13 of the header.
+const TCP_FLAGS_OFFSET: usize = 13;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+
+/// A TCP or UDP packet whose headers are all present and consistent.
+pub struct Packet {
+    pub key: FlowKey,
+    /// A TCP SYN without ACK: the first packet of a connection (the flow table is told so in
+    /// changed ring slots).
+    pub opens: bool,
+}
+
 pub enum Parsed {
-    /// A TCP or UDP packet whose headers are all present and consistent.
-    Flow(FlowKey),
+    Flow(Packet),
     /// Hand the frame to the host untouched, for this reason.
     Pass(Reason),
 }
@@ -71,7 +83,7 @@ pub fn parse(ctx: &XdpContext) -> Parsed {
 }
 
 #[inline(always)]
-fn parse_l2(ctx: &XdpContext) -> Result<FlowKey, Reason> {
+fn parse_l2(ctx: &XdpContext) -> Result<Packet, Reason> {
     let eth: *const EthHdr = header(ctx, 0).ok_or(Reason::PassMalformed)?;
     // SAFETY: `header` checked that the Ethernet header lies inside the frame.
     let mut ether_type = u16::from_be(unsafe { (*eth).ether_type });
@@ -90,7 +102,7 @@ fn parse_l2(ctx: &XdpContext) -> Result<FlowKey, Reason> {
 }
 
 #[inline(always)]
-fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Result<FlowKey, Reason> {
+fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Result<Packet, Reason> {
     let ip: *const Ipv4Hdr = header(ctx, offset).ok_or(Reason::PassMalformed)?;
     // SAFETY: the fixed 20-byte header is inside the frame (checked by `header`).
     let ip = unsafe { &*ip };
@@ -119,12 +131,12 @@ fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Result<FlowKey, Reason> {
         family: FAMILY_V4,
         _pad: [0; 2],
     };
-    parse_ports(ctx, offset + header_len, offset + total_len, &mut key)?;
-    Ok(key)
+    let opens = parse_ports(ctx, offset + header_len, offset + total_len, &mut key)?;
+    Ok(Packet { key, opens })
 }
 
 #[inline(always)]
-fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<FlowKey, Reason> {
+fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<Packet, Reason> {
     let ip: *const Ipv6Hdr = header(ctx, offset).ok_or(Reason::PassMalformed)?;
     // SAFETY: the fixed 40-byte header is inside the frame (checked by `header`).
     let ip = unsafe { &*ip };
@@ -153,25 +165,28 @@ fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<FlowKey, Reason> {
         family: FAMILY_V6,
         _pad: [0; 2],
     };
-    parse_ports(ctx, offset + Ipv6Hdr::LEN, end, &mut key)?;
-    Ok(key)
+    let opens = parse_ports(ctx, offset + Ipv6Hdr::LEN, end, &mut key)?;
+    Ok(Packet { key, opens })
 }
 
-/// Fills in the ports. The whole TCP or UDP header must lie inside the IP datagram (`l3_end`),
-/// whose own end was already checked against the frame.
+/// Fills in the ports; returns whether the packet is a TCP SYN without ACK. The whole TCP or UDP
+/// header must lie inside the IP datagram (`l3_end`), whose own end was already checked against
+/// the frame.
 #[inline(always)]
 fn parse_ports(
     ctx: &XdpContext,
     offset: usize,
     l3_end: usize,
     key: &mut FlowKey,
-) -> Result<(), Reason> {
+) -> Result<bool, Reason> {
     match key.proto {
         PROTO_TCP => {
             if offset + TcpHdr::LEN > l3_end {
                 return Err(Reason::PassMalformed);
             }
             let tcp: *const TcpHdr = header(ctx, offset).ok_or(Reason::PassMalformed)?;
+            // SAFETY: bounds-checked by `header`; the flags byte is inside the 20-byte header.
+            let flags = unsafe { *(tcp as *const u8).add(TCP_FLAGS_OFFSET) };
             // SAFETY: bounds-checked by `header`.
             let tcp = unsafe { &*tcp };
             // The options too must lie inside the datagram (corpus: tcp-data-offset-*).
@@ -181,6 +196,7 @@ fn parse_ports(
             }
             key.sport_be = u16::from_ne_bytes(tcp.source);
             key.dport_be = u16::from_ne_bytes(tcp.dest);
+            Ok(flags & (TCP_SYN | TCP_ACK) == TCP_SYN)
         }
         PROTO_UDP => {
             if offset + UdpHdr::LEN > l3_end {
@@ -197,10 +213,10 @@ fn parse_ports(
             }
             key.sport_be = u16::from_ne_bytes(udp.src);
             key.dport_be = u16::from_ne_bytes(udp.dst);
+            Ok(false)
         }
-        _ => return Err(Reason::PassNotTcpUdp),
+        _ => Err(Reason::PassNotTcpUdp),
     }
-    Ok(())
 }
 
 /// IPv6 extension headers (hop-by-hop, routing, fragment, ESP, AH, destination options,

@@ -49,8 +49,9 @@ const SKIP_SEED: u64 = 0x9e37_79b9_7f4a_7c15;
 /// `backends` and on `ring_size`; a backend of weight 0 yields exactly the table of the list
 /// without it (with indices of the original list).
 ///
-/// Cost: O(M log N) heap operations plus, as in the paper, about M ln M probes of taken slots;
-/// independent of how skewed the weights are.
+/// Cost: O(M log N) heap operations plus, as in the paper, about M ln M probes of taken slots,
+/// of which the last ~√M/2 slots' share (about half) is replaced by ~M/8 scanned entries (see
+/// [`Filler`]); independent of how skewed the weights are.
 ///
 /// # Panics
 ///
@@ -84,11 +85,11 @@ pub fn build_table(backends: &[MaglevBackend<'_>], ring_size: u32) -> Vec<u32> {
         .map(|(index, backend)| Candidate::new(index as u32, backend, ring_size))
         .collect();
 
-    let mut taken = TakenSlots::new(ring_size);
+    let mut filler = Filler::new(&mut table, ring_size);
     if candidates.iter().all(|c| c.weight == u64::from(max_weight)) {
         // Equal weights (the common case): every backend claims exactly once per round, in
         // order, so the round loop needs no schedule.
-        fill_round_robin(&mut table, &mut candidates, &mut taken, ring_size);
+        filler.fill_round_robin(&mut candidates);
         return table;
     }
 
@@ -98,15 +99,16 @@ pub fn build_table(backends: &[MaglevBackend<'_>], ring_size: u32) -> Vec<u32> {
     for (position, candidate) in candidates.iter_mut().enumerate() {
         schedule.push(candidate.advance_to_next_claim(0, max_weight), position);
     }
-
-    let mut free_slots = table.len();
+    let mut free = None;
     while let Some((round, position)) = schedule.pop() {
         let candidate = &mut candidates[position];
-        let slot = candidate.next_free_slot(&taken, ring_size);
-        taken.take(slot);
-        table[slot] = candidate.index;
-        free_slots -= 1;
-        if free_slots == 0 {
+        if filler.free_slots > filler.tail_slots {
+            filler.claim_by_probing(candidate);
+        } else {
+            let free = free.get_or_insert_with(|| filler.taken.free_slots(ring_size));
+            filler.claim_by_scanning(free, candidate);
+        }
+        if filler.free_slots == 0 {
             break;
         }
         let next_round = candidate.advance_to_next_claim(round, max_weight);
@@ -115,24 +117,64 @@ pub fn build_table(backends: &[MaglevBackend<'_>], ring_size: u32) -> Vec<u32> {
     table
 }
 
-/// The round loop for equal weights: each candidate in turn claims its next free slot.
-fn fill_round_robin(
-    table: &mut [u32],
-    candidates: &mut [Candidate],
-    taken: &mut TakenSlots,
+/// Hands out the slots of a table being built.
+///
+/// Most probes of a build happen at the end: with k slots free, finding one costs about M / k
+/// probes, so the last few hundred slots would take about half of the ~M ln M probes. From
+/// then on a claim instead scans the few free slots and takes the one that comes first in the
+/// backend's list: the same slot, since every slot the backend's list passed is taken for good.
+struct Filler<'t> {
+    table: &'t mut [u32],
+    taken: TakenSlots,
     ring_size: u32,
-) {
-    let mut free_slots = table.len();
-    loop {
-        for candidate in candidates.iter_mut() {
-            let slot = candidate.next_free_slot(taken, ring_size);
-            taken.take(slot);
-            table[slot] = candidate.index;
-            free_slots -= 1;
-            if free_slots == 0 {
-                return;
-            }
+    free_slots: usize,
+    /// Claims scan the free slots once there are at most this many.
+    tail_slots: usize,
+    modulus: Modulus,
+}
+
+impl<'t> Filler<'t> {
+    fn new(table: &'t mut [u32], ring_size: u32) -> Self {
+        Filler {
+            free_slots: table.len(),
+            table,
+            taken: TakenSlots::new(ring_size),
+            ring_size,
+            // Around √M / 2 free slots, a scan of them (a few multiplications each) costs about
+            // as much as the M / k probes it replaces (measured: √M / 4 and √M are slower).
+            tail_slots: (ring_size.isqrt() / 2) as usize,
+            modulus: Modulus::new(ring_size),
         }
+    }
+
+    /// The round loop for equal weights: each candidate in turn claims its next free slot.
+    fn fill_round_robin(&mut self, candidates: &mut [Candidate]) {
+        let mut turns = (0..candidates.len()).cycle();
+        while self.free_slots > self.tail_slots {
+            let position = turns.next().expect("at least one candidate");
+            self.claim_by_probing(&mut candidates[position]);
+        }
+        let mut free = self.taken.free_slots(self.ring_size);
+        while !free.is_empty() {
+            let position = turns.next().expect("at least one candidate");
+            self.claim_by_scanning(&mut free, &mut candidates[position]);
+        }
+    }
+
+    fn claim_by_probing(&mut self, candidate: &mut Candidate) {
+        let slot = candidate.next_free_slot(&self.taken, self.ring_size);
+        self.give(slot, candidate.index);
+    }
+
+    fn claim_by_scanning(&mut self, free: &mut Vec<u32>, candidate: &mut Candidate) {
+        let slot = candidate.first_of(free, &self.modulus);
+        self.give(slot, candidate.index);
+    }
+
+    fn give(&mut self, slot: usize, owner: u32) {
+        self.taken.take(slot);
+        self.table[slot] = owner;
+        self.free_slots -= 1;
     }
 }
 
@@ -179,6 +221,8 @@ struct Candidate {
     /// walks the same sequence as `(offset + j * skip) % M` without a multiplication.
     next_slot: u32,
     skip: u32,
+    /// `skip`'s inverse modulo M, or 0 until [`Candidate::first_of`] needs it.
+    inverse_skip: u32,
 }
 
 impl Candidate {
@@ -190,6 +234,7 @@ impl Candidate {
             credit: 0,
             next_slot: offset,
             skip,
+            inverse_skip: 0,
         }
     }
 
@@ -207,16 +252,90 @@ impl Candidate {
     fn next_free_slot(&mut self, taken: &TakenSlots, ring_size: u32) -> usize {
         loop {
             let slot = self.next_slot;
-            // slot < M and skip < M, so one subtraction reduces the sum modulo M (a division
-            // per probe would dominate the build: there are about M ln M probes).
-            let next = u64::from(slot) + u64::from(self.skip);
-            let wraps = next >= u64::from(ring_size);
-            self.next_slot = (next - if wraps { u64::from(ring_size) } else { 0 }) as u32;
+            self.next_slot = add_modulo(slot, self.skip, ring_size);
             if !taken.contains(slot as usize) {
                 return slot as usize;
             }
         }
     }
+
+    /// The slot of `free` (all the free slots) that comes first in this backend's list, removed
+    /// from `free`. Every slot the list passed before `next_slot` is taken, so that is the
+    /// same slot [`Candidate::next_free_slot`] would find. Leaves `next_slot` as it is: it
+    /// still precedes every free slot.
+    fn first_of(&mut self, free: &mut Vec<u32>, modulus: &Modulus) -> usize {
+        let ring_size = modulus.divisor as u32;
+        if self.inverse_skip == 0 {
+            self.inverse_skip = inverse_modulo(self.skip, ring_size);
+        }
+        // A slot's distance down the list from `next_slot` is `(slot - next_slot) / skip`
+        // modulo M, i.e. `slot * inverse + shift` with the `shift` below; distances of distinct
+        // slots differ, so the smallest one, with its index below it, is unique.
+        let inverse = u64::from(self.inverse_skip);
+        let shift = modulus.reduce(u64::from(ring_size - self.next_slot) * inverse);
+        let first = free
+            .iter()
+            .enumerate()
+            .map(|(index, &slot)| {
+                // slot * inverse + shift < M² + M < 2^64.
+                let steps = modulus.reduce(u64::from(slot) * inverse + shift);
+                steps << 32 | index as u64
+            })
+            .min()
+            .expect("a free slot is left");
+        free.swap_remove((first & u64::from(u32::MAX)) as usize) as usize
+    }
+}
+
+/// `(a + b) % m` for `a, b < m`: one subtraction, not a division (there are about M ln M
+/// probes per build).
+fn add_modulo(a: u32, b: u32, m: u32) -> u32 {
+    let sum = u64::from(a) + u64::from(b);
+    (if sum >= u64::from(m) {
+        sum - u64::from(m)
+    } else {
+        sum
+    }) as u32
+}
+
+/// Division by a u32 M known at run time, by a multiplication (Barrett reduction).
+struct Modulus {
+    divisor: u64,
+    /// ⌊(2^64 - 1) / M⌋.
+    reciprocal: u64,
+}
+
+impl Modulus {
+    fn new(divisor: u32) -> Self {
+        Modulus {
+            divisor: u64::from(divisor),
+            reciprocal: u64::MAX / u64::from(divisor),
+        }
+    }
+
+    /// `value % M`, for `value < M · (M + 1)`. The reciprocal is short of 2^64 / M by less
+    /// than 1 + 1/M, which makes the estimated quotient short by less than (M + 1)² / 2^64 ≤ 1
+    /// before rounding down: it is ⌊value / M⌋ or one less, so one correction.
+    fn reduce(&self, value: u64) -> u64 {
+        let quotient = ((u128::from(value) * u128::from(self.reciprocal)) >> 64) as u64;
+        let rest = value - quotient * self.divisor;
+        // Not an `if`: a branch here would be mispredicted half the time.
+        rest.min(rest.wrapping_sub(self.divisor))
+    }
+}
+
+/// `x` with `x · value ≡ 1 (mod modulus)`, for `value` in 1..modulus and `modulus` prime
+/// (extended Euclid).
+fn inverse_modulo(value: u32, modulus: u32) -> u32 {
+    let (mut r0, mut r1) = (modulus, value);
+    let (mut t0, mut t1) = (0_i64, 1_i64);
+    while r1 != 0 {
+        let q = r0 / r1;
+        (r0, r1) = (r1, r0 - q * r1);
+        (t0, t1) = (t1, t0 - i64::from(q) * t1);
+    }
+    debug_assert_eq!(r0, 1, "{value} has no inverse modulo {modulus}");
+    t0.rem_euclid(i64::from(modulus)) as u32
 }
 
 /// Which slots have an owner: one bit per slot, so the ~M ln M random probes of a build touch
@@ -238,6 +357,21 @@ impl TakenSlots {
 
     fn take(&mut self, slot: usize) {
         self.words[slot / 64] |= 1 << (slot % 64);
+    }
+
+    /// The free slots, in increasing order.
+    fn free_slots(&self, ring_size: u32) -> Vec<u32> {
+        let mut free = Vec::new();
+        for (word_index, &word) in self.words.iter().enumerate() {
+            let mut bits = !word;
+            while bits != 0 {
+                free.push(word_index as u32 * 64 + bits.trailing_zeros());
+                bits &= bits - 1;
+            }
+        }
+        // The last word's bits past the ring are never taken.
+        free.retain(|&slot| slot < ring_size);
+        free
     }
 }
 
@@ -523,7 +657,9 @@ mod tests {
     #[test]
     fn the_scheduled_build_matches_the_plain_round_loop() {
         let keys = keys(50);
-        let cases: [(&[u32], u32); 9] = [
+        let cases: [(&[u32], u32); 11] = [
+            (&[1, 2, 3], 3),
+            (&[5, 1], 2),
             (&[1; 50], 1021),
             (&[7; 10], 16381),
             (&[3, 0, 3, 3, 0], 1021),
@@ -557,6 +693,233 @@ mod tests {
         );
     }
     const PINNED_PARAMETERS: (u32, u32) = (33082, 26240);
+
+    /// Weight sets of the golden test: equal ones, and skewed ones with zeros and huge weights.
+    fn golden_weight_sets() -> Vec<(&'static str, Vec<u32>)> {
+        let mut sets: Vec<(&'static str, Vec<u32>)> = [1, 2, 3, 10, 100, 1000]
+            .into_iter()
+            .map(|n| ("equal", vec![100; n]))
+            .collect();
+        sets.push(("cycling 1..10", (0..100).map(|i| i % 10 + 1).collect()));
+        sets.push(("cycling 0..12", (0..1000).map(|i| i * 7 % 13).collect()));
+        sets.push(("one huge", {
+            let mut w = vec![1; 100];
+            w[37] = u32::MAX;
+            w
+        }));
+        sets.push(("one heavy", {
+            let mut w = vec![100; 1000];
+            w[500] = 50_000;
+            w
+        }));
+        sets.push(("extremes", vec![u32::MAX, 1, 2, u32::MAX / 3, 7, 0]));
+        sets.push((
+            "equal with zeros",
+            (0..100).map(|i| if i % 3 == 0 { 0 } else { 5 }).collect(),
+        ));
+        sets.push(("all zero", vec![0; 10]));
+        sets.push(("powers of two", (0..20).map(|i| 1 << i).collect()));
+        // A fixed LCG, so the set is the same everywhere: weights 0..=999, about a tenth 0.
+        sets.push(("lcg", {
+            let mut state: u64 = 0x2545_f491_4f6c_dd1d;
+            (0..1000)
+                .map(|_| {
+                    state = state
+                        .wrapping_mul(6_364_136_223_846_793_005)
+                        .wrapping_add(1_442_695_040_888_963_407);
+                    let w = (state >> 33) as u32 % 1100;
+                    if w >= 1000 { 0 } else { w }
+                })
+                .collect()
+        }));
+        sets
+    }
+
+    /// A stable digest of a table (FNV-1a over its little-endian entries, then `fmix64`).
+    fn raw_table_digest(table: &[u32]) -> u64 {
+        let hash = table.iter().fold(FNV_OFFSET_BASIS, |hash, owner| {
+            fnv1a64(hash, &owner.to_le_bytes())
+        });
+        fmix64(hash ^ table.len() as u64)
+    }
+
+    /// Every node of a fleet and every restarted daemon must compute the ring older builds did:
+    /// pins the tables (not just properties of them) of many inputs. The digests were computed
+    /// by the build loop before it was optimised; a change here reshuffles production rings.
+    #[test]
+    fn the_tables_are_pinned() {
+        // The daemon's keys (address strings) and the binary ones of the other tests.
+        let address_keys: Vec<Vec<u8>> = (0..1000u32)
+            .map(|j| {
+                format!("10.{}.{}.{}", 50 + j / 40_000, j / 200 % 200, j % 200 + 1).into_bytes()
+            })
+            .collect();
+        let binary_keys = keys(1000);
+        let mut got = Vec::new();
+        for (key_name, keys) in [("address", &address_keys), ("binary", &binary_keys)] {
+            for (set_name, weights) in golden_weight_sets() {
+                for ring_size in [7, 251, 65537, 131071] {
+                    let table = build_table(&backends(keys, &weights), ring_size);
+                    got.push(format!(
+                        "{key_name} keys, {set_name} x{}, M={ring_size}: {:#018x}",
+                        weights.len(),
+                        raw_table_digest(&table)
+                    ));
+                }
+            }
+        }
+        let expected: Vec<String> = PINNED_TABLES
+            .lines()
+            .map(|l| l.trim().to_owned())
+            .filter(|l| !l.is_empty())
+            .collect();
+        if got != expected {
+            for line in &got {
+                println!("{line}");
+            }
+        }
+        assert_eq!(got, expected, "a Maglev table changed");
+    }
+
+    /// Digests of [`the_tables_are_pinned`], one case a line.
+    const PINNED_TABLES: &str = "
+    address keys, equal x1, M=7: 0xaec8f9a4ec2d57d8
+    address keys, equal x1, M=251: 0xd6edc015130548b2
+    address keys, equal x1, M=65537: 0x43b091b32a8c9c01
+    address keys, equal x1, M=131071: 0x01eda6b3d8cb2563
+    address keys, equal x2, M=7: 0xfe76ec0e280a1844
+    address keys, equal x2, M=251: 0xf2d048006cefee2c
+    address keys, equal x2, M=65537: 0x76b80658b909b1dc
+    address keys, equal x2, M=131071: 0x93bd422a86f86e57
+    address keys, equal x3, M=7: 0x980de8aa219da010
+    address keys, equal x3, M=251: 0xc450ab35285949be
+    address keys, equal x3, M=65537: 0x67fad9815652f40c
+    address keys, equal x3, M=131071: 0xee0e13947aa690ab
+    address keys, equal x10, M=7: 0x30e876335d9d8eb7
+    address keys, equal x10, M=251: 0x93b22b931884c611
+    address keys, equal x10, M=65537: 0xaa9c3f3b08344484
+    address keys, equal x10, M=131071: 0x75b143f16bffef2f
+    address keys, equal x100, M=7: 0x30e876335d9d8eb7
+    address keys, equal x100, M=251: 0x7ddb1a5a41a997f2
+    address keys, equal x100, M=65537: 0xe1f3e9cca8e35d7b
+    address keys, equal x100, M=131071: 0x74f1dd8b6cdf7d77
+    address keys, equal x1000, M=7: 0x30e876335d9d8eb7
+    address keys, equal x1000, M=251: 0xbca1dd9799773ac1
+    address keys, equal x1000, M=65537: 0x54b34f4d8e7a2e16
+    address keys, equal x1000, M=131071: 0x40f78b586e29c720
+    address keys, cycling 1..10 x100, M=7: 0x6a2a52dc8c173be6
+    address keys, cycling 1..10 x100, M=251: 0x07501c21492a60c4
+    address keys, cycling 1..10 x100, M=65537: 0x8561c0e13956374c
+    address keys, cycling 1..10 x100, M=131071: 0xc215436e16f97d87
+    address keys, cycling 0..12 x1000, M=7: 0x4aeb93d88495a6d4
+    address keys, cycling 0..12 x1000, M=251: 0xa58925100498aa11
+    address keys, cycling 0..12 x1000, M=65537: 0x0547303bcc7f6d98
+    address keys, cycling 0..12 x1000, M=131071: 0x794f46c4d9add759
+    address keys, one huge x100, M=7: 0x48b921a466d1ecf6
+    address keys, one huge x100, M=251: 0xe3f8d867993a7591
+    address keys, one huge x100, M=65537: 0xc660eadad4bf493a
+    address keys, one huge x100, M=131071: 0x840c5962101613e0
+    address keys, one heavy x1000, M=7: 0x19ba5730b551b58f
+    address keys, one heavy x1000, M=251: 0x6c8612c6daa64e88
+    address keys, one heavy x1000, M=65537: 0xb29592e4ecf2c16d
+    address keys, one heavy x1000, M=131071: 0x58ae6d38e03a703d
+    address keys, extremes x6, M=7: 0x005d988dcf90aa07
+    address keys, extremes x6, M=251: 0xe0388046596aec1f
+    address keys, extremes x6, M=65537: 0xe302c80c3da3245a
+    address keys, extremes x6, M=131071: 0x0abbb0dad3d8a593
+    address keys, equal with zeros x100, M=7: 0x83d519e691639319
+    address keys, equal with zeros x100, M=251: 0xb3ef619bd0145702
+    address keys, equal with zeros x100, M=65537: 0x03c9b806433dafcb
+    address keys, equal with zeros x100, M=131071: 0x0247109cbdce7583
+    address keys, all zero x10, M=7: 0x8052ea444db5419a
+    address keys, all zero x10, M=251: 0x96e38d7555ebd968
+    address keys, all zero x10, M=65537: 0x314bfa402f7cedc1
+    address keys, all zero x10, M=131071: 0x155acc22995b81ac
+    address keys, powers of two x20, M=7: 0x581a7d5044c38547
+    address keys, powers of two x20, M=251: 0xa37fdcd80098e418
+    address keys, powers of two x20, M=65537: 0x58d1883f57db1e2c
+    address keys, powers of two x20, M=131071: 0x57c9e72b469506d2
+    address keys, lcg x1000, M=7: 0x69b31449a920fc7c
+    address keys, lcg x1000, M=251: 0x27204c37626f6e88
+    address keys, lcg x1000, M=65537: 0x5cd02c99f6b66fe1
+    address keys, lcg x1000, M=131071: 0x113e9be979243ed5
+    binary keys, equal x1, M=7: 0xaec8f9a4ec2d57d8
+    binary keys, equal x1, M=251: 0xd6edc015130548b2
+    binary keys, equal x1, M=65537: 0x43b091b32a8c9c01
+    binary keys, equal x1, M=131071: 0x01eda6b3d8cb2563
+    binary keys, equal x2, M=7: 0xfbd0d0e5f77f4cea
+    binary keys, equal x2, M=251: 0x8f1f78b3ced79eb1
+    binary keys, equal x2, M=65537: 0x60d5804d401be0c0
+    binary keys, equal x2, M=131071: 0x32f4f0a36b3c50d3
+    binary keys, equal x3, M=7: 0x8b5f3f49da075928
+    binary keys, equal x3, M=251: 0x39e35d4921a1f6ba
+    binary keys, equal x3, M=65537: 0x43e058cc7ed12a80
+    binary keys, equal x3, M=131071: 0xcd1cc27c04fb49ba
+    binary keys, equal x10, M=7: 0xf6beccef3729e8e5
+    binary keys, equal x10, M=251: 0x955c6edded8cfabb
+    binary keys, equal x10, M=65537: 0x33d9fcd266b47857
+    binary keys, equal x10, M=131071: 0x47cfaf4e11bee7a9
+    binary keys, equal x100, M=7: 0xf6beccef3729e8e5
+    binary keys, equal x100, M=251: 0x03967174fe9110a4
+    binary keys, equal x100, M=65537: 0x31606bad18859238
+    binary keys, equal x100, M=131071: 0xd575868283a85d41
+    binary keys, equal x1000, M=7: 0xf6beccef3729e8e5
+    binary keys, equal x1000, M=251: 0xa0320382b922d6c3
+    binary keys, equal x1000, M=65537: 0xff74aefeb9a76a64
+    binary keys, equal x1000, M=131071: 0x9610d8c2462d07ec
+    binary keys, cycling 1..10 x100, M=7: 0x2937204deee43aa7
+    binary keys, cycling 1..10 x100, M=251: 0x03fc251127b504bf
+    binary keys, cycling 1..10 x100, M=65537: 0x9866f78629618c84
+    binary keys, cycling 1..10 x100, M=131071: 0x0c023855b88a9791
+    binary keys, cycling 0..12 x1000, M=7: 0x0780e7815a77a51a
+    binary keys, cycling 0..12 x1000, M=251: 0x0c3e963f1bdf9417
+    binary keys, cycling 0..12 x1000, M=65537: 0xfada8c8e16fc955d
+    binary keys, cycling 0..12 x1000, M=131071: 0x071336d67c2270f7
+    binary keys, one huge x100, M=7: 0x48b921a466d1ecf6
+    binary keys, one huge x100, M=251: 0xe3f8d867993a7591
+    binary keys, one huge x100, M=65537: 0xc660eadad4bf493a
+    binary keys, one huge x100, M=131071: 0x840c5962101613e0
+    binary keys, one heavy x1000, M=7: 0x19ba5730b551b58f
+    binary keys, one heavy x1000, M=251: 0x6c8612c6daa64e88
+    binary keys, one heavy x1000, M=65537: 0xcca3eae801ffba96
+    binary keys, one heavy x1000, M=131071: 0xace08fbe52df954b
+    binary keys, extremes x6, M=7: 0x005d988dcf90aa07
+    binary keys, extremes x6, M=251: 0xa17525dc7892bd00
+    binary keys, extremes x6, M=65537: 0x406671ada96252d0
+    binary keys, extremes x6, M=131071: 0x8d14d59776e0621c
+    binary keys, equal with zeros x100, M=7: 0x85c7f878de916485
+    binary keys, equal with zeros x100, M=251: 0xef1147a2d18c720c
+    binary keys, equal with zeros x100, M=65537: 0xbc45f847d27b749c
+    binary keys, equal with zeros x100, M=131071: 0x55130d91df4ba84b
+    binary keys, all zero x10, M=7: 0x8052ea444db5419a
+    binary keys, all zero x10, M=251: 0x96e38d7555ebd968
+    binary keys, all zero x10, M=65537: 0x314bfa402f7cedc1
+    binary keys, all zero x10, M=131071: 0x155acc22995b81ac
+    binary keys, powers of two x20, M=7: 0x98e7300f874a9639
+    binary keys, powers of two x20, M=251: 0x54e01143415670d3
+    binary keys, powers of two x20, M=65537: 0x7efbd470532f60a6
+    binary keys, powers of two x20, M=131071: 0x88ad9a6760bcbcb2
+    binary keys, lcg x1000, M=7: 0x61953e441c16d834
+    binary keys, lcg x1000, M=251: 0xff2bf7f8be5f42bc
+    binary keys, lcg x1000, M=65537: 0xd74f4dbd0bf8a736
+    binary keys, lcg x1000, M=131071: 0xe25f676248b9dc05
+";
+
+    #[test]
+    fn modulus_and_inverse_agree_with_division() {
+        for m in [2_u32, 3, 7, 65537, 1_000_003, 4_294_967_291] {
+            let modulus = Modulus::new(m);
+            let m64 = u64::from(m);
+            let largest = m64 * (m64 + 1) - 1;
+            for value in [0, 1, m64 - 1, m64, largest / 3, largest - m64, largest] {
+                assert_eq!(modulus.reduce(value), value % m64, "{value} mod {m}");
+            }
+            for value in [1, 2, m - 1, m / 2 + 1].into_iter().filter(|&v| v < m) {
+                let inverse = inverse_modulo(value, m);
+                assert_eq!(u64::from(value) * u64::from(inverse) % m64, 1 % m64);
+            }
+        }
+    }
 
     #[test]
     fn is_prime_knows_primes() {

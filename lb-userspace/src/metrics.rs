@@ -14,7 +14,9 @@
 //! | `lb_vip_announced` | gauge | `vip` | 1 while this node announces the VIP's address (some VIP on it can serve), else 0 |
 //! | `lb_health_check_duration_seconds` | histogram | `vip`, `backend` | each check's latency, 100µs to 5s buckets |
 //! | `lb_xdp_verdicts_total` | counter | `reason` | packets per verdict reason ([`Reason::name`]), every reason, zeros included |
-//! | `lb_flow_table_entries` | gauge | | entries in the flow table |
+//! | `lb_flow_table_entries` | gauge | | entries in the flow table (at the last flow sweep) |
+//! | `lb_vip_ring_slots_changed` | gauge | `vip` | slots of the VIP's live ring whose owner changed within `tcp_idle_timeout`: only their TCP connections use the flow table |
+//! | `lb_vip_flow_table_entries` | gauge | `vip` | the flow table's entries for the VIP (at the last flow sweep) |
 //!
 //! `backend` is the backend's address as the config spells it (`10.0.0.11`, `2001:db8::11`),
 //! `vip` the VIP's name.
@@ -87,6 +89,8 @@ struct State {
     flow_entries: Option<u64>,
     /// (vip, whether its address is announced), in config order.
     announced: Vec<(String, bool)>,
+    /// (vip, changed ring slots, flow-table entries), in config order.
+    flow_tables: Vec<(String, u64, u64)>,
     /// Check latencies by (vip, backend).
     checks: BTreeMap<(String, String), Histogram>,
 }
@@ -147,6 +151,11 @@ impl Metrics {
         state.snapshot = Some(snapshot.clone());
         state.vips = gauges;
         state.flow_entries = Some(flow_entries);
+    }
+
+    /// Takes each VIP's changed ring slots and flow-table entries: (vip, slots, entries).
+    pub fn set_flow_tables(&self, per_vip: Vec<(String, u64, u64)>) {
+        self.lock().flow_tables = per_vip;
     }
 
     /// Takes which VIPs' addresses are announced from the announcer's last decision.
@@ -317,6 +326,31 @@ impl Collector for Exposition {
         .encode(&mut encoder)?;
 
         Family {
+            name: "lb_vip_ring_slots_changed",
+            help: "Slots of the VIP's live ring whose owner changed within tcp_idle_timeout; \
+                   only their TCP connections use the flow table.",
+            metric_type: MetricType::Gauge,
+            samples: state
+                .flow_tables
+                .iter()
+                .map(|(vip, changed, _)| ([("vip", vip.as_str())], ConstGauge::new(*changed)))
+                .collect(),
+        }
+        .encode(&mut encoder)?;
+
+        Family {
+            name: "lb_vip_flow_table_entries",
+            help: "Entries of the flow table for the VIP, at the last flow sweep.",
+            metric_type: MetricType::Gauge,
+            samples: state
+                .flow_tables
+                .iter()
+                .map(|(vip, _, entries)| ([("vip", vip.as_str())], ConstGauge::new(*entries)))
+                .collect(),
+        }
+        .encode(&mut encoder)?;
+
+        Family {
             name: "lb_health_check_duration_seconds",
             help: "How long each health check of the backend took, until its result or timeout.",
             metric_type: MetricType::Histogram,
@@ -451,7 +485,7 @@ mod tests {
     use crate::stats::{BackendCounters, VipCounters};
 
     /// Every family, with its type, as `# TYPE` names it.
-    const FAMILIES: [(&str, &str); 11] = [
+    const FAMILIES: [(&str, &str); 13] = [
         ("lb_vip_packets_total", "counter"),
         ("lb_vip_bytes_total", "counter"),
         ("lb_backend_packets_total", "counter"),
@@ -460,6 +494,8 @@ mod tests {
         ("lb_backend_up", "gauge"),
         ("lb_vip_active_pool", "gauge"),
         ("lb_vip_announced", "gauge"),
+        ("lb_vip_ring_slots_changed", "gauge"),
+        ("lb_vip_flow_table_entries", "gauge"),
         ("lb_health_check_duration_seconds", "histogram"),
         ("lb_xdp_verdicts_total", "counter"),
         ("lb_flow_table_entries", "gauge"),
@@ -732,6 +768,23 @@ mod tests {
         }
         // 2 VIPs x 2 families + 4 backends x (3 counters + up) + 2 VIPs x 3 pools + reasons + 1.
         assert_eq!(samples.len(), 4 + 16 + 6 + Reason::ALL.len() + 1, "{text}");
+    }
+
+    #[test]
+    fn flow_tables_are_two_gauges_per_vip() {
+        let metrics = Metrics::new();
+        metrics.set_flow_tables(vec![("web".into(), 120, 7), ("v6".into(), 0, 0)]);
+        assert_lines(
+            &metrics.encode(),
+            &[
+                "# TYPE lb_vip_ring_slots_changed gauge",
+                r#"lb_vip_ring_slots_changed{vip="web"} 120"#,
+                r#"lb_vip_ring_slots_changed{vip="v6"} 0"#,
+                "# TYPE lb_vip_flow_table_entries gauge",
+                r#"lb_vip_flow_table_entries{vip="web"} 7"#,
+                r#"lb_vip_flow_table_entries{vip="v6"} 0"#,
+            ],
+        );
     }
 
     #[test]

@@ -48,6 +48,26 @@ impl FrameSpec {
         }
     }
 
+    /// A TCP ACK: a packet of an established connection.
+    pub fn tcp_ack(src: IpAddr, sport: u16, dst: IpAddr, dport: u16) -> Self {
+        Self {
+            l4: L4::Tcp { flags: 0x10 },
+            ..Self::tcp_syn(src, sport, dst, dport)
+        }
+    }
+
+    /// The same flow's next packet once it is under way: an ACK for TCP, the same datagram for
+    /// UDP.
+    pub fn established(&self) -> Self {
+        match self.l4 {
+            L4::Tcp { .. } => Self {
+                l4: L4::Tcp { flags: 0x10 },
+                ..self.clone()
+            },
+            L4::Udp | L4::IcmpEcho => self.clone(),
+        }
+    }
+
     pub fn udp(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, payload: &[u8]) -> Self {
         Self {
             l4: L4::Udp,

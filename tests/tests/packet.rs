@@ -117,8 +117,9 @@ fn assert_passed_unchanged(lab: &mut PacketLab, frame: &[u8], what: &str) {
 }
 
 /// The backend a frame went to, read from its destination MAC.
+/// The backend the flow's next packet (an ACK, for TCP: the connection is under way) goes to.
 fn backend_of(lab: &mut PacketLab, spec: &FrameSpec) -> u32 {
-    lab.backend_of(&spec.build())
+    lab.backend_of(&spec.established().build())
 }
 
 fn valid_vip_frames() -> Vec<(usize, FrameSpec)> {

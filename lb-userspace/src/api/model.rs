@@ -77,6 +77,13 @@ pub struct VipStatus {
     /// new flow of the VIP to the same backend.
     #[serde(default)]
     pub ring_digest: String,
+    /// Slots of the live ring whose owner changed within `tcp_idle_timeout` (TCP VIPs; always 0
+    /// for UDP): only their connections use the flow table.
+    #[serde(default)]
+    pub ring_slots_changed: u64,
+    /// Flows the flow table holds for this VIP, as of the last flow sweep.
+    #[serde(default)]
+    pub flow_table_entries: u64,
     pub packets: u64,
     pub bytes: u64,
     pub flows: u64,

@@ -14,8 +14,10 @@ use tracing::warn;
 use super::{
     BackendState, Balancer, L2Path, ReconcileError, VipState,
     publish::{admin_from_flags, record_address},
+    slots::SlotHistory,
     vip_key,
 };
+use crate::dataplane::flows::kernel_now_ns;
 use crate::{config::Config, health::Health, pool::ActivePool};
 
 /// What [`Balancer::adopt`] found.
@@ -92,6 +94,13 @@ impl Balancer {
             }
             adopted.vips += 1;
             adopted.backends += backends.len();
+            let live_table = info.id * 2 + (info.active_ring & 1);
+            let live = self.dataplane.maps.rings.read_table(live_table)?;
+            let tcp = wanted.protocol == crate::config::Protocol::Tcp;
+            self.slots.insert(
+                info.id,
+                SlotHistory::adopted(live_table, live, kernel_now_ns(), tcp),
+            );
             self.vips.push(VipState {
                 id: info.id,
                 name: wanted.name.clone(),

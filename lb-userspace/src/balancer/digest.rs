@@ -28,7 +28,8 @@ impl Balancer {
             .maps
             .rings
             .read_table(vip.id * 2 + (vip.active_ring & 1))?;
-        Ok(ring_digest(vip, &table))
+        let owners: Vec<u32> = table.iter().map(|slot| slot.owner).collect();
+        Ok(ring_digest(vip, &owners))
     }
 }
 

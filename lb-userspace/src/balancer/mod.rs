@@ -10,10 +10,13 @@
 
 mod adopt;
 mod digest;
+mod filter;
 mod ids;
 mod publish;
 mod reconcile;
 mod rollback;
+mod slots;
+mod sweep;
 
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
@@ -32,6 +35,7 @@ pub use adopt::Adopted;
 pub use digest::ring_digest;
 pub use publish::{PublishError, PublishReport, ring_for};
 pub use reconcile::{Change, ReconcileError};
+pub use sweep::{IdleTimeouts, SweepReport};
 
 /// How the data plane reaches a backend at layer 2.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -150,6 +154,15 @@ pub struct Balancer {
     /// withdrawn, keepalived FAULT) within the hold, and the connections go on through the node
     /// that takes over; if the backend is really dead, its flows move when the hold ends.
     pub flow_hold: Duration,
+    /// `tcp_idle_timeout` and `udp_idle_timeout` (see [`Balancer::sweep_flows`]).
+    pub idle: IdleTimeouts,
+    /// Per VIP id: its live ring with each slot's owner, prior and last change (see
+    /// [`slots`]). Mirrors the data plane, not the config: a rolled-back reload keeps it.
+    slots: std::collections::HashMap<u32, slots::SlotHistory>,
+    /// `VIP_FILTER` as written (read from the map on first use: an adopted map has bits).
+    filter: Option<Vec<u64>>,
+    /// Per VIP id: flows in the table at the last sweep.
+    census: std::collections::HashMap<u32, usize>,
     /// Test-only: a map write that fails on purpose (see [`Balancer::inject_map_write_failure`]).
     faults: rollback::FaultInjection,
 }
@@ -193,6 +206,10 @@ impl Balancer {
             backend_ids: ids::IdPool::new(capacity.max_backends),
             index: std::collections::HashMap::new(),
             flow_hold: Duration::ZERO,
+            idle: IdleTimeouts::default(),
+            slots: std::collections::HashMap::new(),
+            filter: None,
+            census: std::collections::HashMap::new(),
             faults: rollback::FaultInjection::default(),
         }
     }

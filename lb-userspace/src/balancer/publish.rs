@@ -8,10 +8,10 @@ use lb_common::{
     Backend, NO_BACKEND, VIP_F_PASS_WHEN_EMPTY, VipInfo,
 };
 
-use super::{Admin, BackendState, Balancer, VipState};
+use super::{Admin, BackendState, Balancer, VipState, slots::SlotHistory};
 use crate::{
-    config::OnAllDown,
-    dataplane::DataPlaneError,
+    config::{OnAllDown, Protocol},
+    dataplane::{DataPlaneError, flows::kernel_now_ns},
     health::Health,
     maglev::{MaglevBackend, build_table},
     pool::ActivePool,
@@ -182,17 +182,25 @@ impl Balancer {
                 })?;
             self.written.insert(id, record);
         }
-        self.map_write("VIPS")?;
         let vip = &self.vips[vip_index];
-        let maps = &mut self.dataplane.maps;
-        let table = ring_for_pool(vip, pool_after, maps.rings.ring_size());
+        let ring_size = self.dataplane.maps.rings.ring_size();
+        let owners = ring_for_pool(vip, pool_after, ring_size);
         let in_ring = vip
             .backends
             .iter()
             .filter(|b| VipState::takes_new_flows(b, pool_after))
             .count();
+        let tcp = vip.protocol == Protocol::Tcp;
+        let history = self
+            .slots
+            .entry(vip.id)
+            .or_insert_with(|| SlotHistory::empty(ring_size, tcp));
+        history.track_priors(tcp);
+        let table = history.next_table(&owners, kernel_now_ns());
         let next = 1 - (vip.active_ring & 1);
-        maps.rings.write_table(vip.id * 2 + next, &table)?;
+        let live_table = vip.id * 2 + next;
+        self.dataplane.maps.rings.write_table(live_table, &table)?;
+        let key = vip.key;
         let flags = match vip.on_all_down {
             OnAllDown::Pass => VIP_F_PASS_WHEN_EMPTY,
             OnAllDown::Drop => 0,
@@ -203,12 +211,19 @@ impl Balancer {
             active_ring: next,
             _pad: 0,
         };
-        maps.vips
-            .insert(vip.key, info, 0)
+        self.filter_admit(&key)?;
+        self.map_write("VIPS")?;
+        self.dataplane
+            .maps
+            .vips
+            .insert(key, info, 0)
             .map_err(|source| PublishError::Map {
                 what: "VIPS",
                 source,
             })?;
+        if let Some(history) = self.slots.get_mut(&info.id) {
+            history.published(live_table, table);
+        }
         let vip = &mut self.vips[vip_index];
         vip.active_ring = next;
         vip.active_pool = pool_after;
@@ -318,8 +333,21 @@ impl Balancer {
     }
 
     /// Clears the `BACKENDS` record of a backend that is gone: flows still pinned to it see no
-    /// `BACKEND_F_UP` and are re-chosen from their VIP's ring.
+    /// `BACKEND_F_UP` and are re-chosen from their VIP's ring. Its id may be reused, so first no
+    /// live slot may keep it as a prior (see [`SlotHistory::forget_prior`]).
     pub(super) fn clear_backend(&mut self, id: u32) -> Result<(), PublishError> {
+        let vip_id = self.written.get(&id).map(|r| r.vip_id);
+        for (&history_vip, history) in self.slots.iter_mut() {
+            if vip_id.is_some_and(|v| v != history_vip) {
+                continue;
+            }
+            for (index, slot) in history.forget_prior(id) {
+                self.dataplane
+                    .maps
+                    .rings
+                    .write_slot(history.live_table, index, slot)?;
+            }
+        }
         self.map_write("BACKENDS")?;
         self.dataplane
             .maps

@@ -111,7 +111,13 @@ impl Balancer {
     pub fn reconcile(&mut self, config: &Config) -> Result<Vec<Change>, ReconcileError> {
         let before = self.snapshot();
         match self.apply(config) {
-            Ok(changes) => Ok(changes),
+            Ok(changes) => {
+                self.idle = super::IdleTimeouts {
+                    tcp: config.tcp_idle_timeout,
+                    udp: config.udp_idle_timeout,
+                };
+                Ok(changes)
+            }
             Err(failed) => {
                 let rollback = self.restore(before).err().map(Box::new);
                 Err(ReconcileError::RolledBack {
@@ -170,6 +176,9 @@ impl Balancer {
         for v in republish {
             self.publish(v)?;
         }
+        // Removed and moved VIPs' addresses leave the pre-filter only now that their records
+        // are gone.
+        self.filter_rebuild()?;
         Ok(changes)
     }
 
@@ -323,6 +332,8 @@ impl Balancer {
             .or_else(|| freed.vips.pop_front())
             .ok_or(ReconcileError::NoVipSlot(self.dataplane.capacity.max_vips))?;
         self.dataplane.maps.reset_vip_counters(id)?;
+        // Whatever a previous VIP of this id left in its rings is not this VIP's history.
+        self.slots.remove(&id);
         let backends = wanted
             .backends
             .iter()

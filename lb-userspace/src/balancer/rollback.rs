@@ -77,6 +77,9 @@ impl Balancer {
                 vip.active_ring = info.active_ring & 1;
             }
         }
+        // Slot histories mirror the rings, which the republish below builds on; only those of
+        // VIPs the failed attempt added go.
+        self.slots.retain(|id, _| vips.iter().any(|v| v.id == *id));
         self.vips = vips;
         self.vip_ids = vip_ids;
         self.backend_ids = backend_ids;
@@ -86,6 +89,7 @@ impl Balancer {
         for v in 0..self.vips.len() {
             self.publish(v)?;
         }
+        self.filter_rebuild()?;
         Ok(())
     }
 

@@ -177,8 +177,9 @@ fn fail(message: &str) -> ExitCode {
 }
 
 /// The readable form of `lb status`: per VIP a line
-/// `web 10.0.0.100:80/tcp pool=primary announced ring=0123456789abcdef packets=.. bytes=..
-/// flows=..`, then per backend
+/// `web 10.0.0.100:80/tcp pool=primary announced ring=0123456789abcdef changed_slots=..
+/// table_flows=.. packets=.. bytes=.. flows=..` (`changed_slots`: ring slots that use the flow
+/// table; `table_flows`: its entries for the VIP; `flows`: new flows counted), then per backend
 /// `  10.0.0.11 primary up weight=100 last=ok (0.4ms) packets=.. bytes=.. flows=..`
 /// (`weight=0/100` when the weight new flows see is not the configured one, `last=-` before the
 /// first check); last, what the node announces
@@ -235,12 +236,14 @@ fn vip_line(vip: &VipStatus) -> String {
         "withdrawn"
     };
     format!(
-        "{} {host}:{}/{} pool={} {announced} ring={} packets={} bytes={} flows={}",
+        "{} {host}:{}/{} pool={} {announced} ring={} changed_slots={} table_flows={} packets={} bytes={} flows={}",
         vip.name,
         vip.port,
         vip.protocol,
         vip.active_pool,
         vip.ring_digest,
+        vip.ring_slots_changed,
+        vip.flow_table_entries,
         vip.packets,
         vip.bytes,
         vip.flows
@@ -329,6 +332,8 @@ mod tests {
                     announced: true,
                     announce_reason: "2 backends take new flows (pool primary)".into(),
                     ring_digest: "00112233445566ff".into(),
+                    ring_slots_changed: 12,
+                    flow_table_entries: 3,
                     packets: 10,
                     bytes: 1000,
                     flows: 3,
@@ -348,6 +353,8 @@ mod tests {
                     announced: false,
                     announce_reason: "no backend takes new flows".into(),
                     ring_digest: "89abcdef01234567".into(),
+                    ring_slots_changed: 0,
+                    flow_table_entries: 0,
                     packets: 0,
                     bytes: 0,
                     flows: 0,
@@ -357,11 +364,11 @@ mod tests {
         };
         assert_eq!(
             format_status(&report),
-            "web 10.0.0.100:80/tcp pool=primary announced ring=00112233445566ff packets=10 bytes=1000 flows=3\n\
+            "web 10.0.0.100:80/tcp pool=primary announced ring=00112233445566ff changed_slots=12 table_flows=3 packets=10 bytes=1000 flows=3\n\
              \x20 10.0.0.11 primary up weight=100 last=ok (0.4ms) packets=7 bytes=700 flows=2\n\
              \x20 10.0.0.12 primary draining weight=0/100 last=ok (0.4ms) packets=7 bytes=700 flows=2\n\
              \x20 10.0.0.13 standby down weight=100 last=connection refused packets=7 bytes=700 flows=2\n\
-             v6 [2001:db8::100]:53/udp pool=none withdrawn ring=89abcdef01234567 packets=0 bytes=0 flows=0\n\
+             v6 [2001:db8::100]:53/udp pool=none withdrawn ring=89abcdef01234567 changed_slots=0 table_flows=0 packets=0 bytes=0 flows=0\n\
              \x20 2001:db8::11 primary unknown weight=100 last=- packets=7 bytes=700 flows=2\n\
              announce: route_table=200 health_file=/run/lb/health (1)\n\
              \x20 10.0.0.100 announced: vip web: 2 backends take new flows (pool primary)\n\

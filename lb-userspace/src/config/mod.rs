@@ -7,6 +7,9 @@
 //! max_vips = 64
 //! max_backends = 4096          # over all VIPs
 //! flow_table_size = 1048576
+//! tcp_idle_timeout = "10m"     # a TCP connection idle this long may move when its ring slot
+//!                              # changes; 2s..=24h
+//! udp_idle_timeout = "30s"     # a UDP flow idle this long is forgotten; 2s..=24h
 //! api = "/run/lb/lb.sock"      # control API's Unix socket: an absolute path (this is the default)
 //! metrics = "127.0.0.1:9100"   # Prometheus `GET /metrics` on this address:port; unset: off
 //!
@@ -97,6 +100,16 @@ pub const MIN_RING_SIZE: u32 = 1021;
 pub const MAX_RING_SIZE: u32 = 1_000_003;
 /// Smallest accepted `flow_table_size`: below this the LRU would evict live flows constantly.
 pub const MIN_FLOW_TABLE_SIZE: u32 = 1024;
+/// `tcp_idle_timeout` when the config does not say: a changed ring slot keeps using the flow
+/// table this long after its last change, and a recorded TCP flow idle this long is forgotten.
+pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// `udp_idle_timeout` when the config does not say: a UDP flow idle this long is forgotten.
+pub const DEFAULT_UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Shortest accepted idle timeout: the data plane refreshes a flow's last-seen time at most once
+/// a second, so a shorter timeout could forget a flow that is sending.
+pub const MIN_IDLE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest accepted idle timeout.
+pub const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// Where the control API listens when the config does not say (`api`).
 pub const DEFAULT_API: &str = "/run/lb/lb.sock";
 /// Longest accepted `api` path in bytes: a Unix socket address holds 108 bytes, NUL included.
@@ -116,6 +129,11 @@ pub struct Config {
     pub max_backends: u32,
     /// Capacity of the connection-tracking LRU map.
     pub flow_table_size: u32,
+    /// How long a changed ring slot of a TCP VIP keeps sending unrecorded packets to its prior
+    /// owner, and how long an idle recorded TCP flow is kept.
+    pub tcp_idle_timeout: Duration,
+    /// How long an idle UDP flow is kept.
+    pub udp_idle_timeout: Duration,
     /// Unix socket of the control API (`lb status`, `lb reload`, ...): an absolute path,
     /// [`DEFAULT_API`] unless the config says otherwise.
     pub api: PathBuf,

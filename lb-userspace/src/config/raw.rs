@@ -32,6 +32,10 @@ pub(super) struct RawConfig {
     pub max_backends: Option<Spanned<i64>>,
     #[serde(default)]
     pub flow_table_size: Option<Spanned<i64>>,
+    #[serde(default)]
+    pub tcp_idle_timeout: Option<Spanned<RawDuration>>,
+    #[serde(default)]
+    pub udp_idle_timeout: Option<Spanned<RawDuration>>,
     /// Checked in validation: an absolute path.
     #[serde(default)]
     pub api: Option<Spanned<String>>,

@@ -64,6 +64,8 @@ ring_size = 16381
 max_vips = 8
 max_backends = 16
 flow_table_size = 4096
+tcp_idle_timeout = "1h"
+udp_idle_timeout = "2m"
 api = "/var/run/lb/control.sock"
 metrics = "[::1]:9101"
 
@@ -106,6 +108,8 @@ protocol = "udp"
         max_vips: 8,
         max_backends: 16,
         flow_table_size: 4096,
+        tcp_idle_timeout: Duration::from_secs(3600),
+        udp_idle_timeout: Duration::from_secs(120),
         api: "/var/run/lb/control.sock".into(),
         metrics: Some("[::1]:9101".parse().unwrap()),
         announce: AnnounceConfig {
@@ -175,6 +179,8 @@ fn defaults() {
     assert_eq!(config.max_vips, lb_common::DEFAULT_MAX_VIPS);
     assert_eq!(config.max_backends, lb_common::DEFAULT_MAX_BACKENDS);
     assert_eq!(config.flow_table_size, lb_common::DEFAULT_FLOW_TABLE_SIZE);
+    assert_eq!(config.tcp_idle_timeout, Duration::from_secs(600));
+    assert_eq!(config.udp_idle_timeout, Duration::from_secs(30));
     assert_eq!(config.api, Path::new("/run/lb/lb.sock"));
     assert_eq!(config.metrics, None);
     assert_eq!(config.vips.len(), 1);
@@ -1026,6 +1032,28 @@ fn check_kind_and_on_all_down_spellings() {
     }
     assert_eq!(OnAllDown::Drop.to_string(), "drop");
     assert_eq!(OnAllDown::Pass.as_str(), "pass");
+}
+
+#[test]
+fn idle_timeouts_out_of_range() {
+    assert_error(
+        "interface = \"eth0\"\ntcp_idle_timeout = \"1s\"",
+        2,
+        20,
+        "tcp_idle_timeout 1s is out of range 2s..=1day",
+    );
+    assert_error(
+        "interface = \"eth0\"\nudp_idle_timeout = \"25h\"",
+        2,
+        20,
+        "udp_idle_timeout 1day 1h is out of range 2s..=1day",
+    );
+    assert_error(
+        "interface = \"eth0\"\nudp_idle_timeout = 30",
+        2,
+        20,
+        "expected a number and a unit",
+    );
 }
 
 #[test]

@@ -23,7 +23,8 @@ use toml::Spanned;
 use super::raw::{RawBackend, RawConfig, RawDuration, RawHealth, RawVip};
 use super::{
     BackendConfig, CheckKind, Config, ConfigError, DEFAULT_API, DEFAULT_MIN_HEALTHY,
-    DEFAULT_WEIGHT, HealthConfig, MAX_API_PATH_BYTES, MAX_RING_SIZE, MIN_FLOW_TABLE_SIZE,
+    DEFAULT_TCP_IDLE_TIMEOUT, DEFAULT_UDP_IDLE_TIMEOUT, DEFAULT_WEIGHT, HealthConfig,
+    MAX_API_PATH_BYTES, MAX_IDLE_TIMEOUT, MAX_RING_SIZE, MIN_FLOW_TABLE_SIZE, MIN_IDLE_TIMEOUT,
     MIN_INTERVAL, MIN_RING_SIZE, OnAllDown, Protocol, VipConfig, XdpModeSetting,
 };
 use crate::maglev::is_prime;
@@ -103,7 +104,8 @@ impl Validator<'_> {
             DEFAULT_MAX_VIPS,
             1..=u32::MAX,
         )?;
-        // Backend ids index an array map, and NO_BACKEND marks an empty ring slot.
+        // Backend ids index an array map and stay below NO_BACKEND - 1: NO_BACKEND marks an
+        // empty ring slot, PRIOR_GONE (NO_BACKEND - 1) a changed slot whose prior was removed.
         let max_backends = self.setting(
             "max_backends",
             raw.max_backends.as_ref(),
@@ -117,6 +119,16 @@ impl Validator<'_> {
             MIN_FLOW_TABLE_SIZE..=u32::MAX,
         )?;
         self.ring_map_fits(&max_vips, &ring_size)?;
+        let tcp_idle_timeout = self.idle_timeout(
+            "tcp_idle_timeout",
+            raw.tcp_idle_timeout.as_ref(),
+            DEFAULT_TCP_IDLE_TIMEOUT,
+        )?;
+        let udp_idle_timeout = self.idle_timeout(
+            "udp_idle_timeout",
+            raw.udp_idle_timeout.as_ref(),
+            DEFAULT_UDP_IDLE_TIMEOUT,
+        )?;
         let api = self.api(raw.api.as_ref())?;
         let metrics = raw
             .metrics
@@ -132,11 +144,40 @@ impl Validator<'_> {
             max_vips: max_vips.value,
             max_backends: max_backends.value,
             flow_table_size: flow_table_size.value,
+            tcp_idle_timeout,
+            udp_idle_timeout,
             api,
             metrics,
             announce,
             vips,
         })
+    }
+
+    /// `tcp_idle_timeout` or `udp_idle_timeout`: a duration in
+    /// [`MIN_IDLE_TIMEOUT`]..=[`MAX_IDLE_TIMEOUT`].
+    fn idle_timeout(
+        &self,
+        key: &str,
+        raw: Option<&Spanned<RawDuration>>,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
+        let Some(raw) = raw else {
+            return Ok(default);
+        };
+        let value = self.duration(key, raw)?;
+        if !(MIN_IDLE_TIMEOUT..=MAX_IDLE_TIMEOUT).contains(&value) {
+            return Err(self.error(
+                raw.span(),
+                format!(
+                    "{key} {} is out of range {}..={} (flows refresh their last-seen time once a \
+                     second, so shorter timeouts would forget flows that are sending)",
+                    humantime::format_duration(value),
+                    humantime::format_duration(MIN_IDLE_TIMEOUT),
+                    humantime::format_duration(MAX_IDLE_TIMEOUT)
+                ),
+            ));
+        }
+        Ok(value)
     }
 
     /// The control API's socket path: absolute (the daemon may run from any directory), and

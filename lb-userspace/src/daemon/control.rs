@@ -115,6 +115,8 @@ pub(super) fn status(
                 announced: decision.announces(vip.address),
                 announce_reason: serves.map(|d| d.reason.clone()).unwrap_or_default(),
                 ring_digest,
+                ring_slots_changed: balancer.changed_slots(v) as u64,
+                flow_table_entries: balancer.recorded_flows(v) as u64,
                 packets: c.packets,
                 bytes: c.bytes,
                 flows: c.new_flows,

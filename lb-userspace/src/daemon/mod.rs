@@ -47,6 +47,8 @@ const MAX_BATCH: usize = 1024;
 const EARLY_REFRESH_SPACING: Duration = Duration::from_secs(1);
 /// How often flow holds are checked for their end (they last a second or more).
 const HOLD_TICK: Duration = Duration::from_millis(50);
+/// How often the loop checks whether a flow sweep is due.
+const SWEEP_CHECK: Duration = Duration::from_secs(1);
 /// How often the announcements are checked against the kernel table and the file (and failed
 /// writes retried).
 const ANNOUNCE_RETRY_INTERVAL: Duration = Duration::from_secs(1);
@@ -183,7 +185,10 @@ pub async fn run(config: Config, path: &Path) -> Result<Snapshot, RunError> {
     let mut refresh = tokio::time::interval(REFRESH_INTERVAL);
     refresh.tick().await; // the first tick is immediate; paths were just resolved
     let mut metrics_tick = tokio::time::interval(METRICS_INTERVAL);
-    let mut census_tick = tokio::time::interval(telemetry::FLOW_CENSUS_INTERVAL);
+    // The flow sweep (see `Balancer::sweep_flows`) runs every `sweep_interval`, checked each
+    // second so a reload that changes the idle timeouts takes effect without a new timer.
+    let mut sweep_tick = tokio::time::interval(SWEEP_CHECK);
+    let mut last_sweep = std::time::Instant::now();
     // Ends flow holds (several nodes: a backend taken down keeps its flows for a moment).
     let mut hold_tick = tokio::time::interval(HOLD_TICK);
     let mut last_early_refresh = std::time::Instant::now();
@@ -224,10 +229,9 @@ pub async fn run(config: Config, path: &Path) -> Result<Snapshot, RunError> {
                     telemetry.refresh(&balancer, running.announcer.decision());
                 }
             }
-            _ = census_tick.tick(), if running.telemetry.is_some() => {
-                if let Some(telemetry) = &running.telemetry {
-                    telemetry.census();
-                }
+            _ = sweep_tick.tick(), if last_sweep.elapsed() >= balancer.idle.sweep_interval() => {
+                last_sweep = std::time::Instant::now();
+                sweep(&mut balancer, running.telemetry.as_ref());
             }
             _ = sighup.recv() => {
                 info!("SIGHUP: reloading {}", running.path.display());
@@ -290,6 +294,31 @@ pub async fn run(config: Config, path: &Path) -> Result<Snapshot, RunError> {
 /// What the supervisor should be checking for `config`: every backend, by its data-plane id,
 /// starting from the health the model has for it (unknown for a new one, up for one a restarted
 /// daemon adopted as up). After a reconcile the model lists VIPs and backends in config order.
+/// One flow sweep: idle flows forgotten, quiet changed slots returned to unchanged; the
+/// metrics get the flow table's size per VIP.
+fn sweep(balancer: &mut Balancer, telemetry: Option<&telemetry::Telemetry>) {
+    match balancer.sweep_flows(crate::dataplane::flows::kernel_now_ns()) {
+        Ok(report) => {
+            if report.expired > 0 || report.returned > 0 {
+                info!(
+                    flows = report.flows,
+                    expired = report.expired,
+                    returned_slots = report.returned,
+                    changed_slots = report.changed,
+                    sweep_us = report.elapsed.as_micros() as u64,
+                    "flow sweep: {} idle flows forgotten, {} ring slots unchanged again",
+                    report.expired,
+                    report.returned
+                );
+            }
+            if let Some(telemetry) = telemetry {
+                telemetry.set_flow_tables(balancer, report.flows as u64);
+            }
+        }
+        Err(e) => warn!("flow sweep failed: {e}"),
+    }
+}
+
 fn wanted_checks(balancer: &Balancer, config: &Config) -> Vec<(u32, CheckSpec, Health)> {
     config
         .vips

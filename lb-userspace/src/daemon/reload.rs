@@ -40,6 +40,8 @@ fn fixed_setting_changed(path: &Path, old: &Config, new: &Config) -> Option<Stri
         flow_table_size,
         api,
         // Applied by a reload:
+        tcp_idle_timeout: _,
+        udp_idle_timeout: _,
         metrics: _,
         announce: _,
         vips: _,

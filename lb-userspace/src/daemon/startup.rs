@@ -55,7 +55,7 @@ fn warn_orphans(top: &std::path::Path) {
 }
 
 pub(super) fn log_adopted(balancer: &Balancer, adopted: &Adopted) {
-    let flows = balancer.dataplane.maps.flow_count();
+    let flows = balancer.dataplane.maps.flow_count().unwrap_or(0);
     let dir = balancer
         .dataplane
         .pinned()

@@ -1,5 +1,6 @@
 //! Prometheus metrics of a running daemon: the HTTP endpoint (when `metrics` is configured), the
-//! periodic copy of the data plane's counters into it, and the flow-table census.
+//! periodic copy of the data plane's counters into it, and the flow table's size (from the flow
+//! sweep).
 
 use std::{
     net::SocketAddr,
@@ -7,25 +8,17 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
-    time::Duration,
 };
 
-use aya::maps::{HashMap, Map, MapData};
-use lb_common::{FlowKey, FlowState};
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tracing::warn;
 
 use super::RunError;
 use crate::{balancer::Balancer, health::schedule::CheckReport, metrics::Metrics, stats::Snapshot};
 
-/// How often the flow table is counted: walking a full LRU table key by key takes a while, so
-/// it happens on a blocking thread and not often.
-pub(super) const FLOW_CENSUS_INTERVAL: Duration = Duration::from_secs(10);
-
 pub(super) struct Telemetry {
     metrics: Arc<Metrics>,
-    flow_entries: Arc<AtomicU64>,
-    flows_map_id: Option<u32>,
+    flow_entries: AtomicU64,
     stop: Option<oneshot::Sender<()>>,
     server: JoinHandle<()>,
 }
@@ -55,17 +48,29 @@ impl Telemetry {
                 let _ = stopped.await;
             },
         ));
-        let flows_map_id = aya::maps::IterableMap::map(&balancer.dataplane.maps.flows)
-            .info()
-            .map(|info| info.id())
-            .ok();
-        Ok(Self {
+        let telemetry = Self {
             metrics,
-            flow_entries: Arc::new(AtomicU64::new(0)),
-            flows_map_id,
+            flow_entries: AtomicU64::new(0),
             stop: Some(stop),
             server,
-        })
+        };
+        telemetry.set_flow_tables(balancer, 0);
+        Ok(telemetry)
+    }
+
+    /// Takes the flow table's size and each VIP's changed slots and entries (after a sweep).
+    pub(super) fn set_flow_tables(&self, balancer: &Balancer, entries: u64) {
+        self.flow_entries.store(entries, Ordering::Relaxed);
+        let per_vip = (0..balancer.vips.len())
+            .map(|v| {
+                (
+                    balancer.vips[v].name.clone(),
+                    balancer.changed_slots(v) as u64,
+                    balancer.recorded_flows(v) as u64,
+                )
+            })
+            .collect();
+        self.metrics.set_flow_tables(per_vip);
     }
 
     /// Copies the data plane's counters, the backends' states and what is announced into the
@@ -96,26 +101,10 @@ impl Telemetry {
         }
     }
 
-    /// Counts the flow table's entries on a blocking thread (its own handle on the map).
-    pub(super) fn census(&self) {
-        let Some(id) = self.flows_map_id else { return };
-        let entries = Arc::clone(&self.flow_entries);
-        tokio::task::spawn_blocking(move || match count_flows(id) {
-            Ok(n) => entries.store(n, Ordering::Relaxed),
-            Err(e) => warn!("metrics: counting the flow table failed: {e}"),
-        });
-    }
-
     pub(super) async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
         let _ = self.server.await;
     }
-}
-
-fn count_flows(id: u32) -> Result<u64, aya::maps::MapError> {
-    let flows: HashMap<MapData, FlowKey, FlowState> =
-        HashMap::try_from(Map::LruHashMap(MapData::from_id(id)?))?;
-    Ok(crate::dataplane::maps::count_flows(&flows) as u64)
 }

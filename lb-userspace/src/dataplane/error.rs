@@ -14,6 +14,8 @@ pub enum DataPlaneError {
     MissingMap(&'static str),
     #[error("the XDP object has no program `{0}`")]
     MissingProgram(&'static str),
+    #[error("reading or pruning FLOWS in batches: {0}")]
+    FlowBatch(#[source] std::io::Error),
     #[error("map `{name}`: {source}")]
     Map {
         name: &'static str,

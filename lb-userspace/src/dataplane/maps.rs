@@ -7,7 +7,7 @@ use aya::{
 };
 use lb_common::{
     Backend, Counters, FlowKey, FlowState, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_FLOWS, MAP_REASONS,
-    MAP_RINGS, MAP_TX_PORTS, MAP_VIP_STATS, MAP_VIPS, Reason, VipInfo, VipKey,
+    MAP_RINGS, MAP_TX_PORTS, MAP_VIP_FILTER, MAP_VIP_STATS, MAP_VIPS, Reason, VipInfo, VipKey,
 };
 
 use super::{
@@ -24,6 +24,9 @@ pub struct Maps {
     pub backend_stats: PerCpuArray<MapData, Counters>,
     pub reasons: PerCpuArray<MapData, Counters>,
     pub tx_ports: DevMap<MapData>,
+    /// The bitmap of VIP addresses in front of `vips` (written by `Balancer`, see
+    /// `balancer::filter`).
+    pub vip_filter: Array<MapData, u64>,
     /// Keeps the `RINGS` map (and so the memory behind `rings`) alive.
     _rings_map: MapData,
 }
@@ -55,6 +58,8 @@ impl Maps {
             reasons: PerCpuArray::try_from(take(ebpf, MAP_REASONS)?)
                 .map_err(map_err(MAP_REASONS))?,
             tx_ports: DevMap::try_from(take(ebpf, MAP_TX_PORTS)?).map_err(map_err(MAP_TX_PORTS))?,
+            vip_filter: Array::try_from(take(ebpf, MAP_VIP_FILTER)?)
+                .map_err(map_err(MAP_VIP_FILTER))?,
             _rings_map: rings_map,
         })
     }
@@ -85,16 +90,11 @@ impl Maps {
         Self::sum(&self.reasons, MAP_REASONS, reason as u32)
     }
 
-    /// Number of entries in the flow table (walks the keys: for status, not the hot path).
-    pub fn flow_count(&self) -> usize {
-        count_flows(&self.flows)
+    /// Number of entries in the flow table (reads the whole table in batches: for start-up
+    /// logs and tests, not the hot path).
+    pub fn flow_count(&self) -> Result<usize, DataPlaneError> {
+        Ok(super::flows::read_flows(&self.flows)?.len())
     }
-}
-
-/// Entries of a flow table, walked key by key (also used on a second handle, off the daemon's
-/// loop, by the metrics census).
-pub fn count_flows(flows: &HashMap<MapData, FlowKey, FlowState>) -> usize {
-    flows.keys().filter(Result::is_ok).count()
 }
 
 impl Maps {

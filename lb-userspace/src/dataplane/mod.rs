@@ -1,6 +1,7 @@
 //! Everything that touches the kernel: loading and attaching the XDP program, writing its maps.
 
 pub mod error;
+pub mod flows;
 pub mod loader;
 pub mod maps;
 pub mod object;

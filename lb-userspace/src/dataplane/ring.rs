@@ -75,8 +75,8 @@ impl RingMemory {
         })
     }
 
-    /// Writes a whole table. `slots` must hold exactly `ring_size` backend ids.
-    pub fn write_table(&mut self, table: u32, slots: &[u32]) -> Result<(), DataPlaneError> {
+    /// Writes a whole table. `slots` must hold exactly `ring_size` slots.
+    pub fn write_table(&mut self, table: u32, slots: &[RingSlot]) -> Result<(), DataPlaneError> {
         assert_eq!(
             slots.len(),
             self.ring_size as usize,
@@ -87,18 +87,46 @@ impl RingMemory {
         // `table_ptr`); we hold `&mut self`, so no other userspace writer exists. The XDP program
         // does not read this table until the VIP record flips to it.
         let table = unsafe { std::slice::from_raw_parts_mut(ptr, slots.len()) };
-        for (slot, &backend) in table.iter_mut().zip(slots) {
-            *slot = RingSlot { backend, _pad: 0 };
+        table.copy_from_slice(slots);
+        Ok(())
+    }
+
+    /// Changes one slot of a table the XDP program may be reading: one aligned 8-byte store, so
+    /// a reader sees the old slot or the new one, never half of each.
+    pub fn write_slot(
+        &mut self,
+        table: u32,
+        index: u32,
+        slot: RingSlot,
+    ) -> Result<(), DataPlaneError> {
+        if index >= self.ring_size {
+            return Err(DataPlaneError::OutOfRange {
+                what: "ring slot",
+                index,
+                capacity: self.ring_size,
+            });
+        }
+        let ptr = self.table_ptr(table)?;
+        let word = u64::from(slot.owner) | (u64::from(slot.prior) << 32);
+        // SAFETY: `index < ring_size`, so the slot is inside the table (and the mapping); the
+        // mapping is page-aligned and slots are 8 bytes, so the slot is 8-byte aligned and the
+        // atomic store is a single instruction. `RingSlot` is `repr(C)` with `owner` first, on
+        // a little-endian layout (x86-64, aarch64).
+        unsafe {
+            let slot_ptr = ptr
+                .add(index as usize)
+                .cast::<std::sync::atomic::AtomicU64>();
+            (*slot_ptr).store(word, std::sync::atomic::Ordering::Release);
         }
         Ok(())
     }
 
-    /// Reads a whole table back (for tests and `lb status`).
-    pub fn read_table(&self, table: u32) -> Result<Vec<u32>, DataPlaneError> {
+    /// Reads a whole table back (for adoption, tests and `lb status`).
+    pub fn read_table(&self, table: u32) -> Result<Vec<RingSlot>, DataPlaneError> {
         let ptr = self.table_ptr(table)?;
         // SAFETY: as in `write_table`; reads of plain integers.
         let table = unsafe { std::slice::from_raw_parts(ptr, self.ring_size as usize) };
-        Ok(table.iter().map(|slot| slot.backend).collect())
+        Ok(table.to_vec())
     }
 }
 

@@ -634,7 +634,7 @@ impl Lab {
     }
 
     fn count(&self) -> usize {
-        self.lab.balancer.dataplane.maps.flow_count()
+        self.lab.balancer.dataplane.maps.flow_count().unwrap_or(0)
     }
 
     fn vip_index(&self, backends: u32, protocol: u8, v6: bool) -> usize {

@@ -263,7 +263,13 @@ impl FuzzLab {
                 let mut slots = rings.read_table(table)?;
                 for _ in 0..slots.len() / 4 {
                     let i = self.rng.below(slots.len());
-                    slots[i] = max_backends + self.rng.below(4) as u32;
+                    slots[i].owner = max_backends + self.rng.below(4) as u32;
+                }
+                // ... and slots marked changed with priors of any backend (of this VIP, another
+                // one, or none), as a sweep or a reuse bug could leave them.
+                for _ in 0..slots.len() / 4 {
+                    let i = self.rng.below(slots.len());
+                    slots[i].prior = self.rng.below(max_backends as usize + 2) as u32;
                 }
                 rings.write_table(table, &slots)?;
             }
@@ -305,6 +311,10 @@ impl FuzzLab {
     /// differences, if any.
     pub fn check(&mut self, frame: &[u8]) -> Result<(Reason, Vec<String>), LabError> {
         let expected = self.expect(frame);
+        // Whether the flow table held the flow before the run (to tell "not touched").
+        let before = expected
+            .forwarded
+            .and_then(|fwd| self.lab.balancer.dataplane.maps.flows.get(&fwd.key, 0).ok());
         let result = self
             .lab
             .balancer
@@ -352,8 +362,11 @@ impl FuzzLab {
         self.check_reason(expected.reason, frame.len() as u64, &mut what)?;
         if let Some(fwd) = expected.forwarded {
             self.count(fwd.vip_id, fwd.backend_id, frame.len() as u64, fwd.new_flow);
-            if fwd.new_flow {
-                let flows = &self.lab.balancer.dataplane.maps.flows;
+            let flows = &self.lab.balancer.dataplane.maps.flows;
+            if !fwd.records && before.is_none() && flows.get(&fwd.key, 0).is_ok() {
+                what.push("a flow entry was written (model: the flow table is not touched)".into());
+            }
+            if fwd.records {
                 match flows.get(&fwd.key, 0) {
                     Ok(s) if s.backend == fwd.backend_id && s.vip_id == fwd.vip_id => {}
                     Ok(s) => what.push(format!(
@@ -462,10 +475,10 @@ impl FuzzLab {
                 self.change_state()?;
                 report.state_changes += 1;
             }
-            if let Ok(key) = model::parse::parse(&frame)
+            if let Ok(packet) = model::parse::parse(&frame)
                 && self.rng.chance(INJECT_PERCENT)
             {
-                self.inject_flow(&key)?;
+                self.inject_flow(&packet.key)?;
             }
             let (reason, what) = self.check(&frame)?;
             report.reasons[reason as usize] += 1;

@@ -1,19 +1,26 @@
-//! VIP, flow table and ring: which backend a parsed packet goes to, or why it does not.
+//! VIP, ring slot and flow table: which backend a parsed packet goes to, or why it does not
+//! (README "How it behaves", DESIGN §8).
 //!
 //! - Not a VIP (address, port, protocol, family): pass.
-//! - A known flow follows its entry while that backend exists, is up and serves this VIP.
-//! - Otherwise the flow takes slot `flow_hash % M` of the VIP's live table (`2*id + active`),
-//!   and the flow table must then pin it there. An empty slot drops (or passes, for a VIP that
-//!   passes when empty); a slot past the ring array or naming a backend past the backend array
-//!   drops as a bad backend.
+//! - The packet's slot is `flow_hash % M` of the VIP's live table (`2*id + active`); a slot past
+//!   the ring array, or an owner past the backend array, drops as a bad backend. An empty owner
+//!   drops (or passes, for a VIP that passes when empty).
+//! - TCP, slot unchanged (`prior == NO_BACKEND`): the owner, and the flow table is not touched.
+//! - TCP, slot changed: a recorded flow whose backend exists, is up and serves this VIP keeps
+//!   it; a recorded flow on any other backend is re-chosen (the owner). An unrecorded SYN without
+//!   ACK goes to the owner; any other unrecorded packet goes to the prior owner if that is up in
+//!   this VIP, else to the owner. The flow table then holds the flow on that backend.
+//! - UDP: a recorded flow keeps a usable backend; otherwise the owner, recorded.
 
 use lb_common::{
-    BACKEND_F_UP, FlowKey, NO_BACKEND, Reason, VIP_F_PASS_WHEN_EMPTY, VipKey, flow_hash,
+    BACKEND_F_UP, Backend, FlowKey, NO_BACKEND, PROTO_TCP, Reason, RingSlot, VIP_F_PASS_WHEN_EMPTY,
+    VipInfo, VipKey, flow_hash,
 };
 
-use super::{Expected, Forwarded, MapsView, XDP_DROP, XDP_PASS, rewrite};
+use super::{Expected, Forwarded, MapsView, XDP_DROP, XDP_PASS, parse::Packet, rewrite};
 
-pub fn forward(key: &FlowKey, maps: &impl MapsView) -> Expected {
+pub fn forward(packet: &Packet, maps: &impl MapsView) -> Expected {
+    let key = &packet.key;
     let vip_key = VipKey {
         addr: key.dst,
         port_be: key.dport_be,
@@ -23,31 +30,23 @@ pub fn forward(key: &FlowKey, maps: &impl MapsView) -> Expected {
     let Some(vip) = maps.vip(&vip_key) else {
         return untouched(XDP_PASS, Reason::PassNotVip);
     };
-    let pinned = maps.flow(key).and_then(|state| {
-        maps.backend(state.backend)
-            .filter(|b| b.flags & BACKEND_F_UP != 0 && b.vip_id == vip.id)
-            .map(|b| (state.backend, b))
-    });
-    let (backend_id, backend, new_flow) = match pinned {
-        Some((id, backend)) => (id, backend, false),
-        None => {
-            let m = maps.ring_size();
-            if m == 0 {
-                return empty(vip.flags);
-            }
-            let table = u64::from(vip.id) * 2 + u64::from(vip.active_ring & 1);
-            let slot = table * u64::from(m) + u64::from(flow_hash(key) % m);
-            let Some(id) = maps.ring_slot(slot) else {
-                return untouched(XDP_DROP, Reason::DropBadBackend);
-            };
-            if id == NO_BACKEND {
-                return empty(vip.flags);
-            }
-            let Some(backend) = maps.backend(id) else {
-                return untouched(XDP_DROP, Reason::DropBadBackend);
-            };
-            (id, backend, true)
-        }
+    let m = maps.ring_size();
+    if m == 0 {
+        return empty(vip.flags);
+    }
+    let table = u64::from(vip.id) * 2 + u64::from(vip.active_ring & 1);
+    let Some(slot) = maps.ring_slot(table * u64::from(m) + u64::from(flow_hash(key) % m)) else {
+        return untouched(XDP_DROP, Reason::DropBadBackend);
+    };
+    let choice = if key.proto == PROTO_TCP {
+        tcp(packet, &vip, slot, maps)
+    } else {
+        udp(key, &vip, slot, maps)
+    };
+    let (backend_id, backend, new_flow, records) = match choice {
+        Ok(choice) => choice,
+        Err(Reason::DropNoBackend) => return empty(vip.flags),
+        Err(reason) => return untouched(XDP_DROP, reason),
     };
     let (verdict, reason) = rewrite::verdict(backend_id, &backend, maps);
     Expected {
@@ -58,9 +57,62 @@ pub fn forward(key: &FlowKey, maps: &impl MapsView) -> Expected {
             vip_id: vip.id,
             backend_id,
             new_flow,
+            records,
             key: *key,
         }),
     }
+}
+
+/// (backend id, record, counted as new, recorded in the flow table).
+type Choice = (u32, Backend, bool, bool);
+
+fn tcp(
+    packet: &Packet,
+    vip: &VipInfo,
+    slot: RingSlot,
+    maps: &impl MapsView,
+) -> Result<Choice, Reason> {
+    if slot.prior == NO_BACKEND {
+        let backend = owner(slot, maps)?;
+        return Ok((slot.owner, backend, packet.opens, false));
+    }
+    let prior = match maps.flow(&packet.key) {
+        Some(state) => match usable(state.backend, vip, maps) {
+            Some(backend) => return Ok((state.backend, backend, false, false)),
+            None => None,
+        },
+        None => usable(slot.prior, vip, maps),
+    };
+    match prior {
+        Some(backend) if !packet.opens => Ok((slot.prior, backend, false, true)),
+        _ => Ok((slot.owner, owner(slot, maps)?, true, true)),
+    }
+}
+
+fn udp(
+    key: &FlowKey,
+    vip: &VipInfo,
+    slot: RingSlot,
+    maps: &impl MapsView,
+) -> Result<Choice, Reason> {
+    if let Some(state) = maps.flow(key)
+        && let Some(backend) = usable(state.backend, vip, maps)
+    {
+        return Ok((state.backend, backend, false, false));
+    }
+    Ok((slot.owner, owner(slot, maps)?, true, true))
+}
+
+fn owner(slot: RingSlot, maps: &impl MapsView) -> Result<Backend, Reason> {
+    if slot.owner == NO_BACKEND {
+        return Err(Reason::DropNoBackend);
+    }
+    maps.backend(slot.owner).ok_or(Reason::DropBadBackend)
+}
+
+fn usable(id: u32, vip: &VipInfo, maps: &impl MapsView) -> Option<Backend> {
+    maps.backend(id)
+        .filter(|b| b.flags & BACKEND_F_UP != 0 && b.vip_id == vip.id)
 }
 
 fn untouched(verdict: u32, reason: Reason) -> Expected {

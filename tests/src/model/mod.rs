@@ -11,7 +11,7 @@ pub mod rewrite;
 
 use std::collections::HashMap;
 
-use lb_common::{Backend, FlowKey, FlowState, Reason, VipInfo, VipKey};
+use lb_common::{Backend, FlowKey, FlowState, Reason, RingSlot, VipInfo, VipKey};
 
 /// XDP verdicts, as the kernel numbers them.
 pub const XDP_DROP: u32 = 1;
@@ -25,8 +25,8 @@ pub trait MapsView {
     fn vip(&self, key: &VipKey) -> Option<VipInfo>;
     /// `BACKENDS[id]`, `None` past the array's end.
     fn backend(&self, id: u32) -> Option<Backend>;
-    /// `RINGS[slot]`'s backend id, `None` past the array's end.
-    fn ring_slot(&self, slot: u64) -> Option<u32>;
+    /// `RINGS[slot]` (owner and prior), `None` past the array's end.
+    fn ring_slot(&self, slot: u64) -> Option<RingSlot>;
     /// The ring size M the program was loaded with.
     fn ring_size(&self) -> u32;
     /// Whether `TX_PORTS[id]` holds an interface (a redirect to it succeeds).
@@ -41,7 +41,7 @@ pub struct Tables {
     /// `BACKENDS`, the whole array.
     pub backends: Vec<Backend>,
     /// `RINGS`, the whole array: every VIP's two tables of `ring_size` slots.
-    pub rings: Vec<u32>,
+    pub rings: Vec<RingSlot>,
     pub ring_size: u32,
     /// Per backend id: whether `TX_PORTS` holds an interface for it.
     pub tx_ports: Vec<bool>,
@@ -60,7 +60,7 @@ impl<F: Fn(&FlowKey) -> Option<FlowState>> MapsView for View<'_, F> {
     fn backend(&self, id: u32) -> Option<Backend> {
         self.tables.backends.get(id as usize).copied()
     }
-    fn ring_slot(&self, slot: u64) -> Option<u32> {
+    fn ring_slot(&self, slot: u64) -> Option<RingSlot> {
         usize::try_from(slot)
             .ok()
             .and_then(|s| self.tables.rings.get(s))
@@ -86,8 +86,11 @@ impl<F: Fn(&FlowKey) -> Option<FlowState>> MapsView for View<'_, F> {
 pub struct Forwarded {
     pub vip_id: u32,
     pub backend_id: u32,
-    /// The flow was (re-)chosen from the ring: the flow table must now pin it to `backend_id`.
+    /// Counted as a new flow (a TCP SYN, a flow chosen from the slot's owner, a new UDP flow).
     pub new_flow: bool,
+    /// The flow table must now hold the flow on `backend_id`; when false it must be as it was
+    /// (TCP in an unchanged slot: not touched at all).
+    pub records: bool,
     pub key: FlowKey,
 }
 
@@ -115,7 +118,7 @@ impl Expected {
 /// The whole model: one frame, the maps as they are before it.
 pub fn expect(frame: &[u8], maps: &impl MapsView) -> Expected {
     match parse::parse(frame) {
-        Ok(key) => balance::forward(&key, maps),
+        Ok(packet) => balance::forward(&packet, maps),
         Err(reason) => Expected {
             verdict: XDP_PASS,
             reason,

@@ -19,9 +19,17 @@ use etherparse::{
 };
 use lb_common::{FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP, Reason};
 
-/// The flow key of a TCP/UDP packet whose headers are all there and consistent, or why the
-/// frame goes to the host.
-pub fn parse(frame: &[u8]) -> Result<FlowKey, Reason> {
+/// A TCP/UDP packet whose headers are all there and consistent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Packet {
+    pub key: FlowKey,
+    /// TCP SYN without ACK: a connection's first packet.
+    pub opens: bool,
+}
+
+/// The packet of a TCP/UDP frame whose headers are all there and consistent, or why the frame
+/// goes to the host.
+pub fn parse(frame: &[u8]) -> Result<Packet, Reason> {
     let eth = Ethernet2HeaderSlice::from_slice(frame).map_err(|_| Reason::PassMalformed)?;
     let mut rest = &frame[eth.slice().len()..];
     let mut ether_type = eth.ether_type();
@@ -38,7 +46,7 @@ pub fn parse(frame: &[u8]) -> Result<FlowKey, Reason> {
     }
 }
 
-fn ipv4(packet: &[u8]) -> Result<FlowKey, Reason> {
+fn ipv4(packet: &[u8]) -> Result<Packet, Reason> {
     let ip = Ipv4HeaderSlice::from_slice(packet).map_err(|_| Reason::PassMalformed)?;
     let header_len = ip.slice().len();
     let total_len = usize::from(ip.total_len());
@@ -57,11 +65,11 @@ fn ipv4(packet: &[u8]) -> Result<FlowKey, Reason> {
         family: FAMILY_V4,
         _pad: [0; 2],
     };
-    ports(&packet[header_len..total_len], &mut key)?;
-    Ok(key)
+    let opens = ports(&packet[header_len..total_len], &mut key)?;
+    Ok(Packet { key, opens })
 }
 
-fn ipv6(packet: &[u8]) -> Result<FlowKey, Reason> {
+fn ipv6(packet: &[u8]) -> Result<Packet, Reason> {
     let ip = Ipv6HeaderSlice::from_slice(packet).map_err(|_| Reason::PassMalformed)?;
     let header_len = ip.slice().len();
     let end = header_len + usize::from(ip.payload_length());
@@ -81,17 +89,20 @@ fn ipv6(packet: &[u8]) -> Result<FlowKey, Reason> {
         family: FAMILY_V6,
         _pad: [0; 2],
     };
-    ports(&packet[header_len..end], &mut key)?;
-    Ok(key)
+    let opens = ports(&packet[header_len..end], &mut key)?;
+    Ok(Packet { key, opens })
 }
 
-/// Fills in the ports from the IP payload (exactly the datagram, without Ethernet padding).
-fn ports(payload: &[u8], key: &mut FlowKey) -> Result<(), Reason> {
+/// Fills in the ports from the IP payload (exactly the datagram, without Ethernet padding);
+/// returns whether it is a TCP SYN without ACK.
+fn ports(payload: &[u8], key: &mut FlowKey) -> Result<bool, Reason> {
+    let mut opens = false;
     match IpNumber(key.proto) {
         IpNumber::TCP => {
             let tcp = TcpHeaderSlice::from_slice(payload).map_err(|_| Reason::PassMalformed)?;
             key.sport_be = tcp.source_port().to_be();
             key.dport_be = tcp.destination_port().to_be();
+            opens = tcp.syn() && !tcp.ack();
         }
         IpNumber::UDP => {
             let udp = UdpHeaderSlice::from_slice(payload).map_err(|_| Reason::PassMalformed)?;
@@ -105,7 +116,7 @@ fn ports(payload: &[u8], key: &mut FlowKey) -> Result<(), Reason> {
         _ => return Err(Reason::PassNotTcpUdp),
     }
     debug_assert!(key.proto == PROTO_TCP || key.proto == PROTO_UDP);
-    Ok(())
+    Ok(opens)
 }
 
 fn widen(a: [u8; 4]) -> [u8; 16] {

@@ -30,7 +30,7 @@ const CAPACITY: Capacity = Capacity {
     flow_table_size: 1024,
 };
 
-const MAP_NAMES: [&str; 8] = [
+const MAP_NAMES: [&str; 9] = [
     "BACKENDS",
     "BACKEND_STATS",
     "FLOWS",
@@ -38,6 +38,7 @@ const MAP_NAMES: [&str; 8] = [
     "RINGS",
     "TX_PORTS",
     "VIPS",
+    "VIP_FILTER",
     "VIP_STATS",
 ];
 
@@ -437,7 +438,7 @@ fn through_sys_fs_bpf_drop_keeps_forwarding_and_detach_cleans_up() {
     assert_eq!(
         report.to_string(),
         format!(
-            "removed from eth0: the XDP program and its link and 8 pinned maps ({}) ({})",
+            "removed from eth0: the XDP program and its link and 9 pinned maps ({}) ({})",
             MAP_NAMES.join(", "),
             dir.display()
         )
