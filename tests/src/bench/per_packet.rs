@@ -512,6 +512,21 @@ impl Lab {
         };
         lab.fill(cpus)?;
         lab.changed_flow = lab.change_ring()?;
+        // The unchanged-slot figures are only that if the grid's rings are all unchanged (one
+        // publish brought every backend up), and the changed-slot VIP must have changed slots.
+        let balancer = &lab.lab.balancer;
+        for v in 0..lab.specs.len() {
+            let changed = balancer.changed_slots(v);
+            ensure!(
+                changed == 0,
+                "{}: {changed} changed ring slots after the lab came up",
+                lab.specs[v].name
+            );
+        }
+        ensure!(
+            balancer.changed_slots(lab.changed_vip()) > 0,
+            "the ring change left no changed slot"
+        );
         Ok(lab)
     }
 
@@ -1469,6 +1484,13 @@ fn figures(cases: &[Case], labs: &[Lab], opts: &PerPacketOptions, cpu: usize) ->
             );
             params.insert("frame_bytes".to_owned(), case.frames[0].len().to_string());
             params.insert("cpu".to_owned(), cpu.to_string());
+            if let Program::Lb(l) = case.program {
+                let v = labs[l].changed_vip();
+                params.insert(
+                    "changed_vip_changed_slots".to_owned(),
+                    labs[l].lab.balancer.changed_slots(v).to_string(),
+                );
+            }
             for (key, value) in &case.program_info {
                 params.insert((*key).to_owned(), value.clone());
             }
