@@ -24,6 +24,8 @@ fn expected_names() -> Vec<String> {
         names::TRIVIAL_LOOP,
         names::REFLECTOR_REPEAT,
         names::REFLECTOR_LOOP,
+        names::TRIVIAL_CALL,
+        names::REFLECTOR_CALL,
     ]
     .map(str::to_owned)
     .to_vec();
@@ -40,6 +42,23 @@ fn expected_names() -> Vec<String> {
     }
     for f in flows {
         expected.push(names::flows_point(names::NON_VIP_PASS, f));
+    }
+    // The call method (issue 11): the same grid for its VIP paths, the non-VIP path and the
+    // changed-slot flow-table hit at every fill level.
+    for path in names::CALL_GRID_PATHS {
+        for b in per_packet::BACKENDS {
+            for f in flows {
+                expected.push(names::point(path, b, f));
+            }
+        }
+    }
+    for f in flows {
+        expected.push(names::flows_point(names::CALL_NON_VIP, f));
+        expected.push(names::point(
+            names::CALL_ACK_V4_CHANGED,
+            per_packet::CHANGED_VIP_BACKENDS,
+            f,
+        ));
     }
     expected.push(names::point(names::ESTABLISHED_V4_LOOP, rep_b, rep_f));
     for m in control_plane::RING_SIZES {
@@ -112,18 +131,39 @@ fn quick_per_packet_and_control_plane_write_a_complete_report() {
         }
     }
     let targets = report["targets"].as_array().expect("targets array");
-    assert_eq!(targets.len(), 6, "{targets:?}");
+    assert_eq!(targets.len(), 12, "{targets:?}");
+    // Per-packet and control plane ran: every target of theirs has a verdict.
+    for target in targets {
+        let name = target["name"].as_str().unwrap_or_default();
+        if !name.contains("throughput") && target["info"] == false {
+            assert!(target["reached"].is_boolean(), "{target}");
+        }
+    }
 
-    // The grid, and nothing else, in the per-packet group.
-    let per_packet_figures = figures
-        .iter()
-        .filter(|f| f["group"] == per_packet::GROUP)
-        .count();
+    // The grid, and nothing else, in the per-packet and per-call groups.
+    let in_group = |group: &str| figures.iter().filter(|f| f["group"] == group).count();
     let expected_per_packet = expected_names()
         .iter()
         .filter(|n| !n.starts_with("maglev_build/") && !n.starts_with("state_change/"))
         .count();
-    assert_eq!(per_packet_figures, expected_per_packet);
+    assert_eq!(
+        in_group(per_packet::GROUP) + in_group(per_packet::CALL_GROUP),
+        expected_per_packet
+    );
+    // Call-method figures are gross, each beside the reflector measured the same way.
+    for figure in figures
+        .iter()
+        .filter(|f| f["group"] == per_packet::CALL_GROUP)
+    {
+        assert_eq!(figure["params"]["method"], "call", "{figure}");
+        if !figure["name"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("/call")
+        {
+            assert_eq!(figure["baseline"], names::REFLECTOR_CALL, "{figure}");
+        }
+    }
     for f in per_packet::QUICK_FLOWS {
         let name = names::flows_point(names::NON_VIP_PASS, f);
         let params = &by_name(&name).expect("checked above")["params"];

@@ -12,12 +12,31 @@
 //!   whole nanoseconds, too coarse for differences of a few ns. (The kernel's is kept as a param.)
 //! - **loop**: `repeat = 1` calls, a fresh frame per call (a new source port for "new flow"); the
 //!   per-call cost is the kernel-reported duration of each run (exact nanoseconds), averaged.
+//! - **call** (issue 11's method, group `per_call`): `repeat = 1` calls on the SAME frame, the
+//!   kernel-reported duration averaged, kept GROSS (the trivial program is not subtracted: the
+//!   harness's fixed cost is in every figure, the reflector's included), beside the MAC-swap
+//!   reflector measured the same way in the same trial; the ratio is path gross median over
+//!   reflector gross median. The same frame every call is right for these paths: in an unchanged
+//!   ring slot nothing is written (no flow-table insert, not even for a SYN), and the changed-slot
+//!   flow is recorded once in the warm-up and then hit on every call.
 //!
 //! Every case is measured in every trial, trial k of all cases before trial k+1, with a rotating
 //! order. A case's net cost in trial k is its cost minus the trivial program's (`bench_pass`)
 //! in trial k by the same method; figures hold the net per-trial values. Every VIP path (new
 //! IPv4 flow; established IPv4, IPv6 and UDP flows, one hot flow and spread over the table) covers
 //! the whole backends × flows grid; the non-VIP path, which reads no backend set, each fill level.
+//!
+//! Ring slots. The lab brings every backend up in one publish, so every slot of the nine grid VIPs
+//! is unchanged (issue 11: a slot going from "no backend" to an owner is not a change). A tenth
+//! VIP (IPv4 TCP, [`CHANGED_VIP_BACKENDS`] backends, not pre-filled) gets one ring change after
+//! that (one backend's weight doubled, one publish), so some of its slots are changed; its hot
+//! flow is chosen in such a slot and is a flow-table hit on every measured call: the
+//! `tcp_ack_v4_changed_hit` figures show what the flow table costs. Every run is checked outside
+//! the timed part: the verdict, the VIP's `new_flows` counter (a SYN in an unchanged slot counts
+//! one new flow per call, an ACK none) and the flow table (an unchanged-slot flow is not in it
+//! after the trial, the changed-slot flow is). A probe at start-up finds whether the loaded data
+//! plane records every flow (before issue 11); then the unchanged-slot checks are only the
+//! verdict and the figures say so (`data_plane` in params).
 //!
 //! The flow table is pre-filled from userspace with established flows of the lab's VIPs pointing
 //! at real backends, split evenly over the CPUs (the table has per-CPU LRU lists, each holding
@@ -47,8 +66,12 @@ use crate::{
     packet_lab::{PacketLab, XDP_PASS, XDP_TX, flow_key},
 };
 
-/// The group of every figure made here.
+/// The group of the repeat- and loop-method figures made here.
 pub const GROUP: &str = "per_packet";
+/// The group of the call-method figures (repeat=1 on the same frame, gross).
+pub const CALL_GROUP: &str = "per_call";
+/// Backends of the VIP whose ring is changed after the lab is up.
+pub const CHANGED_VIP_BACKENDS: u32 = 100;
 
 /// Backend counts of the grid.
 pub const BACKENDS: [u32; 3] = [1, 100, 1000];
@@ -68,6 +91,9 @@ pub struct PerPacketOptions {
     pub quick: bool,
     /// Interleaved trials (the median of at least 5 is what the issue asks for).
     pub trials: usize,
+    /// Where `bpftool prog dump xlated|jited` of the measured programs go, if bpftool is
+    /// installed (`<program>.xlated.txt`, `<program>.jited.txt`).
+    pub dump_dir: Option<std::path::PathBuf>,
 }
 
 impl PerPacketOptions {
@@ -117,6 +143,23 @@ pub mod names {
     pub const ESTABLISHED_UDP_SPREAD: &str = "vip_established_udp_spread";
     /// No VIP: the same at every backend count, so named by the fill level only.
     pub const NON_VIP_PASS: &str = "non_vip_pass";
+
+    /// Call method (gross): the trivial program and the reflector on the 54-byte IPv4 TCP ACK.
+    pub const TRIVIAL_CALL: &str = "trivial/call";
+    pub const REFLECTOR_CALL: &str = "reflector/call";
+    /// IPv4 TCP ACK of an established flow in an unchanged slot (54 bytes).
+    pub const CALL_ACK_V4: &str = "tcp_ack_v4_unchanged";
+    /// IPv6 TCP ACK of an established flow in an unchanged slot (74 bytes).
+    pub const CALL_ACK_V6: &str = "tcp_ack_v6_unchanged";
+    /// IPv4 TCP SYN of a new flow in an unchanged slot (54 bytes; nothing is recorded).
+    pub const CALL_SYN_V4: &str = "tcp_syn_v4_unchanged";
+    /// IPv4 TCP ACK to an address that is no VIP (passed to the host).
+    pub const CALL_NON_VIP: &str = "non_vip_v4_tcp";
+    /// IPv4 TCP ACK in a changed slot, its flow in the table (a flow-table hit).
+    pub const CALL_ACK_V4_CHANGED: &str = "tcp_ack_v4_changed_hit";
+
+    /// The call-method VIP paths measured over the whole backends × flows grid.
+    pub const CALL_GRID_PATHS: [&str; 3] = [CALL_ACK_V4, CALL_ACK_V6, CALL_SYN_V4];
 
     /// The VIP paths measured over the whole backends × flows grid, in report order.
     pub const GRID_PATHS: [&str; 7] = [
@@ -185,6 +228,18 @@ fn vip_specs() -> Vec<VipSpec> {
         .collect()
 }
 
+/// The VIP whose ring is changed after the lab is up (config index: after the grid's nine). Not
+/// pre-filled: its only flows are the ones the measurement records.
+fn changed_vip_spec() -> VipSpec {
+    VipSpec {
+        name: "v4_tcp_changed",
+        address: IpAddr::V4(Ipv4Addr::new(10, 200, 0, 20)),
+        port: 80,
+        protocol: PROTO_TCP,
+        backends: CHANGED_VIP_BACKENDS,
+    }
+}
+
 /// An address that is no VIP (same port and protocol as the TCP VIPs).
 const NOT_A_VIP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 99);
 
@@ -210,12 +265,14 @@ fn backend_address(vip: usize, j: u32, v6: bool) -> IpAddr {
     }
 }
 
+/// The lab's config: the grid's VIPs (`specs`, in order) and then the changed-slot VIP.
 fn lab_config(specs: &[VipSpec], flow_table_size: u32) -> String {
     let mut toml = format!(
         "interface = \"bench0\"\nring_size = {RING_SIZE}\nmax_vips = 16\nmax_backends = 4096\n\
          flow_table_size = {flow_table_size}\n"
     );
-    for (v, spec) in specs.iter().enumerate() {
+    let changed = changed_vip_spec();
+    for (v, spec) in specs.iter().chain([&changed]).enumerate() {
         let protocol = if spec.protocol == PROTO_UDP {
             "udp"
         } else {
@@ -287,6 +344,8 @@ struct Lab {
     specs: Vec<VipSpec>,
     /// Entries counted after the fill.
     filled: usize,
+    /// The changed-slot VIP's hot flow (source, source port): its slot changed owner.
+    changed_flow: (IpAddr, u16),
 }
 
 /// The data plane's flow timestamps (`bpf_ktime_get_coarse_ns`): CLOCK_MONOTONIC_COARSE.
@@ -449,9 +508,94 @@ impl Lab {
             lab,
             specs,
             filled: 0,
+            changed_flow: (IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
         };
         lab.fill(cpus)?;
+        lab.changed_flow = lab.change_ring()?;
+        // The unchanged-slot figures are only that if the grid's rings are all unchanged (one
+        // publish brought every backend up), and the changed-slot VIP must have changed slots.
+        let balancer = &lab.lab.balancer;
+        for v in 0..lab.specs.len() {
+            let changed = balancer.changed_slots(v);
+            ensure!(
+                changed == 0,
+                "{}: {changed} changed ring slots after the lab came up",
+                lab.specs[v].name
+            );
+        }
+        ensure!(
+            balancer.changed_slots(lab.changed_vip()) > 0,
+            "the ring change left no changed slot"
+        );
         Ok(lab)
+    }
+
+    /// Index of the changed-slot VIP in the balancer (after the grid's VIPs).
+    fn changed_vip(&self) -> usize {
+        self.specs.len()
+    }
+
+    /// One ring change on the changed-slot VIP after the lab is up: its first backend's weight
+    /// doubled, one publish, so the slots that move to that backend become changed. Returns a
+    /// flow whose slot changed owner (from the daemon's own ring before and after).
+    fn change_ring(&mut self) -> Result<(IpAddr, u16)> {
+        let v = self.changed_vip();
+        let spec = changed_vip_spec();
+        let src = IpAddr::V4(Ipv4Addr::new(198, 19, 1, 1));
+        let key = |sport: u16| flow_key(src, sport, spec.address, spec.port, PROTO_TCP);
+        const CANDIDATES: u16 = 4096;
+        let before: Vec<u32> = (0..CANDIDATES)
+            .map(|n| self.lab.expected_backend(v, &key(40_000 + n)))
+            .collect();
+        let balancer = &mut self.lab.balancer;
+        let weight = balancer.vips[v].backends[0].weight.max(1);
+        balancer
+            .set_weight(v, 0, weight * 2)
+            .map_err(|e| anyhow::anyhow!("publishing the ring change of {}: {e}", spec.name))?;
+        (0..CANDIDATES)
+            .find(|&n| self.lab.expected_backend(v, &key(40_000 + n)) != before[usize::from(n)])
+            .map(|n| (src, 40_000 + n))
+            .with_context(|| {
+                format!(
+                    "no flow of {CANDIDATES} candidates in a changed slot of {}",
+                    spec.name
+                )
+            })
+    }
+
+    /// Whether the loaded data plane records every flow (before issue 11): one SYN of a fresh
+    /// flow to an IPv4 TCP VIP, all of whose slots are unchanged, and a look at the table.
+    fn records_every_flow(&mut self) -> Result<bool> {
+        let v = self.vip_index(BACKENDS[0], PROTO_TCP, false);
+        let spec = &self.specs[v];
+        let src = IpAddr::V4(Ipv4Addr::new(198, 18, 250, 1));
+        let key = flow_key(src, 1000, spec.address, spec.port, PROTO_TCP);
+        let syn = frame(spec, src, 1000, TCP_SYN);
+        let result = self
+            .lab
+            .balancer
+            .dataplane
+            .program()
+            .test_run(TestRunOptions {
+                data_in: Some(&syn),
+                ..TestRunOptions::new()
+            })
+            .context("test run of the probe SYN")?;
+        ensure!(
+            result.return_value == XDP_TX,
+            "probe SYN: verdict {} instead of XDP_TX",
+            result.return_value
+        );
+        let flows = &mut self.lab.balancer.dataplane.maps.flows;
+        let recorded = flows.get(&key, 0).is_ok();
+        if recorded {
+            flows.remove(&key).context("removing the probe flow")?;
+        }
+        Ok(recorded)
+    }
+
+    fn is_recorded(&self, key: &FlowKey) -> bool {
+        self.lab.balancer.dataplane.maps.flows.get(key, 0).is_ok()
     }
 
     fn fill(&mut self, cpus: &[usize]) -> Result<()> {
@@ -530,6 +674,8 @@ impl Lab {
 enum Method {
     Repeat,
     Loop,
+    /// repeat=1 calls on the same frame, gross (issue 11).
+    Call,
 }
 
 impl Method {
@@ -537,6 +683,7 @@ impl Method {
         match self {
             Method::Repeat => "repeat",
             Method::Loop => "loop",
+            Method::Call => "call",
         }
     }
 }
@@ -556,6 +703,12 @@ enum Expect {
     Established { verdict: u32, vip: usize },
     /// XDP_TX and one new flow per call.
     NewFlows { vip: usize },
+    /// XDP_TX in an unchanged slot: one new flow per call for a SYN, none for an ACK, and the
+    /// case's `probe` flow not in the table (unless the data plane records every flow).
+    Unchanged { vip: usize, syn: bool },
+    /// XDP_TX in a changed slot, no new flow after the warm-up, and the case's `probe` flow in
+    /// the table: every measured call is a flow-table hit.
+    ChangedHit { vip: usize },
     /// This verdict.
     Verdict(u32),
 }
@@ -566,8 +719,12 @@ struct Case {
     method: Method,
     program: Program,
     frames: Vec<Vec<u8>>,
-    /// Flow keys the case inserts (new flows), removed after each trial.
+    /// Runs per trial of the loop and call methods (the call method runs `frames[0]` each time).
+    calls: usize,
+    /// Flow keys the case inserts (new flows), removed after each trial (where present).
     inserted: Vec<FlowKey>,
+    /// The flow of the case's frame, for the flow-table checks of `Unchanged` and `ChangedHit`.
+    probe: Option<FlowKey>,
     expect: Expect,
     backends: Option<u32>,
     flows: Option<u32>,
@@ -578,6 +735,8 @@ struct Case {
     kernel_samples: Vec<f64>,
     /// Size of the program as the kernel holds it (for "where the time goes").
     program_info: Vec<(&'static str, String)>,
+    /// What the probe found the loaded data plane to do with flows.
+    data_plane: &'static str,
 }
 
 struct Bench {
@@ -613,6 +772,38 @@ impl Bench {
 struct Runner<'a> {
     bench: &'a mut Bench,
     labs: &'a mut [Lab],
+    /// The data plane records every flow (before issue 11): slot state is not checked.
+    records_every_flow: bool,
+}
+
+/// `repeat = 1` runs of `program` on `frames`, each checked for `want` (outside the timed part:
+/// the kernel times each run itself). Returns (mean kernel ns per run, runs).
+fn run_calls<'f>(
+    program: &mut Xdp,
+    name: &str,
+    frames: impl Iterator<Item = &'f Vec<u8>>,
+    want: u32,
+) -> Result<(f64, u64)> {
+    let mut kernel_ns = 0u128;
+    let mut wrong = 0usize;
+    let mut calls = 0u64;
+    for frame in frames {
+        let result = program
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                ..TestRunOptions::new()
+            })
+            .with_context(|| format!("test run of {name}"))?;
+        kernel_ns += result.duration.as_nanos();
+        wrong += usize::from(result.return_value != want);
+        calls += 1;
+    }
+    ensure!(calls > 0, "{name}: no runs");
+    ensure!(
+        wrong == 0,
+        "{name}: {wrong} of {calls} runs returned another verdict than {want}"
+    );
+    Ok((kernel_ns as f64 / calls as f64, calls))
 }
 
 impl Runner<'_> {
@@ -632,7 +823,10 @@ impl Runner<'_> {
             _ => None,
         };
         let counter_vip = match case.expect {
-            Expect::Established { vip, .. } | Expect::NewFlows { vip } => Some(vip),
+            Expect::Established { vip, .. }
+            | Expect::NewFlows { vip }
+            | Expect::Unchanged { vip, .. }
+            | Expect::ChangedHit { vip } => Some(vip),
             Expect::Verdict(_) => None,
         };
         let new_before = match (lab, counter_vip) {
@@ -641,7 +835,9 @@ impl Runner<'_> {
         };
         let want = match case.expect {
             Expect::Established { verdict, .. } => verdict,
-            Expect::NewFlows { .. } => XDP_TX,
+            Expect::NewFlows { .. } | Expect::Unchanged { .. } | Expect::ChangedHit { .. } => {
+                XDP_TX
+            }
             Expect::Verdict(v) => v,
         };
         let runs;
@@ -672,27 +868,15 @@ impl Runner<'_> {
             }
             Method::Loop => {
                 let program = self.program(case.program);
-                let mut kernel_ns = 0u128;
-                let mut wrong = 0usize;
-                let mut calls = 0u64;
-                for frame in &case.frames {
-                    let result = program
-                        .test_run(TestRunOptions {
-                            data_in: Some(frame),
-                            ..TestRunOptions::new()
-                        })
-                        .with_context(|| format!("test run of {}", case.name))?;
-                    kernel_ns += result.duration.as_nanos();
-                    wrong += usize::from(result.return_value != want);
-                    calls += 1;
-                }
-                ensure!(
-                    wrong == 0,
-                    "{}: {wrong} of {calls} runs returned another verdict than {want}",
-                    case.name
-                );
+                let (per_call, calls) = run_calls(program, &case.name, case.frames.iter(), want)?;
                 runs = calls;
-                let per_call = kernel_ns as f64 / calls as f64;
+                (per_call, per_call)
+            }
+            Method::Call => {
+                let program = self.program(case.program);
+                let frames = std::iter::repeat_n(&case.frames[0], case.calls);
+                let (per_call, calls) = run_calls(program, &case.name, frames, want)?;
+                runs = calls;
                 (per_call, per_call)
             }
         };
@@ -709,15 +893,51 @@ impl Runner<'_> {
                     "{}: {new_flows} new flows in {runs} runs",
                     case.name
                 ),
+                // Before issue 11 every flow is recorded: the first run records it, the rest
+                // are hits; only the verdict is checked then.
+                Expect::Unchanged { .. } if self.records_every_flow => {}
+                Expect::Unchanged { syn, .. } => {
+                    let want_new = if syn { runs } else { 0 };
+                    ensure!(
+                        new_flows == want_new,
+                        "{}: {new_flows} new flows in {runs} runs (expected {want_new})",
+                        case.name
+                    );
+                    if let Some(key) = &case.probe {
+                        ensure!(
+                            !self.labs[l].is_recorded(key),
+                            "{}: the flow of an unchanged slot is in the flow table",
+                            case.name
+                        );
+                    }
+                }
+                Expect::ChangedHit { .. } => {
+                    ensure!(
+                        warmup || new_flows == 0,
+                        "{}: {new_flows} new flows on a flow-table hit",
+                        case.name
+                    );
+                    if let Some(key) = &case.probe {
+                        ensure!(
+                            self.labs[l].is_recorded(key),
+                            "{}: the changed slot's flow is not in the flow table, so the \
+                             calls were not flow-table hits",
+                            case.name
+                        );
+                    }
+                }
                 Expect::Verdict(_) => {}
             }
         }
         if let Some(l) = lab {
             let flows = &mut self.labs[l].lab.balancer.dataplane.maps.flows;
+            // Since issue 11 a SYN in an unchanged slot is not recorded: remove what is there.
             for key in &case.inserted {
-                flows
-                    .remove(key)
-                    .with_context(|| format!("{}: removing a measured new flow", case.name))?;
+                if flows.get(key, 0).is_ok() {
+                    flows
+                        .remove(key)
+                        .with_context(|| format!("{}: removing a measured new flow", case.name))?;
+                }
             }
         }
         Ok(measured)
@@ -779,7 +999,7 @@ fn spread_frames(lab: &Lab, v: usize, calls: usize, working_set: usize) -> Vec<V
 }
 
 /// The order of the paths in the report (cases are sorted by it, then by backends and flows).
-const PATH_ORDER: [&str; 9] = [
+const PATH_ORDER: [&str; 14] = [
     names::ESTABLISHED_V4,
     names::ESTABLISHED_V4_SPREAD,
     names::ESTABLISHED_V4_LOOP,
@@ -789,6 +1009,11 @@ const PATH_ORDER: [&str; 9] = [
     names::ESTABLISHED_UDP,
     names::ESTABLISHED_UDP_SPREAD,
     names::NON_VIP_PASS,
+    names::CALL_ACK_V4,
+    names::CALL_ACK_V6,
+    names::CALL_SYN_V4,
+    names::CALL_NON_VIP,
+    names::CALL_ACK_V4_CHANGED,
 ];
 
 fn build_cases(opts: &PerPacketOptions, labs: &[Lab]) -> Vec<Case> {
@@ -810,8 +1035,14 @@ fn build_cases(opts: &PerPacketOptions, labs: &[Lab]) -> Vec<Case> {
         path,
         method,
         program,
+        calls: if method == Method::Call {
+            calls
+        } else {
+            frames.len()
+        },
         frames,
         inserted: Vec::new(),
+        probe: None,
         expect,
         backends,
         flows,
@@ -819,6 +1050,7 @@ fn build_cases(opts: &PerPacketOptions, labs: &[Lab]) -> Vec<Case> {
         samples: Vec::new(),
         kernel_samples: Vec::new(),
         program_info: Vec::new(),
+        data_plane: "",
     };
 
     // Frames for loop runs of the reference programs: a fresh SYN per call, like "new flow".
@@ -830,9 +1062,9 @@ fn build_cases(opts: &PerPacketOptions, labs: &[Lab]) -> Vec<Case> {
     let hot = IpAddr::V4(Ipv4Addr::new(198, 19, 0, 1));
     let hot6 = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0xc1, 0, 0, 0, 0, 1));
     let reflect_frame = frame(&specs[1], hot, 40_000, TCP_ACK);
-    for method in [Method::Repeat, Method::Loop] {
+    for method in [Method::Repeat, Method::Loop, Method::Call] {
         let frames = match method {
-            Method::Repeat => vec![reflect_frame.clone()],
+            Method::Repeat | Method::Call => vec![reflect_frame.clone()],
             Method::Loop => reference_frames.clone(),
         };
         cases.push(case(
@@ -843,7 +1075,8 @@ fn build_cases(opts: &PerPacketOptions, labs: &[Lab]) -> Vec<Case> {
             Expect::Verdict(XDP_PASS),
             None,
             None,
-            "bench_pass: returns XDP_PASS (gross cost; subtracted from every other figure)",
+            "bench_pass: returns XDP_PASS (gross cost; subtracted from every repeat and loop \
+             figure; the call method keeps figures gross)",
         ));
         cases.push(case(
             "reflector",
@@ -956,12 +1189,94 @@ fn build_cases(opts: &PerPacketOptions, labs: &[Lab]) -> Vec<Case> {
                 .map(|&(src, sport, _)| flow_key(src, sport, spec.address, spec.port, PROTO_TCP))
                 .collect();
             lb_cases.push(new_flow);
+
+            // Call method (issue 11's targets): the same frame every call, unchanged slots.
+            let syn_src = IpAddr::V4(Ipv4Addr::new(198, 19, 0, 2));
+            for (path, v6, src, l4, note) in [
+                (
+                    names::CALL_ACK_V4,
+                    false,
+                    hot,
+                    TCP_ACK,
+                    "54-byte IPv4 TCP ACK of an established flow in an unchanged slot (no flow \
+                     table access), repeat=1 calls on the same frame, gross",
+                ),
+                (
+                    names::CALL_ACK_V6,
+                    true,
+                    hot6,
+                    TCP_ACK,
+                    "74-byte IPv6 TCP ACK of an established flow in an unchanged slot, repeat=1 \
+                     calls on the same frame, gross",
+                ),
+                (
+                    names::CALL_SYN_V4,
+                    false,
+                    syn_src,
+                    TCP_SYN,
+                    "54-byte IPv4 TCP SYN of a new flow in an unchanged slot (not recorded, so \
+                     the same frame is a new flow every call), repeat=1 calls, gross",
+                ),
+            ] {
+                let v = lab.vip_index(b, PROTO_TCP, v6);
+                let spec = &lab.specs[v];
+                let mut c = case(
+                    path,
+                    Method::Call,
+                    Program::Lb(l),
+                    vec![frame(spec, src, 40_000, l4)],
+                    Expect::Unchanged {
+                        vip: v,
+                        syn: l4 == TCP_SYN,
+                    },
+                    Some(b),
+                    Some(f),
+                    note,
+                );
+                c.probe = Some(flow_key(src, 40_000, spec.address, spec.port, PROTO_TCP));
+                lb_cases.push(c);
+            }
         }
         let not_vip = FrameSpec {
             l4: TCP_ACK,
             ..FrameSpec::tcp_syn(hot, 40_000, IpAddr::V4(NOT_A_VIP), 80)
         }
         .build();
+        lb_cases.push(case(
+            names::CALL_NON_VIP,
+            Method::Call,
+            Program::Lb(l),
+            vec![not_vip.clone()],
+            Expect::Verdict(XDP_PASS),
+            None,
+            Some(f),
+            "54-byte IPv4 TCP ACK to an address that is no VIP (XDP_PASS), repeat=1 calls on \
+             the same frame, gross",
+        ));
+        let changed = changed_vip_spec();
+        let (src, sport) = lab.changed_flow;
+        let mut changed_hit = case(
+            names::CALL_ACK_V4_CHANGED,
+            Method::Call,
+            Program::Lb(l),
+            vec![frame(&changed, src, sport, TCP_ACK)],
+            Expect::ChangedHit {
+                vip: lab.changed_vip(),
+            },
+            Some(CHANGED_VIP_BACKENDS),
+            Some(f),
+            "54-byte IPv4 TCP ACK in a changed slot (one ring change after the lab was up), \
+             its flow recorded in the warm-up: a flow-table hit every call; repeat=1 calls on \
+             the same frame, gross",
+        );
+        changed_hit.probe = Some(flow_key(
+            src,
+            sport,
+            changed.address,
+            changed.port,
+            PROTO_TCP,
+        ));
+        lb_cases.push(changed_hit);
         lb_cases.push(case(
             names::NON_VIP_PASS,
             Method::Repeat,
@@ -1025,7 +1340,21 @@ fn measure(
 ) -> Result<Vec<Case>> {
     let mut cases = build_cases(opts, labs);
     let repeat = opts.repeat();
-    let mut runner = Runner { bench, labs };
+    let records_every_flow = match labs.first_mut() {
+        Some(lab) => lab.records_every_flow()?,
+        None => false,
+    };
+    if records_every_flow {
+        eprintln!(
+            "per-packet: this data plane records every flow (before issue 11): unchanged-slot \
+             figures are checked by verdict only"
+        );
+    }
+    let mut runner = Runner {
+        bench,
+        labs,
+        records_every_flow,
+    };
     // One untimed round: inserts the hot flows, warms caches and the JIT'd code.
     for case in &cases {
         runner.trial(case, repeat / 10, true)?;
@@ -1052,7 +1381,21 @@ fn measure(
             started.elapsed().as_secs_f64()
         );
     }
+    let data_plane = if records_every_flow {
+        "records every flow (before issue 11)"
+    } else {
+        "flow table only in changed slots (issue 11)"
+    };
+    let mut dumped = Vec::new();
     for case in &mut cases {
+        case.data_plane = data_plane;
+        if let (Some(dir), Ok(info)) = (&opts.dump_dir, runner.program(case.program).info()) {
+            let name = info.name_as_str().unwrap_or("prog").to_owned();
+            if !dumped.contains(&name) {
+                dump_program(dir, &name, info.id());
+                dumped.push(name);
+            }
+        }
         if let Ok(info) = runner.program(case.program).info() {
             let name = info.name_as_str().unwrap_or("?").to_owned();
             case.program_info = vec![
@@ -1072,6 +1415,39 @@ fn measure(
         }
     }
     Ok(cases)
+}
+
+/// `bpftool prog dump xlated` and `jited` of program `id` into `dir`, and `bpftool prog show` on
+/// stderr; a note on stderr instead where bpftool is missing or fails (this is optional).
+fn dump_program(dir: &Path, name: &str, id: u32) {
+    let bpftool = |args: &[&str]| {
+        std::process::Command::new("bpftool")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| o.stdout)
+    };
+    let id = id.to_string();
+    let Some(show) = bpftool(&["prog", "show", "id", &id]) else {
+        eprintln!("per-packet: no bpftool prog show for {name} (id {id}): dumps skipped");
+        return;
+    };
+    eprint!("per-packet: {}", String::from_utf8_lossy(&show));
+    if let Err(e) = std::fs::create_dir_all(dir) {
+        eprintln!("per-packet: cannot create {}: {e}", dir.display());
+        return;
+    }
+    for kind in ["xlated", "jited"] {
+        let path = dir.join(format!("{name}.{kind}.txt"));
+        match bpftool(&["prog", "dump", kind, "id", &id]) {
+            Some(text) => match std::fs::write(&path, text) {
+                Ok(()) => eprintln!("per-packet: wrote {}", path.display()),
+                Err(e) => eprintln!("per-packet: writing {}: {e}", path.display()),
+            },
+            None => eprintln!("per-packet: bpftool prog dump {kind} id {id} failed"),
+        }
+    }
 }
 
 fn median(values: &[f64]) -> f64 {
@@ -1103,11 +1479,18 @@ fn figures(cases: &[Case], labs: &[Lab], opts: &PerPacketOptions, cpu: usize) ->
                 "runs_per_trial".to_owned(),
                 match case.method {
                     Method::Repeat => opts.repeat().to_string(),
-                    Method::Loop => case.frames.len().to_string(),
+                    Method::Loop | Method::Call => case.calls.to_string(),
                 },
             );
             params.insert("frame_bytes".to_owned(), case.frames[0].len().to_string());
             params.insert("cpu".to_owned(), cpu.to_string());
+            if let Program::Lb(l) = case.program {
+                let v = labs[l].changed_vip();
+                params.insert(
+                    "changed_vip_changed_slots".to_owned(),
+                    labs[l].lab.balancer.changed_slots(v).to_string(),
+                );
+            }
             for (key, value) in &case.program_info {
                 params.insert((*key).to_owned(), value.clone());
             }
@@ -1144,7 +1527,23 @@ fn figures(cases: &[Case], labs: &[Lab], opts: &PerPacketOptions, cpu: usize) ->
                 );
                 params.insert("ring_size".to_owned(), RING_SIZE.to_string());
             }
-            let (samples, baseline) = if case.program == Program::Trivial {
+            if let Program::Lb(_) = case.program {
+                params.insert("data_plane".to_owned(), case.data_plane.to_owned());
+            }
+            let (samples, baseline) = if case.method == Method::Call {
+                // Gross: the harness's fixed cost stays in, the reflector's as well.
+                let base = trivial(case.method);
+                params.insert("gross".to_owned(), "true".to_owned());
+                params.insert(
+                    "net_median_ns".to_owned(),
+                    format!("{:.2}", median(&case.samples) - median(&base.samples)),
+                );
+                let baseline = match case.program {
+                    Program::Lb(_) => Some(names::REFLECTOR_CALL.to_owned()),
+                    _ => None,
+                };
+                (case.samples.clone(), baseline)
+            } else if case.program == Program::Trivial {
                 (case.samples.clone(), None)
             } else {
                 let base = trivial(case.method);
@@ -1162,7 +1561,12 @@ fn figures(cases: &[Case], labs: &[Lab], opts: &PerPacketOptions, cpu: usize) ->
                 (net, baseline)
             };
             Figure {
-                group: GROUP.to_owned(),
+                group: if case.method == Method::Call {
+                    CALL_GROUP
+                } else {
+                    GROUP
+                }
+                .to_owned(),
                 name: case.name.clone(),
                 unit: "ns".to_owned(),
                 samples,
@@ -1182,7 +1586,21 @@ mod tests {
         let text = lab_config(&vip_specs(), 1 << 20);
         let config = Config::parse(&text, Path::new("t.toml")).expect("valid");
         let counts: Vec<usize> = config.vips.iter().map(|v| v.backends.len()).collect();
-        assert_eq!(counts, [1, 100, 1000, 1, 100, 1000, 1, 100, 1000]);
+        assert_eq!(
+            counts,
+            [
+                1,
+                100,
+                1000,
+                1,
+                100,
+                1000,
+                1,
+                100,
+                1000,
+                CHANGED_VIP_BACKENDS as usize
+            ]
+        );
     }
 
     #[test]

@@ -1,5 +1,12 @@
-//! The benchmark report: a table on stdout, `report.json`, `report.md`, the targets of issue 4
-//! (reached or missed), and the SVG plots `cost_vs_flows.svg` and `throughput.svg`.
+//! The benchmark report: a table on stdout, `report.json`, `report.md`, the targets of issues 4
+//! and 11 (reached or missed; information rows, `info`, have no goal), the programs' sizes
+//! (translated instructions, JIT bytes, instructions the verifier processed), and the SVG plots
+//! `cost_vs_flows.svg` and `throughput.svg`.
+//!
+//! Issue 11's per-packet targets are ratios of the call method (`per_call` group: repeat=1 calls
+//! on the same frame, gross, over the MAC-swap reflector measured the same way), the worst grid
+//! point of each path; each target's detail also gives the path's figures by the repeat method
+//! (net of the trivial program; the loop method for the SYN), so both methods are side by side.
 //!
 //! `report.md` has, after the per-packet table, the same medians as a grid: a row per path and
 //! backend count, a column per fill level. `cost_vs_flows.svg` plots the established IPv4 path (a
@@ -121,11 +128,14 @@ pub struct Target {
     pub reached: Option<bool>,
     /// Where the value comes from.
     pub detail: String,
+    /// A figure shown beside the targets, with no goal of its own.
+    pub info: bool,
 }
 
 impl Target {
     pub fn verdict(&self) -> &'static str {
         match self.reached {
+            _ if self.info => "info",
             Some(true) => "reached",
             Some(false) => "MISSED",
             None => "not measured",
@@ -165,51 +175,162 @@ fn established_grid<'a>(figures: &'a [Figure], path: &str) -> Vec<(u64, u64, &'a
     grid
 }
 
-/// Issue 4's targets.
-pub fn targets(figures: &[Figure]) -> Vec<Target> {
-    let mut out = Vec::new();
-    let grid = established_grid(figures, names::ESTABLISHED_V4);
-
-    // Established IPv4 path <= 2x the reflector (both net of the trivial program).
-    let ratios: Vec<(String, f64)> = grid
+/// The figures of `path` (named `path/...`), in report order.
+fn points<'a>(figures: &'a [Figure], path: &str) -> Vec<&'a Figure> {
+    let prefix = format!("{path}/");
+    figures
         .iter()
-        .filter_map(|(b, f, fig)| Some((format!("b={b} f={f}"), ratio(figures, fig)?)))
-        .collect();
-    let worst = ratios.iter().map(|r| r.1).reduce(f64::max);
-    let best = ratios.iter().map(|r| r.1).reduce(f64::min);
-    out.push(Target {
-        name: "established IPv4 path vs reflector (net ns, repeat method)".to_owned(),
-        goal: "<= 2x".to_owned(),
-        value: worst,
-        unit: "x".to_owned(),
-        reached: worst.map(|w| w <= 2.0),
-        detail: match (best, worst) {
-            (Some(b), Some(_)) => {
-                // For scale: the same comparison before subtracting the trivial program (which
-                // every XDP program pays in this harness).
-                let gross = |f: &Figure| -> f64 {
-                    f.params
-                        .get("gross_median_ns")
-                        .and_then(|v| v.parse().ok())
-                        .unwrap_or(f64::NAN)
-                };
-                let worst_gross = grid.iter().map(|g| gross(g.2)).fold(f64::NAN, f64::max);
-                let reflector = find(figures, names::REFLECTOR_REPEAT);
-                let reflector_gross = reflector.map_or(f64::NAN, gross);
-                format!(
-                    "worst of {} grid points (best {b:.2}x); reflector net {:.2} ns; gross \
-                     (trivial program included) worst {worst_gross:.1} ns vs reflector \
-                     {reflector_gross:.1} ns = {:.2}x",
-                    ratios.len(),
-                    reflector.map_or(f64::NAN, Figure::median),
-                    worst_gross / reflector_gross
-                )
-            }
-            _ => "per-packet not measured".to_owned(),
-        },
-    });
+        .filter(|f| f.name.starts_with(&prefix))
+        .collect()
+}
 
-    // Flat within 10% over flows and backends.
+/// A figure's point in the grid, for details: "b=100 f=1000", "f=1000".
+fn point_label(f: &Figure) -> String {
+    match (param(f, "backends"), param(f, "flows")) {
+        (Some(b), Some(fl)) => format!("b={b} f={fl}"),
+        (None, Some(fl)) => format!("f={fl}"),
+        _ => f.name.clone(),
+    }
+}
+
+fn gross_of(f: &Figure) -> f64 {
+    f.params
+        .get("gross_median_ns")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+/// (worst, best, worst figure) of the ratios of `figs` to their baselines.
+fn worst_ratio<'a>(figures: &[Figure], figs: &[&'a Figure]) -> Option<(f64, f64, &'a Figure)> {
+    let rated: Vec<(f64, &Figure)> = figs
+        .iter()
+        .filter_map(|f| Some((ratio(figures, f)?, *f)))
+        .collect();
+    let worst = rated
+        .iter()
+        .copied()
+        .reduce(|a, b| if b.0 > a.0 { b } else { a })?;
+    let best = rated.iter().map(|r| r.0).fold(f64::INFINITY, f64::min);
+    Some((worst.0, best, worst.1))
+}
+
+/// Issue 11's per-call target for `path` (call method, gross, worst grid point), with the
+/// other method's figures of the same path (`other`: repeat or loop, net) in the detail.
+fn call_target(
+    figures: &[Figure],
+    name: &str,
+    path: &str,
+    max: f64,
+    other: &str,
+    other_method: &str,
+) -> Target {
+    let figs = points(figures, path);
+    let worst = worst_ratio(figures, &figs);
+    let reflector = find(figures, names::REFLECTOR_CALL).map(Figure::median);
+    let detail = match (worst, reflector) {
+        (Some((w, b, fig)), Some(r)) => {
+            let mut d = format!(
+                "call method (repeat=1 on the same frame, gross): worst of {} points {} = \
+                 {} ns vs reflector/call {} ns = {}x (best {}x); net of trivial/call {} ns",
+                figs.len(),
+                point_label(fig),
+                fmt_num(fig.median()),
+                fmt_num(r),
+                fmt_num(w),
+                fmt_num(b),
+                fig.params.get("net_median_ns").map_or("-", String::as_str),
+            );
+            let others = points(figures, other);
+            if let Some((ow, ob, ofig)) = worst_ratio(figures, &others) {
+                let base = ofig.baseline.as_deref().and_then(|n| find(figures, n));
+                let _ = write!(
+                    d,
+                    "; {other_method} method ({other}, net): worst {}x at {} ({} ns vs {} ns net, \
+                     best {}x), gross {} ns vs {} ns = {}x",
+                    fmt_num(ow),
+                    point_label(ofig),
+                    fmt_num(ofig.median()),
+                    fmt_num(base.map_or(f64::NAN, Figure::median)),
+                    fmt_num(ob),
+                    fmt_num(gross_of(ofig)),
+                    fmt_num(base.map_or(f64::NAN, gross_of)),
+                    fmt_num(gross_of(ofig) / base.map_or(f64::NAN, gross_of)),
+                );
+            }
+            d
+        }
+        _ => "per-call figures not measured".to_owned(),
+    };
+    let value = worst.map(|w| w.0);
+    Target {
+        name: name.to_owned(),
+        goal: format!("<= {max}x"),
+        value,
+        unit: "x".to_owned(),
+        reached: value.map(|v| v <= max),
+        detail,
+        info: false,
+    }
+}
+
+/// A throughput ratio figure (`throughput/<numerator>_vs_<denominator>`): its median, and a
+/// detail naming what it divides.
+fn throughput_ratio(figures: &[Figure], ratio_name: &str) -> (Option<f64>, String) {
+    let Some(figure) = find(figures, ratio_name) else {
+        return (None, "throughput not measured".to_owned());
+    };
+    let named = |key: &str| figure.params.get(key).cloned().unwrap_or_default();
+    let (numerator, denominator) = (named("numerator"), named("denominator"));
+    let mpps = |n: &str| fmt_num(find(figures, n).map_or(f64::NAN, Figure::median));
+    (
+        Some(figure.median()),
+        format!(
+            "{ratio_name} (median of per-trial ratios); {numerator} {} Mpps, {denominator} {} Mpps",
+            mpps(&numerator),
+            mpps(&denominator)
+        ),
+    )
+}
+
+/// The targets of issues 4 and 11, and information rows (no goal) beside them.
+pub fn targets(figures: &[Figure]) -> Vec<Target> {
+    let mut out = vec![
+        call_target(
+            figures,
+            "IPv4 TCP ACK, established, unchanged slot, vs MAC-swap per call",
+            names::CALL_ACK_V4,
+            2.0,
+            names::ESTABLISHED_V4,
+            "repeat",
+        ),
+        call_target(
+            figures,
+            "IPv6 TCP ACK, established, unchanged slot, vs MAC-swap per call",
+            names::CALL_ACK_V6,
+            2.1,
+            names::ESTABLISHED_V6,
+            "repeat",
+        ),
+        call_target(
+            figures,
+            "IPv4 TCP SYN, new flow, unchanged slot, vs MAC-swap per call",
+            names::CALL_SYN_V4,
+            2.0,
+            names::NEW_FLOW_V4,
+            "loop (a fresh SYN per call)",
+        ),
+        call_target(
+            figures,
+            "non-VIP IPv4 TCP (passed to the host) vs MAC-swap per call",
+            names::CALL_NON_VIP,
+            1.35,
+            names::NON_VIP_PASS,
+            "repeat",
+        ),
+    ];
+
+    // Flat within 10% over flows and backends (issue 4; repeat method, net).
+    let grid = established_grid(figures, names::ESTABLISHED_V4);
     let medians: Vec<f64> = grid.iter().map(|(_, _, f)| f.median()).collect();
     let flat = (medians.len() >= 2).then(|| {
         let max = medians.iter().copied().fold(f64::MIN, f64::max);
@@ -226,7 +347,7 @@ pub fn targets(figures: &[Figure]) -> Vec<Target> {
             "per-packet not measured".to_owned()
         } else {
             format!(
-                "net medians over {} grid points: {}",
+                "repeat method, net medians over {} grid points: {}",
                 medians.len(),
                 grid.iter()
                     .map(|(b, f, fig)| format!("b={b} f={f}: {:.1}", fig.median()))
@@ -234,65 +355,39 @@ pub fn targets(figures: &[Figure]) -> Vec<Target> {
                     .join(", ")
             )
         },
+        info: false,
     });
 
-    // Throughput ratios: the throughput module makes them figures (one sample per trial).
-    for (name, numerator, denominator, goal, min) in [
-        (
-            "throughput: lb vs reflector",
-            "throughput/lb",
-            "throughput/reflector",
-            ">= 0.8x",
-            0.8,
-        ),
-        (
-            "throughput: lb vs nftables DNAT",
-            "throughput/lb",
-            "throughput/nftables_dnat",
-            ">= 5x",
-            5.0,
-        ),
-    ] {
-        let ratio_name = format!(
-            "{numerator}_vs_{}",
-            denominator.trim_start_matches("throughput/")
-        );
-        // The ratio figure names the figures it divides (the throughput module may compare
-        // like with like, e.g. both on fresh frames).
-        let ratio_figure = find(figures, &ratio_name);
-        let named = |key: &str, default: &str| {
-            ratio_figure
-                .and_then(|f| f.params.get(key).cloned())
-                .unwrap_or_else(|| default.to_owned())
-        };
-        let (numerator, denominator) = (
-            named("numerator", numerator),
-            named("denominator", denominator),
-        );
-        let value = ratio_figure.map(Figure::median).or_else(|| {
-            Some(find(figures, &numerator)?.median() / find(figures, &denominator)?.median())
-        });
-        out.push(Target {
-            name: name.to_owned(),
-            goal: goal.to_owned(),
-            value,
-            unit: "x".to_owned(),
-            reached: value.map(|v| v >= min),
-            detail: match value {
-                Some(_) => format!(
-                    "{}; {numerator} {} Mpps, {denominator} {} Mpps",
-                    if ratio_figure.is_some() {
-                        format!("{ratio_name} (median of per-trial ratios)")
-                    } else {
-                        "ratio of the medians".to_owned()
-                    },
-                    fmt_num(find(figures, &numerator).map_or(f64::NAN, Figure::median)),
-                    fmt_num(find(figures, &denominator).map_or(f64::NAN, Figure::median))
-                ),
-                None => "throughput not measured".to_owned(),
-            },
-        });
-    }
+    let (tcp, tcp_detail) = throughput_ratio(figures, "throughput/lb_tcp_vs_reflector_tcp");
+    let (udp, udp_detail) = throughput_ratio(figures, "throughput/lb_vs_reflector");
+    out.push(Target {
+        name: "live-frames throughput, lb vs MAC-swap reflector (TCP ACK frames)".to_owned(),
+        goal: ">= 0.8x".to_owned(),
+        value: tcp,
+        unit: "x".to_owned(),
+        reached: tcp.map(|v| v >= 0.8),
+        detail: tcp_detail,
+        info: false,
+    });
+    out.push(Target {
+        name: "live-frames throughput, lb vs MAC-swap reflector (UDP frames)".to_owned(),
+        goal: "info".to_owned(),
+        value: udp,
+        unit: "x".to_owned(),
+        reached: None,
+        detail: udp_detail,
+        info: true,
+    });
+    let (nft, nft_detail) = throughput_ratio(figures, "throughput/lb_vs_nftables_dnat");
+    out.push(Target {
+        name: "throughput: lb vs nftables DNAT".to_owned(),
+        goal: ">= 5x".to_owned(),
+        value: nft,
+        unit: "x".to_owned(),
+        reached: nft.map(|v| v >= 5.0),
+        detail: nft_detail,
+        info: false,
+    });
 
     let maglev = find(figures, &maglev_name(1000, 65537)).map(Figure::median);
     out.push(Target {
@@ -304,24 +399,26 @@ pub fn targets(figures: &[Figure]) -> Vec<Target> {
         detail: maglev.map_or("control plane not measured".to_owned(), |_| {
             maglev_name(1000, 65537)
         }),
+        info: false,
     });
 
     let changes: Vec<(u32, f64)> = super::control_plane::BACKENDS
         .iter()
         .filter_map(|&n| Some((n, find(figures, &state_change_name(n))?.median())))
         .collect();
-    let worst = changes.iter().map(|c| c.1).reduce(f64::max);
+    let at_1000 = find(figures, &state_change_name(1000)).map(Figure::median);
     out.push(Target {
-        name: "backend state change -> new ring live, M=65537".to_owned(),
+        name: "backend state change -> live ring, 1000 backends, M=65537".to_owned(),
         goal: "< 1 ms".to_owned(),
-        value: worst,
+        value: at_1000,
         unit: "ms".to_owned(),
-        reached: worst.map(|v| v < 1.0),
+        reached: at_1000.map(|v| v < 1.0),
         detail: if changes.is_empty() {
             "control plane not measured".to_owned()
         } else {
             format!(
-                "worst median over backend counts: {}",
+                "{}; medians: {}",
+                state_change_name(1000),
                 changes
                     .iter()
                     .map(|(n, v)| format!("{n} backends {v:.3} ms"))
@@ -329,7 +426,96 @@ pub fn targets(figures: &[Figure]) -> Vec<Target> {
                     .join(", ")
             )
         },
+        info: false,
     });
+
+    let syn = find(figures, "throughput/lb_tcp_syn");
+    out.push(Target {
+        name: "new TCP flows per second through the program (live frames, every frame a SYN)"
+            .to_owned(),
+        goal: "info".to_owned(),
+        value: syn.map(Figure::median),
+        unit: " M/s".to_owned(),
+        reached: None,
+        detail: syn.map_or("throughput not measured".to_owned(), |f| {
+            format!(
+                "throughput/lb_tcp_syn (SYNs forwarded per second); the TCP VIP counted {} new \
+                 flows in {} packets (fraction {}), warm-ups included",
+                f.params
+                    .get("tcp_vip_new_flows")
+                    .map_or("?", String::as_str),
+                f.params.get("tcp_vip_packets").map_or("?", String::as_str),
+                f.params
+                    .get("tcp_vip_new_flow_fraction")
+                    .map_or("?", String::as_str),
+            )
+        }),
+        info: true,
+    });
+
+    // What the flow table costs: a changed slot's flow-table hit against the unchanged-slot ACK
+    // of a VIP with as many backends, at each fill level.
+    let changed = points(figures, names::CALL_ACK_V4_CHANGED);
+    let worst = worst_ratio(figures, &changed);
+    let extra: Vec<String> = changed
+        .iter()
+        .filter_map(|c| {
+            let flows = param(c, "flows")?;
+            let unchanged = find(
+                figures,
+                &names::point(
+                    names::CALL_ACK_V4,
+                    per_packet::CHANGED_VIP_BACKENDS,
+                    flows as u32,
+                ),
+            )?;
+            Some(format!(
+                "f={flows}: {} ns vs {} ns unchanged (+{} ns)",
+                fmt_num(c.median()),
+                fmt_num(unchanged.median()),
+                fmt_num(c.median() - unchanged.median())
+            ))
+        })
+        .collect();
+    out.push(Target {
+        name: "IPv4 TCP ACK, changed slot, flow-table hit, vs MAC-swap per call".to_owned(),
+        goal: "info".to_owned(),
+        value: worst.map(|w| w.0),
+        unit: "x".to_owned(),
+        reached: None,
+        detail: if extra.is_empty() {
+            "per-call figures not measured".to_owned()
+        } else {
+            format!(
+                "call method, gross, {} backends: {}",
+                per_packet::CHANGED_VIP_BACKENDS,
+                extra.join("; ")
+            )
+        },
+        info: true,
+    });
+    out
+}
+
+/// Program sizes as the kernel holds them, from the per-packet figures' params: (program,
+/// translated instructions, JIT bytes, instructions the verifier processed).
+pub fn programs(figures: &[Figure]) -> Vec<[String; 4]> {
+    let mut out: Vec<[String; 4]> = Vec::new();
+    for f in figures {
+        let get = |k: &str| f.params.get(k).cloned();
+        let Some(program) = get("program") else {
+            continue;
+        };
+        if out.iter().any(|p| p[0] == program) {
+            continue;
+        }
+        out.push([
+            program,
+            get("program_xlated_insns").unwrap_or_else(|| "?".to_owned()),
+            get("program_jited_bytes").unwrap_or_else(|| "?".to_owned()),
+            get("program_verified_insns").unwrap_or_else(|| "?".to_owned()),
+        ]);
+    }
     out
 }
 
@@ -430,6 +616,16 @@ pub fn text_table(machine: &Machine, figures: &[Figure], targets: &[Target]) -> 
             let _ = writeln!(out, "{}", line(&row.cells));
         }
     }
+    let programs = programs(figures);
+    if !programs.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n[programs] (xlated insns, JIT bytes, insns the verifier processed)"
+        );
+        for [name, xlated, jited, verified] in &programs {
+            let _ = writeln!(out, "{name:<16} {xlated:>6} {jited:>7} {verified:>7}");
+        }
+    }
     let _ = writeln!(out, "\n[targets]");
     for t in targets {
         let _ = writeln!(
@@ -490,19 +686,36 @@ pub fn markdown(
             }
             let _ = writeln!(out, "| {} |", cells.join(" | "));
         }
-        if group == per_packet::GROUP {
-            out.push_str(&per_packet_grid(figures));
+        if group == per_packet::GROUP || group == per_packet::CALL_GROUP {
+            out.push_str(&per_packet_grid(figures, group));
+        }
+    }
+    let programs = programs(figures);
+    if !programs.is_empty() {
+        let _ = writeln!(out, "\n## Programs\n");
+        let _ = writeln!(
+            out,
+            "| program | xlated insns | JIT bytes | insns processed by the verifier |\n\
+             |---|--:|--:|--:|"
+        );
+        for [name, xlated, jited, verified] in &programs {
+            let _ = writeln!(out, "| `{name}` | {xlated} | {jited} | {verified} |");
         }
     }
     out
 }
 
-/// The per-packet medians as a grid (Markdown): a row per path and backend count, a column per
-/// fill level; empty without per-packet figures of the load balancer.
-fn per_packet_grid(figures: &[Figure]) -> String {
+/// The medians of `group` as a grid (Markdown): a row per path and backend count, a column per
+/// fill level; empty without figures of the load balancer in that group.
+fn per_packet_grid(figures: &[Figure], group: &str) -> String {
+    let kind = if group == per_packet::CALL_GROUP {
+        "gross"
+    } else {
+        "net"
+    };
     let points: Vec<(&str, String, u64, f64)> = figures
         .iter()
-        .filter(|f| f.group == per_packet::GROUP)
+        .filter(|f| f.group == group)
         .filter_map(|f| {
             let path = f.name.split('/').next()?;
             let flows = param(f, "flows")?;
@@ -528,8 +741,7 @@ fn per_packet_grid(figures: &[Figure]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "\n### {}: net median ns by path, backends and flows\n",
-        per_packet::GROUP
+        "\n### {group}: {kind} median ns by path, backends and flows\n"
     );
     let _ = writeln!(
         out,
@@ -589,6 +801,7 @@ pub fn json(machine: &Machine, command: &str, figures: &[Figure], targets: &[Tar
                 "value": t.value.map_or(Value::Null, num),
                 "unit": t.unit,
                 "reached": t.reached,
+                "info": t.info,
                 "detail": t.detail,
             })
         })
@@ -953,6 +1166,19 @@ mod tests {
     #[test]
     fn targets_from_figures() {
         let figures = vec![
+            fig("per_call", "reflector/call", &[2.0, 2.0, 2.0], None),
+            fig(
+                "per_call",
+                "tcp_ack_v4_unchanged/backends=1/flows=1000",
+                &[3.0, 3.0, 3.0],
+                Some("reflector/call"),
+            ),
+            fig(
+                "per_call",
+                "tcp_ack_v4_unchanged/backends=1000/flows=1000000",
+                &[3.2, 3.3, 3.1],
+                Some("reflector/call"),
+            ),
             fig("per_packet", "reflector/repeat", &[2.0, 2.0, 2.0], None),
             fig(
                 "per_packet",
@@ -970,10 +1196,13 @@ mod tests {
         let t = targets(&figures);
         assert_eq!(t[0].value, Some(1.6));
         assert_eq!(t[0].reached, Some(true));
-        assert!((t[1].value.unwrap() - 6.666).abs() < 0.01);
-        assert_eq!(t[1].reached, Some(true));
-        assert_eq!(t[2].reached, None);
-        assert_eq!(t[4].reached, None);
+        assert!(t[0].detail.contains("repeat method"), "{}", t[0].detail);
+        assert_eq!(t[1].reached, None, "no IPv6 figures");
+        assert!((t[4].value.unwrap() - 6.666).abs() < 0.01);
+        assert_eq!(t[4].reached, Some(true));
+        assert_eq!(t[5].reached, None);
+        assert_eq!(t[6].verdict(), "info");
+        assert!(t.iter().filter(|t| t.info).all(|t| t.reached.is_none()));
         let v = json(&Machine::detect(), "x", &figures, &t);
         assert_eq!(v["figures"][1]["ratio"], json!(1.5));
         let md = markdown(&Machine::detect(), "x", &figures, &t);
@@ -990,5 +1219,6 @@ mod tests {
             md.contains("| `vip_established_v4` | 1000 | - | 3.200 |\n"),
             "{md}"
         );
+        assert!(md.contains("### per_call: gross median ns"), "{md}");
     }
 }

@@ -26,6 +26,16 @@
 //! - Frames: 60-byte UDP/IPv4 (no options, no VLAN), client 10.201.0.2 → VIP 10.99.0.100:53,
 //!   source MAC g0, destination MAC l0, UDP checksum 0 (bench_gen rewrites the source port and
 //!   does no checksum work; a zero checksum means "none" in IPv4, so conntrack accepts it).
+//! - TCP frames (issue 11): 54-byte TCP/IPv4 (no options), client → VIP:80, flags ACK
+//!   (`lb_tcp`, `reflector_tcp`) or SYN (`lb_tcp_syn`). bench_gen rewrites the source port the
+//!   same way (it sits at the same offset) and leaves the TCP checksum stale: neither the load
+//!   balancer nor the sink looks at it. Each frame is another flow; with ACKs they are
+//!   established flows (in unchanged ring slots since issue 11, so the flow table is not
+//!   touched), with SYNs every frame is a new flow, so the Mpps of `lb_tcp_syn` is the number of
+//!   new TCP flows per second through the program. It runs on the `lb_new_flows` daemon (table
+//!   of 1024 entries), so that every SYN is a new flow also for a data plane that records every
+//!   flow; the daemon's `new_flows` counter of the TCP VIP must show at least 99% of its packets
+//!   as new flows, or the run is an error.
 //! - Flows: bench_gen writes `(counter as u16) | 0x400` into the source port, so the source port
 //!   walks 32768 distinct values and the pattern repeats every 65536 packets. With a flow table
 //!   larger than that, only the first pass creates flows; after the warm-up every packet is an
@@ -69,7 +79,10 @@
 //! - `lb`: the real `lb run` (release binary, see [`crate::daemon::lb_binary`]) attached natively
 //!   on l0, one UDP VIP with `backends` backends on l0's subnet, `check = "none"`, the backends'
 //!   MACs given as permanent neighbour entries that point at g0, so the LB's `XDP_TX` lands in the
-//!   sink. `lb_new_flows`: the same with `flow_table_size = 1024` (see above).
+//!   sink. `lb_new_flows`: the same with `flow_table_size = 1024` (see above). Both daemons also
+//!   serve a TCP VIP (`bench_tcp`, same address, port 80, same backends) for the TCP frames; the
+//!   daemon brings every backend up in one publish before it attaches, so all its ring slots are
+//!   unchanged.
 //! - `reflector`: `bench_reflect` on l0 (swap MACs, `XDP_TX`): the limit of this path.
 //! - `nftables_dnat`: `bench_pass` on l0 (a veth end must run an XDP program to receive frames sent
 //!   with native `XDP_TX`, DESIGN §5 trap 1), forwarding on, `rp_filter` and `send_redirects` off,
@@ -96,14 +109,19 @@
 //! | `throughput/nftables_dnat` | fresh | `throughput/reflector_fresh_frames` |
 //! | `throughput/lb_fresh_frames` | fresh | `throughput/reflector_fresh_frames` |
 //! | `throughput/reflector_fresh_frames` | fresh | |
+//! | `throughput/lb_tcp` (TCP ACK) | recycled | `throughput/reflector_tcp` |
+//! | `throughput/lb_tcp_syn` (TCP SYN, on the `lb_new_flows` daemon) | recycled | `throughput/reflector_tcp` |
+//! | `throughput/reflector_tcp` (TCP ACK) | recycled | |
 //!
 //! The issue's targets are ratios, so they are figures too, unit `"ratio"`, one sample per trial
-//! from the same trial of both figures (run seconds apart): `throughput/lb_vs_reflector` (target:
-//! at least 0.8), `throughput/lb_new_flows_vs_reflector` (at least 0.8) and
-//! `throughput/lb_vs_nftables_dnat` (at least 5; `lb_fresh_frames` over `nftables_dnat`), with
-//! params `numerator`, `denominator`, `target`.
+//! from the same trial of both figures (run seconds apart): `throughput/lb_tcp_vs_reflector_tcp`
+//! (issue 11's target: at least 0.8), `throughput/lb_vs_reflector` (UDP; at least 0.8 in issue 4,
+//! information since issue 11), `throughput/lb_new_flows_vs_reflector`,
+//! `throughput/lb_tcp_syn_vs_reflector_tcp` and `throughput/lb_vs_nftables_dnat` (at least 5;
+//! `lb_fresh_frames` over `nftables_dnat`), with params `numerator`, `denominator`, `target`.
 //! With pktgen there is no recycling, so the fresh-frame figures are left out and
-//! `lb_vs_nftables_dnat` divides `lb` by `nftables_dnat`.
+//! `lb_vs_nftables_dnat` divides `lb` by `nftables_dnat`; pktgen sends UDP only, so the TCP
+//! figures are left out too.
 //!
 //! # What this measures, honestly
 //!
@@ -159,8 +177,13 @@ const WARMUP_PACKETS: u64 = 100_000;
 const LIVE_FRAMES_BATCH: u32 = 64;
 /// Distinct flows the generators produce (bench_gen: source port `counter | 0x400`).
 const DISTINCT_FLOWS: u32 = 32_768;
-/// Ethernet frame length without FCS (the minimum).
+/// Ethernet frame length without FCS (the minimum) of the UDP frames.
 const FRAME_BYTES: usize = 60;
+/// TCP/IPv4 frame without options or payload.
+const TCP_FRAME_BYTES: usize = 54;
+const VIP_TCP_PORT: u16 = 80;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
 
 const GEN_IF: &str = "g0";
 const IDLE_IF: &str = "gx0";
@@ -273,6 +296,34 @@ impl Frames {
     }
 }
 
+/// What the generator sends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Traffic {
+    /// 60-byte UDP to VIP:53.
+    Udp,
+    /// 54-byte TCP ACKs to VIP:80 (established flows).
+    TcpAck,
+    /// 54-byte TCP SYNs to VIP:80 (new flows).
+    TcpSyn,
+}
+
+impl Traffic {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Udp => "udp",
+            Self::TcpAck => "tcp_ack",
+            Self::TcpSyn => "tcp_syn",
+        }
+    }
+
+    fn frame_bytes(self) -> usize {
+        match self {
+            Self::Udp => FRAME_BYTES,
+            Self::TcpAck | Self::TcpSyn => TCP_FRAME_BYTES,
+        }
+    }
+}
+
 /// One figure: a setup fed in one way.
 #[derive(Clone, Copy, Debug)]
 struct Measurement {
@@ -280,6 +331,7 @@ struct Measurement {
     name: &'static str,
     setup: Setup,
     frames: Frames,
+    traffic: Traffic,
     baseline: Option<&'static str>,
 }
 
@@ -299,6 +351,14 @@ fn plan(generator: Generator) -> Vec<Measurement> {
         name,
         setup,
         frames,
+        traffic: Traffic::Udp,
+        baseline,
+    };
+    let tcp = |name, setup, traffic, baseline| Measurement {
+        name,
+        setup,
+        frames: Frames::Recycled,
+        traffic,
         baseline,
     };
     let mut plan = vec![
@@ -331,6 +391,14 @@ fn plan(generator: Generator) -> Vec<Measurement> {
                 Frames::Fresh,
                 None,
             ),
+            tcp("lb_tcp", Setup::Lb, Traffic::TcpAck, Some("reflector_tcp")),
+            tcp(
+                "lb_tcp_syn",
+                Setup::LbNewFlows,
+                Traffic::TcpSyn,
+                Some("reflector_tcp"),
+            ),
+            tcp("reflector_tcp", Setup::Reflector, Traffic::TcpAck, None),
         ]),
         // pktgen ignores `frames`: it builds a new skb for every packet, nothing is recycled.
         Generator::Pktgen => plan.push(m(
@@ -344,16 +412,23 @@ fn plan(generator: Generator) -> Vec<Measurement> {
 }
 
 /// (numerator, denominator, target) of the ratio figures.
-fn ratios(generator: Generator) -> [(&'static str, &'static str, &'static str); 3] {
+fn ratios(generator: Generator) -> Vec<(&'static str, &'static str, &'static str)> {
     let versus_nftables = match generator {
         Generator::LiveFrames => "lb_fresh_frames",
         Generator::Pktgen => "lb",
     };
-    [
-        ("lb", "reflector", ">= 0.8"),
-        ("lb_new_flows", "reflector", ">= 0.8"),
+    let mut ratios = vec![
+        ("lb", "reflector", "info (issue 4: >= 0.8)"),
+        ("lb_new_flows", "reflector", "info"),
         (versus_nftables, "nftables_dnat", ">= 5"),
-    ]
+    ];
+    if generator == Generator::LiveFrames {
+        ratios.extend([
+            ("lb_tcp", "reflector_tcp", ">= 0.8"),
+            ("lb_tcp_syn", "reflector_tcp", "info"),
+        ]);
+    }
+    ratios
 }
 
 /// Measures every setup `opts.trials` times, interleaved, and returns one Mpps figure per setup
@@ -379,11 +454,22 @@ pub fn run(opts: &ThroughputOptions) -> Result<Vec<Figure>> {
         paths.insert(setup, path);
     }
 
+    // Packets sent per (setup, traffic), warm-ups included: the daemons' counters cover them all.
+    let mut sent_by: BTreeMap<(Setup, Traffic), u64> = BTreeMap::new();
     for measurement in &plan {
         let path = &paths[&measurement.setup];
         let warmup = path
-            .send(opts.generator, measurement.frames, WARMUP_PACKETS, cpu)
+            .send(
+                opts.generator,
+                measurement.frames,
+                measurement.traffic,
+                WARMUP_PACKETS,
+                cpu,
+            )
             .with_context(|| format!("warm-up of {}", measurement.name))?;
+        *sent_by
+            .entry((measurement.setup, measurement.traffic))
+            .or_default() += warmup.sent;
         if warmup.delivered_settled == 0 {
             bail!(
                 "{}: nothing reached the sink during the warm-up ({} packets sent)\n{}",
@@ -401,10 +487,14 @@ pub fn run(opts: &ThroughputOptions) -> Result<Vec<Figure>> {
                 .send(
                     opts.generator,
                     measurement.frames,
+                    measurement.traffic,
                     opts.packets_per_trial,
                     cpu,
                 )
                 .with_context(|| format!("trial of {}", measurement.name))?;
+            *sent_by
+                .entry((measurement.setup, measurement.traffic))
+                .or_default() += trial.sent;
             results.entry(measurement.name).or_default().push(trial);
         }
     }
@@ -412,7 +502,11 @@ pub fn run(opts: &ThroughputOptions) -> Result<Vec<Figure>> {
     // Stop every forwarder, check its own counters, and remove the namespaces.
     let mut checks = BTreeMap::new();
     for (setup, mut path) in std::mem::take(&mut paths) {
-        checks.insert(setup, path.finish()?);
+        let sent = |traffic| sent_by.get(&(setup, traffic)).copied().unwrap_or(0);
+        checks.insert(
+            setup,
+            path.finish(sent(Traffic::TcpAck), sent(Traffic::TcpSyn))?,
+        );
     }
 
     let mut figures = Vec::new();
@@ -428,6 +522,11 @@ pub fn run(opts: &ThroughputOptions) -> Result<Vec<Figure>> {
         );
         let mut params = common_params(opts, cpu);
         params.insert("setup".into(), measurement.setup.name().into());
+        params.insert("traffic".into(), measurement.traffic.name().into());
+        params.insert(
+            "frame_bytes".into(),
+            measurement.traffic.frame_bytes().to_string(),
+        );
         if opts.generator == Generator::LiveFrames {
             params.insert("frames".into(), measurement.frames.name().into());
             params.insert(
@@ -507,7 +606,6 @@ fn common_params(opts: &ThroughputOptions, cpu: usize) -> BTreeMap<String, Strin
         ("packets".to_owned(), opts.packets_per_trial.to_string()),
         ("generator".to_owned(), opts.generator.name().to_owned()),
         ("generator_cpu".to_owned(), cpu.to_string()),
-        ("frame_bytes".to_owned(), FRAME_BYTES.to_string()),
         ("distinct_flows".to_owned(), DISTINCT_FLOWS.to_string()),
     ])
 }
@@ -690,13 +788,19 @@ impl BenchPath {
         &self,
         generator: Generator,
         frames: Frames,
+        traffic: Traffic,
         packets: u64,
         cpu: usize,
     ) -> Result<Trial> {
         let before = self.delivered()?;
         let (sent, elapsed, at_return) = match generator {
-            Generator::LiveFrames => self.send_live_frames(packets, frames.per_run(), cpu)?,
-            Generator::Pktgen => self.send_pktgen(packets, cpu)?,
+            Generator::LiveFrames => {
+                self.send_live_frames(packets, frames.per_run(), traffic, cpu)?
+            }
+            Generator::Pktgen => {
+                ensure!(traffic == Traffic::Udp, "pktgen sends UDP only");
+                self.send_pktgen(packets, cpu)?
+            }
         };
         let settled = self.wait_for_sink_to_settle()?;
         Ok(Trial {
@@ -712,9 +816,14 @@ impl BenchPath {
         &self,
         packets: u64,
         per_run: u64,
+        traffic: Traffic,
         cpu: usize,
     ) -> Result<(u64, Duration, u64)> {
-        let frame = bench_frame(GEN_MAC, LB_MAC);
+        let frame = match traffic {
+            Traffic::Udp => bench_frame(GEN_MAC, LB_MAC),
+            Traffic::TcpAck => tcp_frame(GEN_MAC, LB_MAC, TCP_ACK),
+            Traffic::TcpSyn => tcp_frame(GEN_MAC, LB_MAC, TCP_SYN),
+        };
         let context = xdp_md(self.g0_ifindex, frame.len());
         let generator: &Xdp = self
             .sink
@@ -795,7 +904,9 @@ impl BenchPath {
 
     /// Stops the forwarder and checks, from the forwarder's own counters, that it forwarded.
     /// Returns parameters for the figure.
-    fn finish(&mut self) -> Result<BTreeMap<String, String>> {
+    /// `tcp_ack_sent` and `tcp_syn_sent`: the TCP packets the generator sent through this path
+    /// (warm-ups included), for the checks of the TCP VIP's counters.
+    fn finish(&mut self, tcp_ack_sent: u64, tcp_syn_sent: u64) -> Result<BTreeMap<String, String>> {
         let delivered = self.delivered()?;
         let mut params = BTreeMap::new();
         match self.setup {
@@ -824,6 +935,9 @@ impl BenchPath {
                     "new_flow_fraction".into(),
                     format!("{:.4}", new_flows as f64 / packets.max(1) as f64),
                 );
+                let tcp = check_tcp_counters(&counters, tcp_ack_sent, tcp_syn_sent)
+                    .with_context(|| format!("{}: the TCP VIP's counters", self.setup.name()))?;
+                params.extend(tcp);
                 params.insert("lb_binary".into(), lb_binary().display().to_string());
             }
             Setup::NftablesDnat => {
@@ -895,6 +1009,36 @@ fn check_lb_counters(counters: &FinalCounters, delivered: u64) -> Result<(u64, u
     Ok((packets, new_flows))
 }
 
+/// The TCP VIP's counters against what was sent to it: it saw every TCP packet, and SYNs (when
+/// only SYNs were sent) were at least 99% new flows. Returns params for the figures.
+fn check_tcp_counters(
+    counters: &FinalCounters,
+    ack_sent: u64,
+    syn_sent: u64,
+) -> Result<BTreeMap<String, String>> {
+    let (packets, _, new_flows) = counters.vips.get(TCP_VIP).copied().unwrap_or_default();
+    let sent = ack_sent + syn_sent;
+    ensure!(
+        packets >= sent,
+        "lb counted {packets} packets on {TCP_VIP} but {sent} TCP packets were sent; \
+         counters: {counters:?}"
+    );
+    if syn_sent > 0 && ack_sent == 0 {
+        ensure!(
+            new_flows as f64 >= 0.99 * syn_sent as f64,
+            "{TCP_VIP}: {new_flows} new flows for {syn_sent} SYNs: not every SYN was a new flow"
+        );
+    }
+    Ok(BTreeMap::from([
+        ("tcp_vip_packets".to_owned(), packets.to_string()),
+        ("tcp_vip_new_flows".to_owned(), new_flows.to_string()),
+        (
+            "tcp_vip_new_flow_fraction".to_owned(),
+            format!("{:.4}", new_flows as f64 / packets.max(1) as f64),
+        ),
+    ]))
+}
+
 /// `i`-th backend: 10.200.1.1, 10.200.1.2, ... 10.200.1.250, 10.200.2.1, ... (l0 is 10.200.0.1/16).
 fn backend_address(index: usize) -> Ipv4Addr {
     let third = u8::try_from(1 + index / 250).expect("at most 1000 backends");
@@ -902,15 +1046,26 @@ fn backend_address(index: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 200, third, fourth)
 }
 
+/// The TCP VIP's name in the daemon's config (and counters).
+const TCP_VIP: &str = "bench_tcp";
+
+/// A UDP VIP (`bench`, port 53) and a TCP VIP (`bench_tcp`, port 80) at the same address with
+/// the same backends.
 fn lb_config(backends: &[Ipv4Addr], flow_table_size: u32) -> String {
     let mut config = format!(
         "interface = \"{LB_IF}\"\nxdp_mode = \"native\"\nmax_vips = 2\nmax_backends = {}\n\
-         flow_table_size = {flow_table_size}\n\n[[vip]]\nname = \"bench\"\naddress = \"{VIP}\"\n\
-         port = {VIP_PORT}\nprotocol = \"udp\"\n\n[vip.health]\ncheck = \"none\"\n",
-        backends.len().max(16)
+         flow_table_size = {flow_table_size}\n",
+        (2 * backends.len()).max(16)
     );
-    for backend in backends {
-        let _ = write!(config, "\n[[vip.backend]]\naddress = \"{backend}\"\n");
+    for (name, port, protocol) in [("bench", VIP_PORT, "udp"), (TCP_VIP, VIP_TCP_PORT, "tcp")] {
+        let _ = write!(
+            config,
+            "\n[[vip]]\nname = \"{name}\"\naddress = \"{VIP}\"\nport = {port}\n\
+             protocol = \"{protocol}\"\n\n[vip.health]\ncheck = \"none\"\n"
+        );
+        for backend in backends {
+            let _ = write!(config, "\n[[vip.backend]]\naddress = \"{backend}\"\n");
+        }
     }
     config
 }
@@ -1014,6 +1169,17 @@ fn bench_frame(src_mac: MacAddress, dst_mac: MacAddress) -> Vec<u8> {
     let mut frame = spec.build();
     frame[40..42].copy_from_slice(&[0, 0]);
     frame
+}
+
+/// The generator's TCP frame: TCP/IPv4 without options or payload (54 bytes), client → VIP:80,
+/// with `flags`. bench_gen rewrites the source port and leaves the checksum stale (nothing on the
+/// path checks it).
+fn tcp_frame(src_mac: MacAddress, dst_mac: MacAddress, flags: u8) -> Vec<u8> {
+    let mut spec = FrameSpec::tcp_syn(CLIENT.into(), 1024, VIP.into(), VIP_TCP_PORT);
+    spec.l4 = crate::frames::L4::Tcp { flags };
+    spec.src_mac = src_mac.octets();
+    spec.dst_mac = dst_mac.octets();
+    spec.build()
 }
 
 /// `struct xdp_md` for a live-frames run: data = 0, data_end = frame length, data_meta = 0,
@@ -1145,6 +1311,20 @@ mod tests {
     }
 
     #[test]
+    fn the_tcp_frames_are_54_bytes_to_the_vip_port_80() {
+        for flags in [TCP_ACK, TCP_SYN] {
+            let frame = tcp_frame(GEN_MAC, LB_MAC, flags);
+            assert_eq!(frame.len(), TCP_FRAME_BYTES);
+            assert_eq!(frame[23], 6, "TCP");
+            assert_eq!(frame[14], 0x45, "IPv4 without options");
+            assert_eq!(&frame[30..34], &VIP.octets());
+            assert_eq!(&frame[36..38], &VIP_TCP_PORT.to_be_bytes());
+            assert_eq!(frame[46] >> 4, 5, "no TCP options");
+            assert_eq!(frame[47], flags);
+        }
+    }
+
+    #[test]
     fn the_context_is_an_xdp_md_with_the_ingress_ifindex() {
         let md = xdp_md(7, 60);
         let field = |i: usize| u32::from_ne_bytes(md[i * 4..i * 4 + 4].try_into().unwrap());
@@ -1169,7 +1349,8 @@ mod tests {
         let config = lb_config(&backends, 1024);
         assert!(config.contains("flow_table_size = 1024"));
         assert!(config.contains("check = \"none\""));
-        assert_eq!(config.matches("[[vip.backend]]").count(), 3);
+        assert_eq!(config.matches("[[vip.backend]]").count(), 6);
+        assert!(config.contains("name = \"bench_tcp\"") && config.contains("port = 80"));
         let rules = nft_ruleset(&backends);
         assert!(rules.contains(
             "dnat to numgen inc mod 3 map { 0 : 10.200.1.1, 1 : 10.200.1.2, 2 : 10.200.1.3 }"
@@ -1321,13 +1502,14 @@ mod tests {
             );
         }
         let ratios: Vec<_> = figures.iter().filter(|f| f.unit == "ratio").collect();
-        assert_eq!(ratios.len(), 3);
+        let expected_ratios = super::ratios(Generator::LiveFrames).len();
+        assert_eq!(ratios.len(), expected_ratios);
         assert!(
             ratios
                 .iter()
                 .all(|f| f.samples.len() == 1 && f.samples[0] > 0.0)
         );
-        assert_eq!(figures.len(), plan.len() + 3);
+        assert_eq!(figures.len(), plan.len() + expected_ratios);
         assert!(own_namespaces().is_empty(), "left: {:?}", own_namespaces());
     }
 }

@@ -82,6 +82,7 @@ fn main() -> ExitCode {
             Part::PerPacket => per_packet::run(&PerPacketOptions {
                 quick: cli.quick,
                 trials,
+                dump_dir: Some(cli.out.join("programs")),
             }),
             Part::ControlPlane => control_plane::run(&ControlPlaneOptions {
                 quick: cli.quick,
