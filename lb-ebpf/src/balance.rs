@@ -63,7 +63,7 @@ pub fn forward(ctx: &XdpContext, packet: &Packet) -> (u32, Reason) {
         new_flow,
     } = choice;
     counters::count_forwarded(vip.id, id, parse::frame_len(ctx), new_flow);
-    if !rewrite::set_macs(ctx, &backend.dst_mac, &backend.src_mac) {
+    if !rewrite::set_macs(ctx, backend) {
         // Unreachable: the parser already proved the Ethernet header is there.
         return (xdp_action::XDP_PASS, Reason::PassMalformed);
     }

@@ -99,7 +99,19 @@ fn status_drain_disable_enable_against_a_running_daemon() {
         let pinned = long_lived.request("hello").expect("first reply");
         let (code, stdout, stderr) = lb(&["drain", "web", &pinned], &socket);
         assert_eq!(code, 0, "drain: {stdout} {stderr}");
-        assert_eq!(backend_state(&status(&socket), &pinned), "draining");
+        let drained_status = status(&socket);
+        assert_eq!(backend_state(&drained_status, &pinned), "draining");
+        // Its third of web's ring went to the others: those slots changed (and keep sending the
+        // connections that began on it there); the flow table's size is reported too.
+        let web = &drained_status["vips"][0];
+        let changed = web["ring_slots_changed"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no ring_slots_changed in {web}"));
+        assert!(
+            changed > 15_000,
+            "ring_slots_changed {changed} after draining a third"
+        );
+        assert!(web["flow_table_entries"].as_u64().is_some(), "{web}");
         let after = tcp_requests(topo.client(), vip, 40, TIMEOUT).expect("client");
         assert!(after.failures.is_empty(), "{:?}", after.failures);
         assert!(

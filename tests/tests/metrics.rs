@@ -94,6 +94,8 @@ fn the_metrics_endpoint_serves_the_data_planes_counters() {
             "lb_health_check_duration_seconds",
             "lb_xdp_verdicts_total",
             "lb_flow_table_entries",
+            "lb_vip_ring_slots_changed",
+            "lb_vip_flow_table_entries",
         ] {
             assert!(
                 body.contains(&format!("# TYPE {family}")),
