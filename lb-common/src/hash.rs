@@ -1,7 +1,7 @@
 //! The flow hash that picks a new flow's Maglev slot. It lives here so the daemon and the tests
 //! can compute, byte for byte, which slot (and so which backend) the XDP program will choose.
 
-use crate::FlowKey;
+use crate::{FlowKey, VipKey};
 
 const C1: u32 = 0xcc9e_2d51;
 const C2: u32 = 0x1b87_3593;
@@ -59,26 +59,30 @@ fn finish(mut h: u32) -> u32 {
     h ^ (h >> 16)
 }
 
-/// The `VIP_FILTER` bit of a destination address (16-byte key form, IPv4 zero-padded): the
-/// address's four 32-bit words folded with XOR, then a multiplicative hash to 16 bits. An IPv4
-/// address folds to its own word, so [`vip_filter_bit_v4`] gives the same bit without reading
-/// the padding.
+/// The `VIP_INDEX` slot of a VIP key: the address's four 32-bit words folded with XOR, then the
+/// port, protocol and family, and a multiplicative hash to `VIP_INDEX_SLOTS` slots. IPv4 keys
+/// have zero padding, so [`vip_index_slot_v4`] gives the same slot from the address word alone.
 #[inline(always)]
-pub fn vip_filter_bit(addr: &[u8; 16]) -> u32 {
-    let folded = word(addr, 0) ^ word(addr, 4) ^ word(addr, 8) ^ word(addr, 12);
-    filter_bit_of(folded)
+pub fn vip_index_slot(key: &VipKey) -> u32 {
+    let folded = word(&key.addr, 0) ^ word(&key.addr, 4) ^ word(&key.addr, 8) ^ word(&key.addr, 12);
+    slot_of(folded, key)
 }
 
-/// [`vip_filter_bit`] of an IPv4 address given as its four bytes.
+/// [`vip_index_slot`] of an IPv4 key, whose address is `addr_word` (the first four bytes).
 #[inline(always)]
-pub fn vip_filter_bit_v4(addr: [u8; 4]) -> u32 {
-    filter_bit_of(u32::from_le_bytes(addr))
+pub fn vip_index_slot_v4(addr_word: u32, key: &VipKey) -> u32 {
+    slot_of(addr_word, key)
 }
 
 #[inline(always)]
-fn filter_bit_of(folded: u32) -> u32 {
-    folded.wrapping_mul(0x9e37_79b1) >> 16
+fn slot_of(folded: u32, key: &VipKey) -> u32 {
+    let rest = u32::from(key.port_be) | u32::from(key.proto) << 16 | u32::from(key.family) << 24;
+    (folded ^ rest.rotate_left(7)).wrapping_mul(0x9e37_79b1) >> (32 - VIP_INDEX_BITS)
 }
+
+/// `VIP_INDEX_SLOTS` is `1 << VIP_INDEX_BITS`.
+const VIP_INDEX_BITS: u32 = 12;
+const _: () = assert!(crate::VIP_INDEX_SLOTS == 1 << VIP_INDEX_BITS);
 
 #[cfg(test)]
 mod tests {
@@ -104,17 +108,23 @@ mod tests {
     }
 
     #[test]
-    fn filter_bit_of_an_ipv4_address_is_that_of_its_padded_form() {
+    fn index_slot_of_an_ipv4_key_is_that_of_its_padded_form() {
         for a in [
             [10, 0, 0, 100],
             [192, 0, 2, 1],
             [255, 255, 255, 255],
             [0, 0, 0, 0],
         ] {
-            let mut padded = [0u8; 16];
-            padded[..4].copy_from_slice(&a);
-            assert_eq!(vip_filter_bit(&padded), vip_filter_bit_v4(a), "{a:?}");
-            assert!(vip_filter_bit_v4(a) < crate::VIP_FILTER_WORDS * 64);
+            for (port, proto) in [(80, 6), (53, 17), (65535, 6)] {
+                let key = crate::VipKey::v4(a, port, proto);
+                let slot = vip_index_slot(&key);
+                assert_eq!(
+                    slot,
+                    vip_index_slot_v4(u32::from_le_bytes(a), &key),
+                    "{a:?}"
+                );
+                assert!(slot < crate::VIP_INDEX_SLOTS);
+            }
         }
     }
 

@@ -10,6 +10,6 @@ pub mod hash;
 pub mod maps;
 pub mod reason;
 
-pub use hash::{flow_hash, vip_filter_bit, vip_filter_bit_v4};
+pub use hash::{flow_hash, vip_index_slot, vip_index_slot_v4};
 pub use maps::*;
 pub use reason::Reason;

@@ -16,13 +16,13 @@ pub const MAP_BACKEND_STATS: &str = "BACKEND_STATS";
 pub const MAP_REASONS: &str = "REASONS";
 /// `TX_PORTS`: devmap `backend id -> egress ifindex`, for backends behind another interface.
 pub const MAP_TX_PORTS: &str = "TX_PORTS";
-/// `VIP_FILTER`: array of `VIP_FILTER_WORDS` u64 words, a bitmap over destination addresses
-/// (bit [`vip_filter_bit`](crate::vip_filter_bit)): a clear bit means "no VIP has this address",
-/// so most traffic that is not for a VIP skips the `VIPS` hash lookup.
-pub const MAP_VIP_FILTER: &str = "VIP_FILTER";
-/// Words of `VIP_FILTER` (65536 bits: with 64 VIP addresses, about 0.1% of other addresses
-/// pass the filter and pay the `VIPS` lookup).
-pub const VIP_FILTER_WORDS: u32 = 1024;
+/// `VIP_INDEX`: array of `VIP_INDEX_SLOTS` [`VipSlot`]s, a direct-mapped copy of `VIPS` indexed
+/// by [`vip_index_slot`](crate::vip_index_slot): one array read and a key comparison find a
+/// VIP (or tell that a packet is for none) without hashing the key into `VIPS`. A VIP whose slot
+/// another VIP holds is found in `VIPS` (the slot is marked `VIP_SLOT_OVERFLOW`).
+pub const MAP_VIP_INDEX: &str = "VIP_INDEX";
+/// Slots of `VIP_INDEX` (a power of two): with 64 VIPs, about 1.5% share a slot.
+pub const VIP_INDEX_SLOTS: u32 = 4096;
 
 /// Read-only global: Maglev ring size M (a prime). Set at load time with `EbpfLoader::set_global`.
 pub const GLOBAL_RING_SIZE: &str = "RING_SIZE";
@@ -81,6 +81,24 @@ pub struct VipInfo {
     pub active_ring: u32,
     pub _pad: u32,
 }
+
+/// `VipSlot`: one slot of `VIP_INDEX`. The daemon writes a slot's key and record first and sets
+/// `VIP_SLOT_VALID` with a second write, and clears the bit before the VIP goes, so a reader that
+/// sees the bit sees the key and record it came with; a record update of the same VIP changes
+/// only small fields (`active_ring`, `flags`) of a slot that stays valid.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VipSlot {
+    pub key: VipKey,
+    /// `VIP_SLOT_*` bits.
+    pub state: u32,
+    pub info: VipInfo,
+}
+
+/// `VipSlot::state`: `key` and `info` are a VIP's.
+pub const VIP_SLOT_VALID: u32 = 1 << 0;
+/// `VipSlot::state`: some VIP of this slot is not in it; look keys that do not match up in `VIPS`.
+pub const VIP_SLOT_OVERFLOW: u32 = 1 << 1;
 
 /// `Backend`: where and how to send a packet chosen for this backend.
 #[repr(C)]
@@ -192,6 +210,7 @@ const _: () = {
     assert!(core::mem::size_of::<VipKey>() == 20);
     assert!(core::mem::size_of::<VipInfo>() == 16);
     assert!(core::mem::size_of::<Backend>() == 40);
+    assert!(core::mem::size_of::<VipSlot>() == 40);
     // The data plane copies both MACs as six 16-bit words starting at `dst_mac`.
     assert!(core::mem::offset_of!(Backend, dst_mac) == 16);
     assert!(core::mem::offset_of!(Backend, src_mac) == 22);
@@ -220,7 +239,7 @@ mod user {
         )*};
     }
     pod!(
-        VipKey, VipInfo, Backend, RingSlot, FlowKey, FlowState, Counters
+        VipKey, VipInfo, VipSlot, Backend, RingSlot, FlowKey, FlowState, Counters
     );
 }
 

@@ -18,10 +18,10 @@ use lb_common::{
 };
 
 use crate::{
-    RING_SIZE, counters, filter,
-    maps::{BACKENDS, FLOWS, RINGS, TX_PORTS, VIPS},
+    RING_SIZE, counters,
+    maps::{BACKENDS, FLOWS, RINGS, TX_PORTS},
     parse::{self, Packet},
-    rewrite,
+    rewrite, vips,
 };
 
 /// The backend a packet goes to.
@@ -37,12 +37,7 @@ struct Choice {
 #[inline(always)]
 pub fn forward(ctx: &XdpContext, packet: &Packet) -> (u32, Reason) {
     let flow = &packet.key;
-    if !filter::may_be_vip(flow) {
-        return (xdp_action::XDP_PASS, Reason::PassNotVip);
-    }
-    // SAFETY: VIP records are written whole by the daemon with one map update; a concurrent
-    // update at worst shows us the previous record, which is still a valid one.
-    let Some(vip) = (unsafe { VIPS.get(flow.vip_key()) }) else {
+    let Some(vip) = vips::lookup(flow) else {
         return (xdp_action::XDP_PASS, Reason::PassNotVip);
     };
     let chosen = match ring_slot(flow, vip) {

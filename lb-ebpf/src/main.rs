@@ -1,7 +1,8 @@
 //! The XDP data plane of the load balancer.
 //!
-//! parse (headers → 5-tuple) → VIP pre-filter → VIP lookup → ring slot (owner, prior) → flow
-//! table only where needed (changed TCP slots, UDP) → L2 DSR rewrite → `XDP_TX` / redirect.
+//! parse (headers → 5-tuple) → VIP lookup (a direct-mapped index, the hash map on a collision)
+//! → ring slot (owner, prior) → flow table only where needed (changed TCP slots, UDP) → L2 DSR
+//! rewrite → `XDP_TX` / redirect.
 //! Anything that is not a VIP or cannot be parsed is `XDP_PASS`ed untouched: the program must
 //! never break the host's own traffic.
 #![no_std]
@@ -9,10 +10,10 @@
 
 mod balance;
 mod counters;
-mod filter;
 mod maps;
 mod parse;
 mod rewrite;
+mod vips;
 
 use crate::parse::Parsed;
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};

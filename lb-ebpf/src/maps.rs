@@ -8,7 +8,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, Counters, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS,
-    DEFAULT_RING_SIZE, FlowKey, FlowState, Reason, RingSlot, VIP_FILTER_WORDS, VipInfo, VipKey,
+    DEFAULT_RING_SIZE, FlowKey, FlowState, Reason, RingSlot, VIP_INDEX_SLOTS, VipInfo, VipKey,
+    VipSlot,
 };
 
 #[map]
@@ -41,6 +42,6 @@ pub static REASONS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(Reason
 #[map]
 pub static TX_PORTS: DevMap = DevMap::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
-/// Bitmap over VIP destination addresses (see `filter`); fixed size, written by the daemon.
+/// Direct-mapped copy of `VIPS` (see `vips`); fixed size, written by the daemon.
 #[map]
-pub static VIP_FILTER: Array<u64> = Array::with_max_entries(VIP_FILTER_WORDS, 0);
+pub static VIP_INDEX: Array<VipSlot> = Array::with_max_entries(VIP_INDEX_SLOTS, 0);

@@ -547,3 +547,63 @@ fn a_backend_behind_another_interface_is_redirected_with_that_interfaces_mac() {
         .expect("REASONS");
     assert_eq!(c.packets, 1);
 }
+
+/// Two VIPs whose keys share a `VIP_INDEX` slot: both are balanced (one from the slot, the other
+/// through `VIPS`), traffic to the slot that is no VIP passes, and when the slot's holder goes
+/// the other VIP takes the slot over and is still balanced.
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn vips_sharing_an_index_slot_are_both_found() {
+    use lb_common::{VipKey, vip_index_slot};
+    let web = VipKey::v4([10, 0, 0, 100], 80, PROTO_TCP);
+    let slot = vip_index_slot(&web);
+    let mut sharing = (1..=u16::MAX)
+        .filter(|&port| port != 80)
+        .filter(|&port| vip_index_slot(&VipKey::v4([10, 0, 0, 100], port, PROTO_TCP)) == slot);
+    let other = sharing
+        .next()
+        .expect("a TCP port of 10.0.0.100 in web's slot");
+    let not_a_vip = sharing.next().expect("a second one");
+    let vip = |name: &str, port: u16, backend: &str| {
+        format!(
+            "[[vip]]\nname = \"{name}\"\naddress = \"10.0.0.100\"\nport = {port}\nprotocol = \"tcp\"\n\
+             [[vip.backend]]\naddress = \"{backend}\"\n"
+        )
+    };
+    let head = "interface = \"lab0\"\nring_size = 1021\nmax_vips = 4\nmax_backends = 8\nflow_table_size = 1024\n";
+    let both = format!(
+        "{head}{}{}",
+        vip("web", 80, "10.0.0.11"),
+        vip("other", other, "10.0.0.21")
+    );
+    let mut lab = PacketLab::new(&both);
+    let to = |port: u16| FrameSpec::tcp_syn(ip("192.0.2.9"), 5000, ip("10.0.0.100"), port);
+    let web_id = lab.id("web", "10.0.0.11");
+    let other_id = lab.id("other", "10.0.0.21");
+    assert_eq!(backend_of(&mut lab, &to(80)), web_id);
+    assert_eq!(backend_of(&mut lab, &to(other)), other_id);
+    let frame = to(not_a_vip).build();
+    assert_eq!(
+        lab.run(&frame),
+        (XDP_PASS, frame.clone()),
+        "port {not_a_vip} is no VIP"
+    );
+    // web goes: `other` takes the slot over.
+    lab.reload(&format!("{head}{}", vip("other", other, "10.0.0.21")));
+    assert_eq!(backend_of(&mut lab, &to(other)), other_id);
+    let frame = to(80).build();
+    assert_eq!(lab.run(&frame), (XDP_PASS, frame.clone()), "web is gone");
+    let index = lab
+        .balancer
+        .dataplane
+        .maps
+        .vip_index
+        .get(&slot, 0)
+        .expect("slot");
+    assert_eq!(index.key, VipKey::v4([10, 0, 0, 100], other, PROTO_TCP));
+    assert_eq!(
+        index.state,
+        lb_common::VIP_SLOT_VALID,
+        "no other VIP in the slot: no overflow"
+    );
+}

@@ -10,13 +10,13 @@
 
 mod adopt;
 mod digest;
-mod filter;
 mod ids;
 mod publish;
 mod reconcile;
 mod rollback;
 mod slots;
 mod sweep;
+mod vip_index;
 
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
@@ -159,8 +159,8 @@ pub struct Balancer {
     /// Per VIP id: its live ring with each slot's owner, prior and last change (see
     /// [`slots`]). Mirrors the data plane, not the config: a rolled-back reload keeps it.
     slots: std::collections::HashMap<u32, slots::SlotHistory>,
-    /// `VIP_FILTER` as written (read from the map on first use: an adopted map has bits).
-    filter: Option<Vec<u64>>,
+    /// `VIP_INDEX` as written (read from the map on first use: an adopted map has content).
+    vip_index: Option<Vec<lb_common::VipSlot>>,
     /// Per VIP id: flows in the table at the last sweep.
     census: std::collections::HashMap<u32, usize>,
     /// Test-only: a map write that fails on purpose (see [`Balancer::inject_map_write_failure`]).
@@ -208,7 +208,7 @@ impl Balancer {
             flow_hold: Duration::ZERO,
             idle: IdleTimeouts::default(),
             slots: std::collections::HashMap::new(),
-            filter: None,
+            vip_index: None,
             census: std::collections::HashMap::new(),
             faults: rollback::FaultInjection::default(),
         }

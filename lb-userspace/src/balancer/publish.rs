@@ -211,7 +211,7 @@ impl Balancer {
             active_ring: next,
             _pad: 0,
         };
-        self.filter_admit(&key)?;
+        self.index_before_record(&key)?;
         self.map_write("VIPS")?;
         self.dataplane
             .maps
@@ -221,6 +221,7 @@ impl Balancer {
                 what: "VIPS",
                 source,
             })?;
+        self.index_after_record(&key, info)?;
         if let Some(history) = self.slots.get_mut(&info.id) {
             history.published(live_table, table);
         }

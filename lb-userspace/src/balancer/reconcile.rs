@@ -181,9 +181,8 @@ impl Balancer {
         for v in republish {
             self.publish(v)?;
         }
-        // Removed and moved VIPs' addresses leave the pre-filter only now that their records
-        // are gone.
-        self.filter_rebuild()?;
+        // Slots of removed and moved VIPs go to VIPs that were waiting for them.
+        self.index_rebuild()?;
         Ok(changes)
     }
 
@@ -237,6 +236,7 @@ impl Balancer {
         &mut self,
         key: &lb_common::VipKey,
     ) -> Result<(), ReconcileError> {
+        self.index_remove(key)?;
         self.map_write("VIPS")?;
         match self.dataplane.maps.vips.remove(key) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),

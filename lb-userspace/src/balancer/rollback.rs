@@ -89,7 +89,7 @@ impl Balancer {
         for v in 0..self.vips.len() {
             self.publish(v)?;
         }
-        self.filter_rebuild()?;
+        self.index_rebuild()?;
         Ok(())
     }
 

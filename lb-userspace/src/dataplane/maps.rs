@@ -7,7 +7,8 @@ use aya::{
 };
 use lb_common::{
     Backend, Counters, FlowKey, FlowState, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_FLOWS, MAP_REASONS,
-    MAP_RINGS, MAP_TX_PORTS, MAP_VIP_FILTER, MAP_VIP_STATS, MAP_VIPS, Reason, VipInfo, VipKey,
+    MAP_RINGS, MAP_TX_PORTS, MAP_VIP_INDEX, MAP_VIP_STATS, MAP_VIPS, Reason, VipInfo, VipKey,
+    VipSlot,
 };
 
 use super::{
@@ -24,9 +25,9 @@ pub struct Maps {
     pub backend_stats: PerCpuArray<MapData, Counters>,
     pub reasons: PerCpuArray<MapData, Counters>,
     pub tx_ports: DevMap<MapData>,
-    /// The bitmap of VIP addresses in front of `vips` (written by `Balancer`, see
-    /// `balancer::filter`).
-    pub vip_filter: Array<MapData, u64>,
+    /// The direct-mapped copy of `vips` the data plane reads first (written by `Balancer`, see
+    /// `balancer::vip_index`).
+    pub vip_index: Array<MapData, VipSlot>,
     /// Keeps the `RINGS` map (and so the memory behind `rings`) alive.
     _rings_map: MapData,
 }
@@ -58,8 +59,8 @@ impl Maps {
             reasons: PerCpuArray::try_from(take(ebpf, MAP_REASONS)?)
                 .map_err(map_err(MAP_REASONS))?,
             tx_ports: DevMap::try_from(take(ebpf, MAP_TX_PORTS)?).map_err(map_err(MAP_TX_PORTS))?,
-            vip_filter: Array::try_from(take(ebpf, MAP_VIP_FILTER)?)
-                .map_err(map_err(MAP_VIP_FILTER))?,
+            vip_index: Array::try_from(take(ebpf, MAP_VIP_INDEX)?)
+                .map_err(map_err(MAP_VIP_INDEX))?,
             _rings_map: rings_map,
         })
     }

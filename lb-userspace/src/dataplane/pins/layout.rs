@@ -340,7 +340,7 @@ mod tests {
                 "RINGS",
                 "TX_PORTS",
                 "VIPS",
-                "VIP_FILTER",
+                "VIP_INDEX",
                 "VIP_STATS"
             ]
         );

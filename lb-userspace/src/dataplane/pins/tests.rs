@@ -38,7 +38,7 @@ const MAP_NAMES: [&str; 9] = [
     "RINGS",
     "TX_PORTS",
     "VIPS",
-    "VIP_FILTER",
+    "VIP_INDEX",
     "VIP_STATS",
 ];
 
