@@ -159,6 +159,11 @@ pub struct Balancer {
     /// Per VIP id: its live ring with each slot's owner, prior and last change (see
     /// [`slots`]). Mirrors the data plane, not the config: a rolled-back reload keeps it.
     slots: std::collections::HashMap<u32, slots::SlotHistory>,
+    /// Per VIP id: its backends in Maglev turn order with their keys, checked against the VIP
+    /// at each publish and rebuilt when its backends changed.
+    ring_orders: std::collections::HashMap<u32, publish::RingOrder>,
+    /// The Maglev table of the last publish, as turn positions; kept so builds reuse it.
+    ring_scratch: Vec<u32>,
     /// `VIP_FILTER` as written (read from the map on first use: an adopted map has bits).
     filter: Option<Vec<u64>>,
     /// Per VIP id: flows in the table at the last sweep.
@@ -208,6 +213,8 @@ impl Balancer {
             flow_hold: Duration::ZERO,
             idle: IdleTimeouts::default(),
             slots: std::collections::HashMap::new(),
+            ring_orders: std::collections::HashMap::new(),
+            ring_scratch: Vec::new(),
             filter: None,
             census: std::collections::HashMap::new(),
             faults: rollback::FaultInjection::default(),
