@@ -58,6 +58,18 @@ const SKIP_SEED: u64 = 0x9e37_79b9_7f4a_7c15;
 /// If `ring_size` is not prime (callers validate it; see [`is_prime`]), or if there are
 /// `NO_BACKEND` or more backends (their indices could not be told from an empty slot).
 pub fn build_table(backends: &[MaglevBackend<'_>], ring_size: u32) -> Vec<u32> {
+    let mut table = Vec::new();
+    build_table_into(backends, ring_size, &mut table);
+    table
+}
+
+/// [`build_table`] into `table` (resized to `ring_size`), so a caller that builds often reuses
+/// one buffer instead of allocating (and page-faulting in) a fresh table each time.
+///
+/// # Panics
+///
+/// As [`build_table`].
+pub fn build_table_into(backends: &[MaglevBackend<'_>], ring_size: u32, table: &mut Vec<u32>) {
     assert!(
         is_prime(ring_size),
         "Maglev ring size {ring_size} is not prime"
@@ -68,14 +80,15 @@ pub fn build_table(backends: &[MaglevBackend<'_>], ring_size: u32) -> Vec<u32> {
         backends.len()
     );
 
-    let mut table = vec![NO_BACKEND; ring_size as usize];
+    table.clear();
+    table.resize(ring_size as usize, NO_BACKEND);
     let max_weight = backends
         .iter()
         .map(|backend| backend.weight)
         .max()
         .unwrap_or(0);
     if max_weight == 0 {
-        return table;
+        return;
     }
 
     let mut candidates: Vec<Candidate> = backends
@@ -85,12 +98,12 @@ pub fn build_table(backends: &[MaglevBackend<'_>], ring_size: u32) -> Vec<u32> {
         .map(|(index, backend)| Candidate::new(index as u32, backend, ring_size))
         .collect();
 
-    let mut filler = Filler::new(&mut table, ring_size);
+    let mut filler = Filler::new(table, ring_size);
     if candidates.iter().all(|c| c.weight == u64::from(max_weight)) {
         // Equal weights (the common case): every backend claims exactly once per round, in
         // order, so the round loop needs no schedule.
         filler.fill_round_robin(&mut candidates);
-        return table;
+        return;
     }
 
     // Instead of visiting every backend in every round (N × rounds steps, which is N × M when
@@ -114,7 +127,6 @@ pub fn build_table(backends: &[MaglevBackend<'_>], ring_size: u32) -> Vec<u32> {
         let next_round = candidate.advance_to_next_claim(round, max_weight);
         schedule.push(next_round, position);
     }
-    table
 }
 
 /// Hands out the slots of a table being built.

@@ -161,6 +161,11 @@ pub struct Balancer {
     slots: std::collections::HashMap<u32, slots::SlotHistory>,
     /// `VIP_INDEX` as written (read from the map on first use: an adopted map has content).
     vip_index: Option<Vec<lb_common::VipSlot>>,
+    /// Per VIP id: its backends in Maglev turn order with their keys, checked against the VIP
+    /// at each publish and rebuilt when its backends changed.
+    ring_orders: std::collections::HashMap<u32, publish::RingOrder>,
+    /// The Maglev table of the last publish, as turn positions; kept so builds reuse it.
+    ring_scratch: Vec<u32>,
     /// Per VIP id: flows in the table at the last sweep.
     census: std::collections::HashMap<u32, usize>,
     /// Test-only: a map write that fails on purpose (see [`Balancer::inject_map_write_failure`]).
@@ -209,6 +214,8 @@ impl Balancer {
             idle: IdleTimeouts::default(),
             slots: std::collections::HashMap::new(),
             vip_index: None,
+            ring_orders: std::collections::HashMap::new(),
+            ring_scratch: Vec::new(),
             census: std::collections::HashMap::new(),
             faults: rollback::FaultInjection::default(),
         }

@@ -13,7 +13,7 @@ use crate::{
     config::{OnAllDown, Protocol},
     dataplane::{DataPlaneError, flows::kernel_now_ns},
     health::Health,
-    maglev::{MaglevBackend, build_table},
+    maglev::{MaglevBackend, build_table_into},
     pool::ActivePool,
 };
 
@@ -105,42 +105,90 @@ fn backend_record(vip_id: u32, backend: &BackendState, now: Instant) -> Backend 
 
 /// The Maglev table of a VIP's usable backends in its current pool, as backend ids.
 pub fn ring_for(vip: &VipState, ring_size: u32) -> Vec<u32> {
-    ring_for_pool(vip, vip.select_pool(), ring_size)
+    let order = RingOrder::of(vip);
+    let ids = order.ids(vip);
+    let mut table = Vec::new();
+    order.build(vip, vip.select_pool(), ring_size, &mut table);
+    for owner in &mut table {
+        if *owner != NO_BACKEND {
+            *owner = ids[*owner as usize];
+        }
+    }
+    table
 }
 
+/// A VIP's backends in the order of their Maglev turns, with their Maglev keys: what
+/// [`RingOrder::build`] needs besides weights, kept between publishes (sorting and formatting
+/// a thousand addresses took longer than the rest of a publish but the Maglev build).
+///
 /// The same table on every node (README, "Running several load balancers"): which backend owns a
 /// slot depends only on the backends' addresses, their weights and which of them take new flows,
 /// never on data-plane ids, the order of the config or what happened before. Each backend's
-/// preference list is seeded by its address, and the backends take their turns in address order.
-fn ring_for_pool(vip: &VipState, pool: ActivePool, ring_size: u32) -> Vec<u32> {
-    let mut by_address: Vec<&BackendState> = vip.backends.iter().collect();
-    by_address.sort_unstable_by_key(|b| b.address);
-    let keys: Vec<Vec<u8>> = by_address
-        .iter()
-        .map(|b| b.address.to_string().into_bytes())
-        .collect();
-    let candidates: Vec<MaglevBackend<'_>> = by_address
-        .iter()
-        .zip(&keys)
-        .map(|(b, key)| MaglevBackend {
-            key,
-            weight: if VipState::takes_new_flows(b, pool) {
-                b.effective_weight()
-            } else {
-                0
-            },
-        })
-        .collect();
-    build_table(&candidates, ring_size)
-        .into_iter()
-        .map(|i| {
-            if i == NO_BACKEND {
-                NO_BACKEND
-            } else {
-                by_address[i as usize].id
-            }
-        })
-        .collect()
+/// preference list is seeded by its address (the bytes of its `to_string()`), and the backends
+/// take their turns in address order (addresses are unique in a VIP).
+#[derive(Debug)]
+pub(super) struct RingOrder {
+    /// Index in `VipState::backends` and address of each backend, in address order.
+    backends: Vec<(usize, std::net::IpAddr)>,
+    /// Their keys, in the same order.
+    keys: Vec<Vec<u8>>,
+}
+
+impl RingOrder {
+    fn of(vip: &VipState) -> Self {
+        let mut backends: Vec<(usize, std::net::IpAddr)> = vip
+            .backends
+            .iter()
+            .enumerate()
+            .map(|(index, b)| (index, b.address))
+            .collect();
+        backends.sort_unstable_by_key(|&(_, address)| address);
+        let keys = backends
+            .iter()
+            .map(|(_, address)| address.to_string().into_bytes())
+            .collect();
+        RingOrder { backends, keys }
+    }
+
+    /// Whether this is still the order of `vip`'s backends: the same number, and each index
+    /// still holds the address it had (so the indices are still a permutation of them all).
+    fn fits(&self, vip: &VipState) -> bool {
+        self.backends.len() == vip.backends.len()
+            && self
+                .backends
+                .iter()
+                .all(|&(index, address)| vip.backends[index].address == address)
+    }
+
+    /// Data-plane ids in turn order.
+    fn ids(&self, vip: &VipState) -> Vec<u32> {
+        self.backends
+            .iter()
+            .map(|&(index, _)| vip.backends[index].id)
+            .collect()
+    }
+
+    /// The Maglev table of `vip`'s backends that take new flows under `pool`, as positions in
+    /// this order, into `table`.
+    fn build(&self, vip: &VipState, pool: ActivePool, ring_size: u32, table: &mut Vec<u32>) {
+        let candidates: Vec<MaglevBackend<'_>> = self
+            .backends
+            .iter()
+            .zip(&self.keys)
+            .map(|(&(index, _), key)| {
+                let b = &vip.backends[index];
+                MaglevBackend {
+                    key,
+                    weight: if VipState::takes_new_flows(b, pool) {
+                        b.effective_weight()
+                    } else {
+                        0
+                    },
+                }
+            })
+            .collect();
+        build_table_into(&candidates, ring_size, table);
+    }
 }
 
 impl Balancer {
@@ -184,7 +232,19 @@ impl Balancer {
         }
         let vip = &self.vips[vip_index];
         let ring_size = self.dataplane.maps.rings.ring_size();
-        let owners = ring_for_pool(vip, pool_after, ring_size);
+        let order = match self.ring_orders.entry(vip.id) {
+            std::collections::hash_map::Entry::Occupied(entry) => {
+                let order = entry.into_mut();
+                if !order.fits(vip) {
+                    *order = RingOrder::of(vip);
+                }
+                order
+            }
+            std::collections::hash_map::Entry::Vacant(entry) => entry.insert(RingOrder::of(vip)),
+        };
+        let owners = &mut self.ring_scratch;
+        order.build(vip, pool_after, ring_size, owners);
+        let ids = order.ids(vip);
         let in_ring = vip
             .backends
             .iter()
@@ -196,10 +256,11 @@ impl Balancer {
             .entry(vip.id)
             .or_insert_with(|| SlotHistory::empty(ring_size, tcp));
         history.track_priors(tcp);
-        let table = history.next_table(&owners, kernel_now_ns());
         let next = 1 - (vip.active_ring & 1);
         let live_table = vip.id * 2 + next;
-        self.dataplane.maps.rings.write_table(live_table, &table)?;
+        // Straight into the inactive table: no copy of the ring on the way.
+        let out = self.dataplane.maps.rings.table_mut(live_table)?;
+        history.stage(owners, &ids, kernel_now_ns(), out);
         let key = vip.key;
         let flags = match vip.on_all_down {
             OnAllDown::Pass => VIP_F_PASS_WHEN_EMPTY,
@@ -223,7 +284,7 @@ impl Balancer {
             })?;
         self.index_after_record(&key, info)?;
         if let Some(history) = self.slots.get_mut(&info.id) {
-            history.published(live_table, table);
+            history.published(live_table);
         }
         let vip = &mut self.vips[vip_index];
         vip.active_ring = next;

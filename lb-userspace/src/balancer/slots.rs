@@ -26,6 +26,9 @@ pub(super) struct SlotHistory {
     pub(super) changed_at: Vec<u64>,
     /// Keep priors at all: TCP VIPs only (UDP records every flow, the prior is never used).
     pub(super) tracks_priors: bool,
+    /// Where the table [`SlotHistory::stage`] computed differs from `live`, as (index, new
+    /// slot): `live` becomes that table once [`SlotHistory::published`] says so.
+    staged: Vec<(u32, RingSlot)>,
 }
 
 impl SlotHistory {
@@ -36,6 +39,7 @@ impl SlotHistory {
             live: vec![RingSlot::unchanged(NO_BACKEND); ring_size as usize],
             changed_at: vec![0; ring_size as usize],
             tracks_priors,
+            staged: Vec::new(),
         }
     }
 
@@ -48,6 +52,7 @@ impl SlotHistory {
             live,
             changed_at,
             tracks_priors: tcp,
+            staged: Vec::new(),
         };
         if !tcp {
             for slot in &mut history.live {
@@ -68,26 +73,48 @@ impl SlotHistory {
         self.tracks_priors = tcp;
     }
 
-    /// The table to publish for the new owners `owners` at `now`. A slot whose owner changes
-    /// remembers its old owner as `prior` if it was unchanged, and keeps its `prior` if it was
-    /// changed already (connections from before the window began there); either way its change
-    /// time is `now`. A slot that had no owner stays unchanged: no connection can be on it.
+    /// The table to publish for the new owners at `now`, written into `out` (the inactive ring)
+    /// and kept for [`SlotHistory::published`]. Slot `i`'s new owner is `ids[owners[i]]`, or
+    /// none where `owners[i]` is `NO_BACKEND` (a Maglev table of indices, mapped to backend ids
+    /// on the way). A slot whose owner changes remembers its old owner as `prior` if it was
+    /// unchanged, and keeps its `prior` if it was changed already (connections from before the
+    /// window began there); either way its change time is `now`. A slot that had no owner stays
+    /// unchanged: no connection can be on it.
     ///
     /// Only the change times are updated here; [`SlotHistory::published`] records the table once
     /// it is live.
-    pub(super) fn next_table(&mut self, owners: &[u32], now: u64) -> Vec<RingSlot> {
+    ///
+    /// # Panics
+    ///
+    /// If `out` is not of the ring's size, or an owner index is neither `NO_BACKEND` nor below
+    /// `ids.len()`.
+    pub(super) fn stage(&mut self, owners: &[u32], ids: &[u32], now: u64, out: &mut [RingSlot]) {
         debug_assert_eq!(owners.len(), self.live.len(), "ring size changed");
-        self.live
+        assert_eq!(out.len(), self.live.len(), "ring size changed");
+        let tracks_priors = self.tracks_priors;
+        self.staged.clear();
+        // One pass over the ring, reading more than writing (it is memory-bound: the ring is
+        // half a megabyte): `out` still holds an older table, which differs from the new one in
+        // few slots, and so does `live`.
+        for (i, (((live, &index), changed_at), out)) in self
+            .live
             .iter()
             .zip(owners)
             .zip(self.changed_at.iter_mut())
-            .map(|((live, &owner), changed_at)| {
-                if owner == live.owner || !self.tracks_priors {
-                    return RingSlot {
-                        owner,
-                        prior: live.prior,
-                    };
+            .zip(out.iter_mut())
+            .enumerate()
+        {
+            let owner = if index == NO_BACKEND {
+                NO_BACKEND
+            } else {
+                ids[index as usize]
+            };
+            let slot = if owner == live.owner || !tracks_priors {
+                RingSlot {
+                    owner,
+                    prior: live.prior,
                 }
+            } else {
                 *changed_at = now;
                 let prior = if live.is_changed() {
                     live.prior
@@ -95,14 +122,22 @@ impl SlotHistory {
                     live.owner
                 };
                 RingSlot { owner, prior }
-            })
-            .collect()
+            };
+            if *out != slot {
+                *out = slot;
+            }
+            if *live != slot {
+                self.staged.push((i as u32, slot));
+            }
+        }
     }
 
-    /// `table` went live in `RINGS` table `live_table`.
-    pub(super) fn published(&mut self, live_table: u32, table: Vec<RingSlot>) {
+    /// The table [`SlotHistory::stage`] last computed went live in `RINGS` table `live_table`.
+    pub(super) fn published(&mut self, live_table: u32) {
         self.live_table = live_table;
-        self.live = table;
+        for &(index, slot) in &self.staged {
+            self.live[index as usize] = slot;
+        }
     }
 
     /// Slots whose `prior` is backend `id`, which is going away (its id may be reused by a
@@ -134,9 +169,12 @@ mod tests {
     const B: u32 = 2;
     const C: u32 = 3;
 
+    /// Owners are given as backend ids: `stage` maps indices through the identity.
     fn publish(h: &mut SlotHistory, owners: &[u32], now: u64) -> Vec<RingSlot> {
-        let table = h.next_table(owners, now);
-        h.published(0, table.clone());
+        let ids = [0, A, B, C];
+        let mut table = vec![RingSlot::unchanged(NO_BACKEND); owners.len()];
+        h.stage(owners, &ids, now, &mut table);
+        h.published(0);
         table
     }
 

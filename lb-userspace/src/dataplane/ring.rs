@@ -91,6 +91,15 @@ impl RingMemory {
         Ok(())
     }
 
+    /// A whole table, to write in place. Only for a table the XDP program does not read (a VIP's
+    /// inactive table), as with [`RingMemory::write_table`].
+    pub fn table_mut(&mut self, table: u32) -> Result<&mut [RingSlot], DataPlaneError> {
+        let ptr = self.table_ptr(table)?;
+        // SAFETY: as in `write_table`: `ring_size` slots inside the mapping, and `&mut self`
+        // for as long as the slice lives, so no other userspace writer exists.
+        Ok(unsafe { std::slice::from_raw_parts_mut(ptr, self.ring_size as usize) })
+    }
+
     /// Changes one slot of a table the XDP program may be reading: one aligned 8-byte store, so
     /// a reader sees the old slot or the new one, never half of each.
     pub fn write_slot(
