@@ -48,6 +48,29 @@ pub fn flow_hash(key: &FlowKey) -> u32 {
     finish(mix(mix(h, ports), u32::from(key.proto)))
 }
 
+/// `floor(2^32 / ring_size)`, for [`ring_index`] (`ring_size` >= 2).
+pub const fn ring_size_inverse(ring_size: u32) -> u64 {
+    (1u64 << 32) / ring_size as u64
+}
+
+/// `hash % ring_size`, exactly, without a division: BPF (without 32-bit ALU) divides in 64
+/// bits, tens of cycles per packet. `inverse` is [`ring_size_inverse`]`(ring_size)`.
+///
+/// With m = floor(2^32 / M), h·m / 2^32 lies in (h/M − 1, h/M], so the estimated quotient is
+/// the true one or one less, and one conditional subtraction fixes the remainder. For M >= 2,
+/// m <= 2^31 and h < 2^32, so h·m stays below 2^64.
+#[inline(always)]
+pub fn ring_index(hash: u32, ring_size: u32, inverse: u64) -> u32 {
+    let h = u64::from(hash);
+    let m = u64::from(ring_size);
+    let quotient = (h * inverse) >> 32;
+    let mut rest = h - quotient * m;
+    if rest >= m {
+        rest -= m;
+    }
+    rest as u32
+}
+
 /// MurmurHash3's finaliser (`fmix32`) after the length (40 bytes).
 #[inline(always)]
 fn finish(mut h: u32) -> u32 {
@@ -124,6 +147,35 @@ mod tests {
                     "{a:?}"
                 );
                 assert!(slot < crate::VIP_INDEX_SLOTS);
+            }
+        }
+    }
+
+    #[test]
+    fn ring_index_is_the_remainder() {
+        let mut h: u32 = 0x1234_5678;
+        for m in [
+            2u32,
+            3,
+            7,
+            1021,
+            16381,
+            65537,
+            131_071,
+            1_000_003,
+            u32::MAX - 4,
+        ] {
+            let inverse = ring_size_inverse(m);
+            for special in [0, 1, m - 1, m, m.wrapping_add(1), u32::MAX, u32::MAX - 1] {
+                assert_eq!(
+                    ring_index(special, m, inverse),
+                    special % m,
+                    "{special} % {m}"
+                );
+            }
+            for _ in 0..200_000 {
+                h = h.wrapping_mul(0x9e37_79b1).wrapping_add(0x7f4a_7c15);
+                assert_eq!(ring_index(h, m, inverse), h % m, "{h} % {m}");
             }
         }
     }

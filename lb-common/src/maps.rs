@@ -26,6 +26,9 @@ pub const VIP_INDEX_SLOTS: u32 = 4096;
 
 /// Read-only global: Maglev ring size M (a prime). Set at load time with `EbpfLoader::set_global`.
 pub const GLOBAL_RING_SIZE: &str = "RING_SIZE";
+/// Read-only global: [`ring_size_inverse`](crate::ring_size_inverse) of `RING_SIZE`, so the data
+/// plane reduces the flow hash modulo M with multiplications instead of a 64-bit division.
+pub const GLOBAL_RING_SIZE_INVERSE: &str = "RING_SIZE_INVERSE";
 
 /// Compiled-in map capacities; the daemon overrides them at load time from the config.
 pub const DEFAULT_MAX_VIPS: u32 = 64;

@@ -14,11 +14,11 @@
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
 use lb_common::{
     BACKEND_F_REDIRECT, BACKEND_F_UP, Backend, FLOW_REFRESH_NS, FlowKey, FlowState, NO_BACKEND,
-    PROTO_TCP, Reason, RingSlot, VIP_F_PASS_WHEN_EMPTY, VipInfo, flow_hash,
+    PROTO_TCP, Reason, RingSlot, VIP_F_PASS_WHEN_EMPTY, VipInfo, flow_hash, ring_index,
 };
 
 use crate::{
-    RING_SIZE, counters,
+    RING_SIZE, RING_SIZE_INVERSE, counters,
     maps::{BACKENDS, FLOWS, RINGS, TX_PORTS},
     parse::{self, Packet},
     rewrite, vips,
@@ -75,14 +75,19 @@ pub fn forward(ctx: &XdpContext, packet: &Packet) -> (u32, Reason) {
 /// The flow's slot of the VIP's live table.
 #[inline(always)]
 fn ring_slot(flow: &FlowKey, vip: &VipInfo) -> Result<RingSlot, Reason> {
-    // SAFETY: reading a read-only global; volatile so the compiler keeps the load that the
-    // daemon's `set_global` patches instead of folding the compiled-in default.
-    let ring_size = unsafe { core::ptr::read_volatile(&RING_SIZE) };
-    if ring_size == 0 {
+    // SAFETY: reading read-only globals; volatile so the compiler keeps the loads that the
+    // daemon's `set_global` patches instead of folding the compiled-in defaults.
+    let (ring_size, inverse) = unsafe {
+        (
+            core::ptr::read_volatile(&RING_SIZE),
+            core::ptr::read_volatile(&RING_SIZE_INVERSE),
+        )
+    };
+    if ring_size < 2 {
         return Err(Reason::DropNoBackend);
     }
     let table = vip.id * 2 + (vip.active_ring & 1);
-    let index = table * ring_size + flow_hash(flow) % ring_size;
+    let index = table * ring_size + ring_index(flow_hash(flow), ring_size, inverse);
     // One 8-byte load: the daemon changes a live slot with one aligned store.
     RINGS.get(index).copied().ok_or(Reason::DropBadBackend)
 }

@@ -23,6 +23,10 @@ use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 #[unsafe(no_mangle)]
 static RING_SIZE: u32 = lb_common::DEFAULT_RING_SIZE;
 
+/// `ring_size_inverse(RING_SIZE)`, set with it (see `lb_common::ring_index`).
+#[unsafe(no_mangle)]
+static RING_SIZE_INVERSE: u64 = lb_common::ring_size_inverse(lb_common::DEFAULT_RING_SIZE);
+
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     let (verdict, reason) = match parse::parse(&ctx) {

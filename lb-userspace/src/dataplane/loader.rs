@@ -11,8 +11,8 @@ use aya::{
     },
 };
 use lb_common::{
-    GLOBAL_RING_SIZE, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_FLOWS, MAP_RINGS, MAP_TX_PORTS,
-    MAP_VIP_STATS, MAP_VIPS,
+    GLOBAL_RING_SIZE, GLOBAL_RING_SIZE_INVERSE, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_FLOWS,
+    MAP_RINGS, MAP_TX_PORTS, MAP_VIP_STATS, MAP_VIPS,
 };
 
 use super::{
@@ -212,6 +212,8 @@ impl DataPlane {
         let ring_tables = max_vips * 2;
         let mut loader = EbpfLoader::new();
         loader.override_global(GLOBAL_RING_SIZE, &ring_size, true);
+        let inverse = lb_common::ring_size_inverse(ring_size);
+        loader.override_global(GLOBAL_RING_SIZE_INVERSE, &inverse, true);
         for (name, max_entries, _) in map_capacities(capacity) {
             loader.map_max_entries(name, max_entries);
         }
