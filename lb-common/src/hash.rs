@@ -83,24 +83,27 @@ fn finish(mut h: u32) -> u32 {
 }
 
 /// The `VIP_INDEX` slot of a VIP key: the address's four 32-bit words folded with XOR, then the
-/// port, protocol and family, and a multiplicative hash to `VIP_INDEX_SLOTS` slots. IPv4 keys
-/// have zero padding, so [`vip_index_slot_v4`] gives the same slot from the address word alone.
+/// key's last word (port, protocol, family: [`vip_key_tail`]), and a multiplicative hash to
+/// `VIP_INDEX_SLOTS` slots. The data plane computes the same from a flow's fields
+/// ([`vip_index_slot_of`]) without building the key.
 #[inline(always)]
 pub fn vip_index_slot(key: &VipKey) -> u32 {
     let folded = word(&key.addr, 0) ^ word(&key.addr, 4) ^ word(&key.addr, 8) ^ word(&key.addr, 12);
-    slot_of(folded, key)
+    vip_index_slot_of(folded, vip_key_tail(key.port_be, key.proto, key.family))
 }
 
-/// [`vip_index_slot`] of an IPv4 key, whose address is `addr_word` (the first four bytes).
+/// Bytes 16..20 of a [`VipKey`] as a little-endian word: port (as on the wire), protocol,
+/// family.
 #[inline(always)]
-pub fn vip_index_slot_v4(addr_word: u32, key: &VipKey) -> u32 {
-    slot_of(addr_word, key)
+pub fn vip_key_tail(port_be: u16, proto: u8, family: u8) -> u32 {
+    u32::from(port_be) | u32::from(proto) << 16 | u32::from(family) << 24
 }
 
+/// [`vip_index_slot`] from the XOR of the address's four words (an IPv4 address: its one word)
+/// and the key's [`vip_key_tail`].
 #[inline(always)]
-fn slot_of(folded: u32, key: &VipKey) -> u32 {
-    let rest = u32::from(key.port_be) | u32::from(key.proto) << 16 | u32::from(key.family) << 24;
-    (folded ^ rest.rotate_left(7)).wrapping_mul(0x9e37_79b1) >> (32 - VIP_INDEX_BITS)
+pub fn vip_index_slot_of(folded_address: u32, tail: u32) -> u32 {
+    (folded_address ^ tail.rotate_left(7)).wrapping_mul(0x9e37_79b1) >> (32 - VIP_INDEX_BITS)
 }
 
 /// `VIP_INDEX_SLOTS` is `1 << VIP_INDEX_BITS`.

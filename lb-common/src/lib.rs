@@ -10,6 +10,8 @@ pub mod hash;
 pub mod maps;
 pub mod reason;
 
-pub use hash::{flow_hash, ring_index, ring_size_inverse, vip_index_slot, vip_index_slot_v4};
+pub use hash::{
+    flow_hash, ring_index, ring_size_inverse, vip_index_slot, vip_index_slot_of, vip_key_tail,
+};
 pub use maps::*;
 pub use reason::Reason;

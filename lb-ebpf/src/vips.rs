@@ -4,51 +4,45 @@
 
 use lb_common::{
     FAMILY_V4, FlowKey, VIP_INDEX_SLOTS, VIP_SLOT_OVERFLOW, VIP_SLOT_VALID, VipInfo, VipKey,
-    vip_index_slot, vip_index_slot_v4,
+    vip_index_slot_of, vip_key_tail,
 };
 
 use crate::maps::{VIP_INDEX, VIPS};
 
 /// The VIP record of the packet's destination (address, port, protocol), if it is a VIP.
+///
+/// The key is compared word by word straight from the flow's fields (a `VipKey` is built only
+/// for the rare `VIPS` lookup): a derived `==` on byte arrays may become a call to a
+/// byte-by-byte `bcmp` in BPF.
 #[inline(always)]
 pub fn lookup(flow: &FlowKey) -> Option<&'static VipInfo> {
-    let key = flow.vip_key();
-    let index = if flow.family == FAMILY_V4 {
-        // SAFETY: `FlowKey` is 8-byte aligned and `dst` starts at byte 16.
-        let first = unsafe { *(flow.dst.as_ptr() as *const u32) };
-        vip_index_slot_v4(first, &key)
+    // SAFETY: `FlowKey` is 8-byte aligned and `dst` (bytes 16..32) is four whole words.
+    let dst = unsafe { &*(flow.dst.as_ptr() as *const [u32; 4]) };
+    let tail = vip_key_tail(flow.dport_be, flow.proto, flow.family);
+    let folded = if flow.family == FAMILY_V4 {
+        dst[0]
     } else {
-        vip_index_slot(&key)
+        dst[0] ^ dst[1] ^ dst[2] ^ dst[3]
     };
     // The slot number is below VIP_INDEX_SLOTS by construction; the mask shows the verifier.
-    let slot = VIP_INDEX.get(index & (VIP_INDEX_SLOTS - 1))?;
+    let slot = VIP_INDEX.get(vip_index_slot_of(folded, tail) & (VIP_INDEX_SLOTS - 1))?;
     // SAFETY: a plain read of a map value; see `VipSlot` for the order the daemon writes in.
     let state = unsafe { core::ptr::read_volatile(&slot.state) };
-    if state & VIP_SLOT_VALID != 0 && same_key(&slot.key, &key) {
+    // SAFETY: `VipKey` is 20 bytes with 4-byte alignment: five whole words.
+    let key = unsafe { &*(&slot.key as *const VipKey as *const [u32; 5]) };
+    if state & VIP_SLOT_VALID != 0
+        && key[0] == dst[0]
+        && key[1] == dst[1]
+        && key[2] == dst[2]
+        && key[3] == dst[3]
+        && key[4] == tail
+    {
         return Some(&slot.info);
     }
     if state & VIP_SLOT_OVERFLOW != 0 {
         // SAFETY: VIP records are written whole by the daemon with one map update; a
         // concurrent update at worst shows us the previous record, which is still a valid one.
-        return unsafe { VIPS.get(&key) };
+        return unsafe { VIPS.get(flow.vip_key()) };
     }
     None
-}
-
-/// `a == b` as five word comparisons (a derived `==` on the byte arrays may become a call to a
-/// byte-by-byte `bcmp` in BPF).
-#[inline(always)]
-fn same_key(a: &VipKey, b: &VipKey) -> bool {
-    let (a, b) = (
-        a as *const VipKey as *const u32,
-        b as *const VipKey as *const u32,
-    );
-    // SAFETY: `VipKey` is 20 bytes with 4-byte alignment: words 0..5 are all of it.
-    unsafe {
-        *a == *b
-            && *a.add(1) == *b.add(1)
-            && *a.add(2) == *b.add(2)
-            && *a.add(3) == *b.add(3)
-            && *a.add(4) == *b.add(4)
-    }
 }
