@@ -747,6 +747,7 @@ impl BenchPath {
         let config = lb_config(&self.backends, flow_table_size);
         let daemon = LbDaemon::start(&self.lb_ns, &config, Launch::Nsenter)
             .context("starting `lb run` (build it with `cargo build --release -p lb-userspace`, or set LB_BIN)")?;
+        wait_for_unchanged_slots(&self.lb_ns)?;
         Ok(Target::Daemon(daemon))
     }
 
@@ -1046,6 +1047,31 @@ fn backend_address(index: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 200, third, fourth)
 }
 
+/// `tcp_idle_timeout` of the bench's daemon: the backends come up one at a time (each as its
+/// path resolves), which changes ring slots, and a changed slot uses the flow table for
+/// `tcp_idle_timeout` after its last change. A short one lets the sweep return every slot to
+/// unchanged before the measurement, which then sees the steady state of a daemon that has run
+/// for longer than its timeout.
+const BENCH_TCP_IDLE_TIMEOUT: &str = "2s";
+
+/// Waits until the TCP VIP's ring has no changed slot (`lb status`), at most 20 s.
+fn wait_for_unchanged_slots(lb_ns: &NetNs) -> Result<()> {
+    let socket = crate::daemon::api_socket_for(lb_ns);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = crate::daemon::lb_status(&socket)?;
+        let changed = status["vips"]
+            .as_array()
+            .and_then(|vips| vips.iter().find(|v| v["name"] == TCP_VIP))
+            .and_then(|v| v["ring_slots_changed"].as_u64());
+        match changed {
+            Some(0) => return Ok(()),
+            Some(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(250)),
+            other => bail!("{TCP_VIP} still has changed ring slots after 20 s: {other:?}"),
+        }
+    }
+}
+
 /// The TCP VIP's name in the daemon's config (and counters).
 const TCP_VIP: &str = "bench_tcp";
 
@@ -1054,7 +1080,7 @@ const TCP_VIP: &str = "bench_tcp";
 fn lb_config(backends: &[Ipv4Addr], flow_table_size: u32) -> String {
     let mut config = format!(
         "interface = \"{LB_IF}\"\nxdp_mode = \"native\"\nmax_vips = 2\nmax_backends = {}\n\
-         flow_table_size = {flow_table_size}\n",
+         flow_table_size = {flow_table_size}\ntcp_idle_timeout = \"{BENCH_TCP_IDLE_TIMEOUT}\"\n",
         (2 * backends.len()).max(16)
     );
     for (name, port, protocol) in [("bench", VIP_PORT, "udp"), (TCP_VIP, VIP_TCP_PORT, "tcp")] {
