@@ -144,9 +144,10 @@ mod tests {
             for (port, proto) in [(80, 6), (53, 17), (65535, 6)] {
                 let key = crate::VipKey::v4(a, port, proto);
                 let slot = vip_index_slot(&key);
+                let tail = vip_key_tail(key.port_be, key.proto, key.family);
                 assert_eq!(
                     slot,
-                    vip_index_slot_v4(u32::from_le_bytes(a), &key),
+                    vip_index_slot_of(u32::from_le_bytes(a), tail),
                     "{a:?}"
                 );
                 assert!(slot < crate::VIP_INDEX_SLOTS);

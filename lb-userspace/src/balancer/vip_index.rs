@@ -119,15 +119,21 @@ impl Balancer {
         let index = vip_index_slot(key);
         let slot = self.index_slots()[index as usize];
         if slot.state & VIP_SLOT_VALID != 0 && slot.key == *key {
-            self.write_index_slot(
-                index,
-                VipSlot {
-                    state: slot.state & !VIP_SLOT_VALID,
-                    ..slot
-                },
-            )?;
+            self.invalidate(index, slot)?;
         }
         Ok(())
+    }
+
+    /// Clears `slot`'s valid bit, keeping the rest (the first of the two writes that take a
+    /// slot away from its VIP).
+    fn invalidate(&mut self, index: u32, slot: VipSlot) -> Result<(), PublishError> {
+        self.write_index_slot(
+            index,
+            VipSlot {
+                state: slot.state & !VIP_SLOT_VALID,
+                ..slot
+            },
+        )
     }
 
     /// Makes the index match `VIPS` exactly (after records went out: a reload, a restart): a
@@ -158,13 +164,7 @@ impl Balancer {
             match holder {
                 Some((key, info)) => {
                     if slot.state & VIP_SLOT_VALID != 0 && slot.key != key {
-                        self.write_index_slot(
-                            index,
-                            VipSlot {
-                                state: slot.state & !VIP_SLOT_VALID,
-                                ..slot
-                            },
-                        )?;
+                        self.invalidate(index, slot)?;
                     }
                     self.place(index, key, info, overflow)?;
                 }

@@ -9,7 +9,9 @@ use lb_common::{FlowKey, FlowState};
 
 use super::error::DataPlaneError;
 
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 /// Entries per batch call. Larger than any hash bucket can get, so the kernel never answers
 /// ENOSPC (a bucket that does not fit the buffer).
@@ -42,15 +44,26 @@ pub fn kernel_now_ns() -> u64 {
     now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 
-fn bpf(command: libc::c_long, attr: &mut BatchAttr) -> std::io::Result<()> {
-    // SAFETY: `attr` is a live `bpf_attr` prefix of the size passed; the caller made its
+/// The `BPF_MAP_*_ELEM` member of `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+fn bpf<A>(command: libc::c_long, attr: &mut A) -> std::io::Result<()> {
+    // SAFETY: `attr` is a live `bpf_attr` member of the size passed; the caller made its
     // pointers describe buffers of `count` keys (and values) of the map's sizes.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
             command,
-            attr as *mut BatchAttr,
-            size_of::<BatchAttr>() as u32,
+            attr as *mut A,
+            size_of::<A>() as u32,
         )
     };
     if rc == 0 {
@@ -109,6 +122,48 @@ pub fn read_flows(
         token = next;
         first = false;
     }
+}
+
+/// Writes `keys` with `values` into the flow table behind `fd` (a raw descriptor, so threads
+/// pinned to each CPU can fill their CPU's LRU list): `BPF_MAP_UPDATE_BATCH`, one entry at a time
+/// where the kernel has no batch support for the map.
+pub fn write_flows(
+    fd: std::os::fd::RawFd,
+    keys: &[FlowKey],
+    values: &[FlowState],
+) -> Result<(), DataPlaneError> {
+    assert_eq!(keys.len(), values.len(), "a value per key");
+    for (keys, values) in keys.chunks(65_536).zip(values.chunks(65_536)) {
+        let mut attr = BatchAttr {
+            keys: keys.as_ptr() as u64,
+            values: values.as_ptr() as u64,
+            count: keys.len() as u32,
+            map_fd: fd as u32,
+            ..Default::default()
+        };
+        let error = match bpf(BPF_MAP_UPDATE_BATCH, &mut attr) {
+            Ok(()) => continue,
+            Err(e) => e,
+        };
+        // 524: ENOTSUPP, the kernel's own "not supported" (no batch ops for this map).
+        if !matches!(
+            error.raw_os_error(),
+            Some(libc::EINVAL | libc::EOPNOTSUPP | 524)
+        ) {
+            return Err(batch_error(error));
+        }
+        let done = (attr.count as usize).min(keys.len());
+        for (key, value) in keys.iter().zip(values).skip(done) {
+            let mut attr = ElemAttr {
+                map_fd: fd as u32,
+                key: key as *const FlowKey as u64,
+                value: value as *const FlowState as u64,
+                ..Default::default()
+            };
+            bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map_err(batch_error)?;
+        }
+    }
+    Ok(())
 }
 
 /// Deletes `keys` from the flow table; keys already gone are skipped. Returns how many were

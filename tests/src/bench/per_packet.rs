@@ -401,86 +401,10 @@ fn pin_to(cpu: usize) -> Result<CpuSet> {
     Ok(previous)
 }
 
-/// `BPF_MAP_UPDATE_BATCH` of `keys`/`values` (the kernel loops over them in one syscall);
-/// falls back to one update per entry where the map has no batch support.
+/// Writes `keys`/`values` into the flow table behind `fd` in batches
+/// ([`lb::dataplane::flows::write_flows`]).
 fn update_batch(fd: RawFd, keys: &[FlowKey], values: &[FlowState]) -> Result<()> {
-    #[repr(C)]
-    #[derive(Default)]
-    struct BatchAttr {
-        in_batch: u64,
-        out_batch: u64,
-        keys: u64,
-        values: u64,
-        count: u32,
-        map_fd: u32,
-        elem_flags: u64,
-        flags: u64,
-    }
-    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-    const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
-    #[repr(C)]
-    #[derive(Default)]
-    struct ElemAttr {
-        map_fd: u32,
-        _pad: u32,
-        key: u64,
-        value: u64,
-        flags: u64,
-    }
-    debug_assert_eq!(keys.len(), values.len());
-    for (keys, values) in keys.chunks(65_536).zip(values.chunks(65_536)) {
-        let mut attr = BatchAttr {
-            keys: keys.as_ptr() as u64,
-            values: values.as_ptr() as u64,
-            count: keys.len() as u32,
-            map_fd: fd as u32,
-            ..Default::default()
-        };
-        // SAFETY: `attr` describes `count` keys and values in live, correctly laid-out arrays
-        // (repr(C) types of the map's key and value sizes); the kernel only reads them and
-        // writes `attr.count`.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_UPDATE_BATCH,
-                &mut attr as *mut BatchAttr,
-                size_of::<BatchAttr>() as u32,
-            )
-        };
-        if rc == 0 {
-            continue;
-        }
-        let err = std::io::Error::last_os_error();
-        let done = attr.count as usize;
-        if !matches!(
-            err.raw_os_error(),
-            Some(libc::EINVAL | libc::EOPNOTSUPP | 524)
-        ) {
-            return Err(err).context("BPF_MAP_UPDATE_BATCH on FLOWS");
-        }
-        for (key, value) in keys.iter().zip(values).skip(done) {
-            let attr = ElemAttr {
-                map_fd: fd as u32,
-                key: key as *const FlowKey as u64,
-                value: value as *const FlowState as u64,
-                ..Default::default()
-            };
-            // SAFETY: as above, for one key and value.
-            let rc = unsafe {
-                libc::syscall(
-                    libc::SYS_bpf,
-                    BPF_MAP_UPDATE_ELEM,
-                    &attr as *const ElemAttr,
-                    size_of::<ElemAttr>() as u32,
-                )
-            };
-            if rc != 0 {
-                return Err(std::io::Error::last_os_error())
-                    .context("BPF_MAP_UPDATE_ELEM on FLOWS");
-            }
-        }
-    }
-    Ok(())
+    lb::dataplane::flows::write_flows(fd, keys, values).context("writing FLOWS")
 }
 
 impl Lab {
