@@ -366,11 +366,11 @@ async fn status_prints_a_table() {
     assert_eq!(
         lines,
         [
-            "web 10.0.0.100:80/tcp pool=primary announced ring=0123456789abcdef packets=8400 bytes=840000 flows=34",
+            "web 10.0.0.100:80/tcp pool=primary announced ring=0123456789abcdef changed_slots=5 table_flows=2 packets=8400 bytes=840000 flows=34",
             "  10.0.0.11 primary up weight=100 last=ok (0.4ms) packets=4200 bytes=420000 flows=17",
             "  10.0.0.12 primary draining weight=0/100 last=ok (0.4ms) packets=4200 bytes=420000 flows=17",
             "  10.0.0.13 standby down weight=100 last=connection refused (1.3ms) packets=0 bytes=0 flows=0",
-            "dns6 [2001:db8::100]:53/udp pool=none withdrawn ring=fedcba9876543210 packets=0 bytes=0 flows=0",
+            "dns6 [2001:db8::100]:53/udp pool=none withdrawn ring=fedcba9876543210 changed_slots=0 table_flows=0 packets=0 bytes=0 flows=0",
             "  2001:db8::11 primary unknown weight=100 last=- packets=4200 bytes=420000 flows=17",
             "announce: route_table=200 health_file=/run/lb/health (1)",
             "  10.0.0.100 announced: vip web: 2 backends take new flows (pool primary)",
