@@ -563,3 +563,60 @@ fn a_removed_prior_passes_nothing_to_a_backend_that_reuses_its_id_and_restarts_k
     }
     assert!(were_on_11 > 300, "{were_on_11} connections were on .11");
 }
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn a_starting_daemon_keeps_no_priors_until_its_program_is_attached() {
+    // A daemon starting from nothing publishes as its backends come up one by one, before the
+    // program is attached (`keeps_priors` off): two nodes whose backends came up in other orders
+    // still hold the same, unchanged slots.
+    let mut a = PacketLab::new(&config(0, 65536, "10m"));
+    let mut b = PacketLab::new(&config(0, 65536, "10m"));
+    for (lab, order) in [
+        (&mut a, (0..10).collect::<Vec<_>>()),
+        (&mut b, (0..10).rev().collect()),
+    ] {
+        lab.balancer.keeps_priors = false;
+        let mut text = config(0, 65536, "10m");
+        for i in order {
+            // One backend more per reload (each comes up and is published on its own).
+            text = text.replacen(
+                "\n[[vip]]\nname = \"dns\"",
+                &format!(
+                    "[[vip.backend]]\naddress = \"10.0.0.{}\"\n\n[[vip]]\nname = \"dns\"",
+                    11 + i
+                ),
+                1,
+            );
+            lab.reload(&text);
+        }
+        lab.balancer.keeps_priors = true;
+        assert_eq!(
+            lab.balancer.changed_slots(WEB),
+            0,
+            "start-up changes keep no prior"
+        );
+    }
+    let owners = |lab: &PacketLab| {
+        lab.live_ring(WEB)
+            .iter()
+            .map(|s| s.owner)
+            .collect::<Vec<_>>()
+    };
+    let address = |lab: &PacketLab, id: u32| {
+        lab.balancer.vips[WEB]
+            .backends
+            .iter()
+            .find(|x| x.id == id)
+            .map(|x| x.address)
+    };
+    let (ra, rb) = (owners(&a), owners(&b));
+    assert!(
+        ra.iter()
+            .zip(&rb)
+            .all(|(x, y)| address(&a, *x) == address(&b, *y))
+    );
+    // Once attached, changes keep priors again.
+    add_backends(&mut a, 11, 65536, "10m");
+    assert!(a.balancer.changed_slots(WEB) > 4000);
+}

@@ -156,6 +156,11 @@ pub struct Balancer {
     pub flow_hold: Duration,
     /// `tcp_idle_timeout` and `udp_idle_timeout` (see [`Balancer::sweep_flows`]).
     pub idle: IdleTimeouts,
+    /// Whether ring changes keep priors (DESIGN §8). The daemon turns it off while it starts
+    /// from nothing, until its program is attached: before that no connection can exist, and
+    /// priors from the order its backends happened to come up in would differ between nodes and
+    /// send connections that move between nodes to the wrong backend. True otherwise.
+    pub keeps_priors: bool,
     /// Per VIP id: its live ring with each slot's owner, prior and last change (see
     /// [`slots`]). Mirrors the data plane, not the config: a rolled-back reload keeps it.
     slots: std::collections::HashMap<u32, slots::SlotHistory>,
@@ -212,6 +217,7 @@ impl Balancer {
             index: std::collections::HashMap::new(),
             flow_hold: Duration::ZERO,
             idle: IdleTimeouts::default(),
+            keeps_priors: true,
             slots: std::collections::HashMap::new(),
             vip_index: None,
             ring_orders: std::collections::HashMap::new(),

@@ -255,7 +255,7 @@ impl Balancer {
             .slots
             .entry(vip.id)
             .or_insert_with(|| SlotHistory::empty(ring_size, tcp));
-        history.track_priors(tcp);
+        history.track_priors(tcp && self.keeps_priors);
         let next = 1 - (vip.active_ring & 1);
         let live_table = vip.id * 2 + next;
         // Straight into the inactive table: no copy of the ring on the way.

@@ -92,6 +92,11 @@ pub async fn run(config: Config, path: &Path) -> Result<Snapshot, RunError> {
     let (dataplane, pinned) = startup::load(&config)?;
     let adopting = pinned == Some(PinnedState::Adopted);
     let mut balancer = Balancer::empty(dataplane);
+    // Until the program is attached nothing is forwarded (unless a previous daemon's program
+    // is: adoption), so the rings' start-up changes, backends coming up one by one, get no
+    // priors: every node starts with the same unchanged slots whatever order its checks and
+    // MACs came in.
+    balancer.keeps_priors = adopting;
     if adopting {
         let adopted = balancer.adopt(&config)?;
         startup::log_adopted(&balancer, &adopted);
@@ -165,6 +170,7 @@ pub async fn run(config: Config, path: &Path) -> Result<Snapshot, RunError> {
         }
     }
     startup::log_attached(&balancer, &interface.name, mode);
+    balancer.keeps_priors = true;
     // First results in, rings published, program attached: now the node may pull traffic.
     announcer.set_ready(&balancer).await;
     if mode == AttachMode::Native && interface.kind.as_deref() == Some("veth") {
