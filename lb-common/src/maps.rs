@@ -24,6 +24,25 @@ pub const MAP_VIP_INDEX: &str = "VIP_INDEX";
 /// Slots of `VIP_INDEX` (a power of two): with 64 VIPs, about 1.5% share a slot.
 pub const VIP_INDEX_SLOTS: u32 = 4096;
 
+/// `FLOW_EVENTS`: BPF ring buffer of [`FlowEvent`]s, one per flow the data plane records in
+/// `FLOWS` (flow-state replication, issue 12), written only while `FLOW_EVENTS_ON` is set.
+pub const MAP_FLOW_EVENTS: &str = "FLOW_EVENTS";
+/// `FLOW_EVENTS_ON`: 1-entry array of `u32`; nonzero: the data plane emits flow events. The
+/// daemon sets it when `[sync]` is configured; while it is zero the program does no ring-buffer
+/// work at all.
+pub const MAP_FLOW_EVENTS_ON: &str = "FLOW_EVENTS_ON";
+/// `FLOW_EVENTS_LOST`: 1-entry per-CPU array of `u64`: flow events that found `FLOW_EVENTS`
+/// full (the daemon sums the CPUs).
+pub const MAP_FLOW_EVENTS_LOST: &str = "FLOW_EVENTS_LOST";
+/// Bytes of `FLOW_EVENTS` (the kernel wants a power-of-two multiple of the page size). Each
+/// event takes 56 bytes of it (an 8-byte record header and the 48-byte [`FlowEvent`]), so 4 MiB
+/// hold about 74,900 events: 1.5 s of 50,000 new flows per second, so a daemon that falls
+/// behind by about a second (a busy runtime, a slow peer) loses nothing; 2 MiB would hold only
+/// 0.75 s, and 4 MiB is small beside FLOWS. What does not fit is counted in `FLOW_EVENTS_LOST`.
+pub const FLOW_EVENTS_BYTES: u32 = 4 << 20;
+/// Bytes one [`FlowEvent`] takes in `FLOW_EVENTS` (the kernel's 8-byte header included).
+pub const FLOW_EVENT_RECORD_BYTES: u32 = 8 + core::mem::size_of::<FlowEvent>() as u32;
+
 /// Read-only global: Maglev ring size M (a prime). Set at load time with `EbpfLoader::set_global`.
 pub const GLOBAL_RING_SIZE: &str = "RING_SIZE";
 /// Read-only global: [`ring_size_inverse`](crate::ring_size_inverse) of `RING_SIZE`, so the data
@@ -199,6 +218,17 @@ pub struct FlowState {
     pub last_seen_ns: u64,
 }
 
+/// `FlowEvent`: one record of `FLOW_EVENTS`: a flow the data plane just recorded in `FLOWS`
+/// (new, or re-chosen because its backend went), and the backend and VIP it was given: what a
+/// peer needs to insert the same entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowEvent {
+    pub key: FlowKey,
+    pub backend: u32,
+    pub vip_id: u32,
+}
+
 /// `Counters`: one per VIP, per backend and per reason, per CPU; the daemon sums the CPUs.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -223,6 +253,12 @@ const _: () = {
     assert!(core::mem::offset_of!(VipKey, port_be) == 16);
     assert!(core::mem::size_of::<FlowState>() == 16);
     assert!(core::mem::size_of::<Counters>() == 24);
+    assert!(core::mem::size_of::<FlowEvent>() == 48);
+    // The ring buffer aligns records to 8 bytes.
+    assert!(core::mem::align_of::<FlowEvent>() == 8);
+    // The data plane writes an event as the key's five words and then backend | vip_id << 32.
+    assert!(core::mem::offset_of!(FlowEvent, backend) == 40);
+    assert!(core::mem::offset_of!(FlowEvent, vip_id) == 44);
 };
 
 #[cfg(feature = "user")]
@@ -242,7 +278,7 @@ mod user {
         )*};
     }
     pod!(
-        VipKey, VipInfo, VipSlot, Backend, RingSlot, FlowKey, FlowState, Counters
+        VipKey, VipInfo, VipSlot, Backend, RingSlot, FlowKey, FlowState, Counters, FlowEvent
     );
 }
 

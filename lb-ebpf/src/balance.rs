@@ -18,7 +18,7 @@ use lb_common::{
 };
 
 use crate::{
-    RING_SIZE, RING_SIZE_INVERSE, counters,
+    RING_SIZE, RING_SIZE_INVERSE, counters, events,
     maps::{BACKENDS, FLOWS, RINGS, TX_PORTS},
     parse::{self, Packet},
     rewrite, vips,
@@ -196,7 +196,7 @@ fn recorded(flow: &FlowKey, vip: &VipInfo) -> Recorded {
     })
 }
 
-/// Records the flow's backend.
+/// Records the flow's backend, and tells the daemon (flow events, when it asked for them).
 #[inline(always)]
 fn remember(flow: &FlowKey, vip: &VipInfo, id: u32) {
     let state = FlowState {
@@ -206,6 +206,8 @@ fn remember(flow: &FlowKey, vip: &VipInfo, id: u32) {
         last_seen_ns: unsafe { bpf_ktime_get_coarse_ns() },
     };
     // A full table evicts its least recently used entry, so the insert only fails on memory
-    // pressure; the packet is forwarded anyway and the next one retries.
-    let _ = FLOWS.insert(flow, state, 0);
+    // pressure; the packet is forwarded anyway and the next one retries (and is told then).
+    if FLOWS.insert(flow, state, 0).is_ok() {
+        events::flow_recorded(flow, id, vip.id);
+    }
 }

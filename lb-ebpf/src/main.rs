@@ -10,6 +10,7 @@
 
 mod balance;
 mod counters;
+mod events;
 mod maps;
 mod parse;
 mod rewrite;

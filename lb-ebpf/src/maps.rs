@@ -4,12 +4,12 @@
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_COMMON_LRU},
     macros::map,
-    maps::{Array, DevMap, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, DevMap, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use lb_common::{
     Backend, Counters, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS,
-    DEFAULT_RING_SIZE, FlowKey, FlowState, Reason, RingSlot, VIP_INDEX_SLOTS, VipInfo, VipKey,
-    VipSlot,
+    DEFAULT_RING_SIZE, FLOW_EVENTS_BYTES, FlowKey, FlowState, Reason, RingSlot, VIP_INDEX_SLOTS,
+    VipInfo, VipKey, VipSlot,
 };
 
 #[map]
@@ -45,3 +45,15 @@ pub static TX_PORTS: DevMap = DevMap::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 /// Direct-mapped copy of `VIPS` (see `vips`); fixed size, written by the daemon.
 #[map]
 pub static VIP_INDEX: Array<VipSlot> = Array::with_max_entries(VIP_INDEX_SLOTS, 0);
+
+/// Flow events for the daemon's flow-state sync (see `events`).
+#[map]
+pub static FLOW_EVENTS: RingBuf = RingBuf::with_byte_size(FLOW_EVENTS_BYTES, 0);
+
+/// Slot 0 nonzero: emit flow events. Written by the daemon.
+#[map]
+pub static FLOW_EVENTS_ON: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Slot 0: flow events that found `FLOW_EVENTS` full.
+#[map]
+pub static FLOW_EVENTS_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
