@@ -48,6 +48,10 @@ pub enum DataPlaneError {
     Pins(Box<super::pins::PinError>),
     #[error("memory-mapping map `RINGS` failed: {0}")]
     RingMmap(#[source] std::io::Error),
+    #[error("the flow-event reader was already taken (there is one per data plane)")]
+    FlowEventsTaken,
+    #[error("registering FLOW_EVENTS with the tokio reactor: {0}")]
+    FlowEventsPoll(#[source] std::io::Error),
     #[error("{what} {index} is out of range (capacity {capacity})")]
     OutOfRange {
         what: &'static str,

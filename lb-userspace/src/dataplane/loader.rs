@@ -262,6 +262,21 @@ impl DataPlane {
         self.attachment
     }
 
+    /// The flow-event reader, moved out for its own task ([`Maps::take_flow_events`]).
+    pub fn take_flow_events(&mut self) -> Result<super::FlowEvents, DataPlaneError> {
+        self.maps.take_flow_events()
+    }
+
+    /// Turns flow events on or off ([`Maps::set_flow_events`]).
+    pub fn set_flow_events(&mut self, on: bool) -> Result<(), DataPlaneError> {
+        self.maps.set_flow_events(on)
+    }
+
+    /// Flow events lost to a full ring ([`Maps::flow_events_lost`]).
+    pub fn flow_events_lost(&self) -> Result<u64, DataPlaneError> {
+        self.maps.flow_events_lost()
+    }
+
     /// The balancing program (for attaching, or running it with `BPF_PROG_TEST_RUN`).
     pub fn program(&mut self) -> &mut Xdp {
         program(&mut self.ebpf)

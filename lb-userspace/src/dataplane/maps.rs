@@ -3,16 +3,17 @@
 
 use aya::{
     Ebpf,
-    maps::{Array, DevMap, HashMap, Map, MapData, PerCpuArray},
+    maps::{Array, DevMap, HashMap, Map, MapData, PerCpuArray, RingBuf},
 };
 use lb_common::{
-    Backend, Counters, FlowKey, FlowState, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_FLOWS, MAP_REASONS,
-    MAP_RINGS, MAP_TX_PORTS, MAP_VIP_INDEX, MAP_VIP_STATS, MAP_VIPS, Reason, VipInfo, VipKey,
-    VipSlot,
+    Backend, Counters, FlowKey, FlowState, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_FLOW_EVENTS,
+    MAP_FLOW_EVENTS_LOST, MAP_FLOW_EVENTS_ON, MAP_FLOWS, MAP_REASONS, MAP_RINGS, MAP_TX_PORTS,
+    MAP_VIP_INDEX, MAP_VIP_STATS, MAP_VIPS, Reason, VipInfo, VipKey, VipSlot,
 };
 
 use super::{
     error::{DataPlaneError, map_err},
+    flow_events::FlowEvents,
     ring::RingMemory,
 };
 
@@ -28,6 +29,12 @@ pub struct Maps {
     /// The direct-mapped copy of `vips` the data plane reads first (written by `Balancer`, see
     /// `balancer::vip_index`).
     pub vip_index: Array<MapData, VipSlot>,
+    /// `FLOW_EVENTS` until [`Maps::take_flow_events`] moves it out to its reader.
+    flow_events: Option<RingBuf<MapData>>,
+    /// Slot 0 nonzero: the data plane emits flow events.
+    flow_events_on: Array<MapData, u32>,
+    /// Per CPU: flow events that found the ring full.
+    flow_events_lost: PerCpuArray<MapData, u64>,
     /// Keeps the `RINGS` map (and so the memory behind `rings`) alive.
     _rings_map: MapData,
 }
@@ -61,6 +68,14 @@ impl Maps {
             tx_ports: DevMap::try_from(take(ebpf, MAP_TX_PORTS)?).map_err(map_err(MAP_TX_PORTS))?,
             vip_index: Array::try_from(take(ebpf, MAP_VIP_INDEX)?)
                 .map_err(map_err(MAP_VIP_INDEX))?,
+            flow_events: Some(
+                RingBuf::try_from(take(ebpf, MAP_FLOW_EVENTS)?)
+                    .map_err(map_err(MAP_FLOW_EVENTS))?,
+            ),
+            flow_events_on: Array::try_from(take(ebpf, MAP_FLOW_EVENTS_ON)?)
+                .map_err(map_err(MAP_FLOW_EVENTS_ON))?,
+            flow_events_lost: PerCpuArray::try_from(take(ebpf, MAP_FLOW_EVENTS_LOST)?)
+                .map_err(map_err(MAP_FLOW_EVENTS_LOST))?,
             _rings_map: rings_map,
         })
     }
@@ -108,6 +123,47 @@ impl Maps {
     /// Zeroes a new backend's counters (see [`Maps::reset_vip_counters`]).
     pub fn reset_backend_counters(&mut self, backend_id: u32) -> Result<(), DataPlaneError> {
         reset(&mut self.backend_stats, MAP_BACKEND_STATS, backend_id)
+    }
+}
+
+impl Maps {
+    /// Moves the flow-event reader out (once; a second call is an error), registered with the
+    /// current tokio runtime, which must have IO enabled (tokio panics otherwise). The ring keeps
+    /// filling while nobody reads it: events that find it full are counted, not kept.
+    pub fn take_flow_events(&mut self) -> Result<FlowEvents, DataPlaneError> {
+        let ring = self
+            .flow_events
+            .take()
+            .ok_or(DataPlaneError::FlowEventsTaken)?;
+        FlowEvents::new(ring).map_err(DataPlaneError::FlowEventsPoll)
+    }
+
+    /// Turns flow events on or off (`FLOW_EVENTS_ON`). Off, the data plane does no ring-buffer
+    /// work; the switch is pinned with the maps, so a restarted daemon must set it again from
+    /// its config.
+    pub fn set_flow_events(&mut self, on: bool) -> Result<(), DataPlaneError> {
+        self.flow_events_on
+            .set(0, u32::from(on), 0)
+            .map_err(map_err(MAP_FLOW_EVENTS_ON))
+    }
+
+    /// Whether the data plane emits flow events.
+    pub fn flow_events_on(&self) -> Result<bool, DataPlaneError> {
+        let on = self
+            .flow_events_on
+            .get(&0, 0)
+            .map_err(map_err(MAP_FLOW_EVENTS_ON))?;
+        Ok(on != 0)
+    }
+
+    /// Flow events the data plane could not reserve (ring full), summed over the CPUs, since
+    /// the map was created (pinned maps keep counting across daemons).
+    pub fn flow_events_lost(&self) -> Result<u64, DataPlaneError> {
+        let per_cpu = self
+            .flow_events_lost
+            .get(&0, 0)
+            .map_err(map_err(MAP_FLOW_EVENTS_LOST))?;
+        Ok(per_cpu.iter().sum())
     }
 }
 

@@ -336,6 +336,9 @@ mod tests {
                 "BACKENDS",
                 "BACKEND_STATS",
                 "FLOWS",
+                "FLOW_EVENTS",
+                "FLOW_EVENTS_LOST",
+                "FLOW_EVENTS_ON",
                 "REASONS",
                 "RINGS",
                 "TX_PORTS",
@@ -346,6 +349,26 @@ mod tests {
         );
         assert_eq!(expected()["RINGS"].max_entries, 4 * 2 * 1021);
         assert_eq!(expected()["FLOWS"].max_entries, 1024);
+        assert_eq!(
+            expected()["FLOW_EVENTS"].max_entries,
+            lb_common::FLOW_EVENTS_BYTES
+        );
+    }
+
+    #[test]
+    fn pinned_state_from_before_flow_events_is_refused() {
+        let expected = expected();
+        let mut pinned = pinned_as(&expected);
+        for name in ["FLOW_EVENTS", "FLOW_EVENTS_LOST", "FLOW_EVENTS_ON"] {
+            pinned.maps.remove(name);
+        }
+        let mismatch = compare(&pinned, &expected, CAPACITY).expect("mismatch");
+        assert_eq!(
+            mismatch,
+            Mismatch::Missing {
+                map: "FLOW_EVENTS".into()
+            }
+        );
     }
 
     #[test]

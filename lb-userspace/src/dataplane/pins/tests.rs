@@ -30,10 +30,13 @@ const CAPACITY: Capacity = Capacity {
     flow_table_size: 1024,
 };
 
-const MAP_NAMES: [&str; 9] = [
+const MAP_NAMES: [&str; 12] = [
     "BACKENDS",
     "BACKEND_STATS",
     "FLOWS",
+    "FLOW_EVENTS",
+    "FLOW_EVENTS_LOST",
+    "FLOW_EVENTS_ON",
     "REASONS",
     "RINGS",
     "TX_PORTS",
