@@ -441,7 +441,8 @@ fn through_sys_fs_bpf_drop_keeps_forwarding_and_detach_cleans_up() {
     assert_eq!(
         report.to_string(),
         format!(
-            "removed from eth0: the XDP program and its link and 9 pinned maps ({}) ({})",
+            "removed from eth0: the XDP program and its link and {} pinned maps ({}) ({})",
+            MAP_NAMES.len(),
             MAP_NAMES.join(", "),
             dir.display()
         )
