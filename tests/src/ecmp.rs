@@ -977,7 +977,11 @@ pub fn backend_state(status: &serde_json::Value, name: &str, address: &str) -> R
 pub fn sync_status(status: &serde_json::Value) -> Result<&serde_json::Value> {
     let sync = &status["sync"];
     if !sync.is_object() {
-        bail!("lb status --json has no `sync` object: {status}");
+        let keys: Vec<&String> = status
+            .as_object()
+            .map(|object| object.keys().collect())
+            .unwrap_or_default();
+        bail!("lb status --json has no `sync` object (its keys: {keys:?})");
     }
     Ok(sync)
 }
