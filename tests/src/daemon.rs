@@ -67,6 +67,18 @@ pub fn lb_status(socket: &Path) -> Result<serde_json::Value> {
     serde_json::from_slice(&output.stdout).context("lb status --json is not JSON")
 }
 
+/// `lb reload --api SOCKET`: the daemon re-reads its config file and applies the difference.
+/// Returns what it printed (`reloaded FILE: N changes` and one line per change); an error with
+/// its stderr when it refused the file.
+pub fn lb_reload(socket: &Path) -> Result<String> {
+    let output = crate::netns::run_checked(
+        Command::new(lb_binary())
+            .args(["reload", "--api"])
+            .arg(socket),
+    )?;
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
 /// Runs `lb detach --interface IF` in `namespace` (a `/run/netns/NAME` path); returns its stdout.
 pub fn lb_detach(namespace: &Path, interface: &str) -> Result<String> {
     let out = Command::new("nsenter")

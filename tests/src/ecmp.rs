@@ -21,18 +21,23 @@
 //! (DESIGN §7, trap), and the router's failover would never be seen.
 //!
 //! [`EcmpLab`] adds the processes: identity servers on the backends, the router's BIRD, and per
-//! node `lb run` and BIRD, with "the node dies" and "the node comes back" as single calls.
+//! node `lb run` and BIRD, with "the node dies" and "the node comes back" as single calls. Its
+//! nodes may replicate flow state to each other (`[sync]`, [`EcmpLab::enable_sync`]), and its
+//! config may leave backends out that a reload adds later ([`EcmpLab::set_backends_in_config`],
+//! [`EcmpLab::add_backend`]).
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
 use crate::bird::Bird;
+use crate::bpffs::PinnedFlow;
 pub use crate::daemon::lb_status;
-use crate::daemon::{Launch, LbDaemon, api_socket_for, lb_detach};
+use crate::daemon::{Launch, LbDaemon, api_socket_for, lb_detach, lb_reload};
 use crate::links::{
     self, MacAddress, VethEnd, add_address, add_bridge_port, create_bridge, create_veth_pair,
     disable_tx_checksum_offload, set_up, wait_until,
@@ -40,7 +45,7 @@ use crate::links::{
 use crate::load::Attempt;
 use crate::netns::{self, NetNs, run_command};
 use crate::servers::TcpIdentityServer;
-use crate::topology::{BRIDGE, FIRST_BACKEND_HOST_NUMBER, HOST_INTERFACE};
+use crate::topology::{BRIDGE, FIRST_BACKEND_HOST_NUMBER, HOST_INTERFACE, LB_NETNS_PINS};
 
 /// The kernel table lb announces into (`[announce] route_table`).
 pub const ROUTE_TABLE: u32 = 200;
@@ -66,6 +71,8 @@ pub const NODE_BIRD_CONFIG_EXAMPLE: &str = include_str!("../../dist/bird.conf.ex
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long BGP sessions may take to come up (connect delay 1 s, then a few round trips).
 pub const SESSION_TIMEOUT: Duration = Duration::from_secs(15);
+/// The port every node's `[sync]` listens on (its own segment address).
+pub const SYNC_PORT: u16 = 7946;
 
 /// One host on the switch segment (an lb node or a backend).
 #[derive(Debug)]
@@ -396,38 +403,7 @@ impl EcmpTopology {
     /// Destinations of lb's routes (`proto 76`) in node `index`'s table 200.
     /// A table that never had a route does not exist yet: that is an empty list too.
     pub fn node_table_routes(&self, index: usize) -> Result<Vec<String>> {
-        let mut command = Command::new("ip");
-        command
-            .args(["-n", self.node(index).namespace.name()])
-            .args([
-                "-j",
-                "route",
-                "show",
-                "table",
-                &ROUTE_TABLE.to_string(),
-                "proto",
-                &LB_ROUTE_PROTO.to_string(),
-            ]);
-        let output = command.output().context("ip route show table")?;
-        if !output.status.success() {
-            let stderr = String::from_utf8_lossy(&output.stderr);
-            if stderr.contains("FIB table does not exist") {
-                return Ok(Vec::new());
-            }
-            bail!("ip route show table {ROUTE_TABLE} failed: {stderr}");
-        }
-        let text = String::from_utf8_lossy(&output.stdout);
-        let routes: serde_json::Value = if text.trim().is_empty() {
-            serde_json::Value::Array(Vec::new())
-        } else {
-            serde_json::from_str(&text).with_context(|| format!("ip -j route: {text}"))?
-        };
-        Ok(routes
-            .as_array()
-            .context("ip -j route prints an array")?
-            .iter()
-            .filter_map(|route| route["dst"].as_str().map(str::to_owned))
-            .collect())
+        lb_table_routes(self.node(index).namespace.name())
     }
 
     /// The node the router sends a client's TCP flow from `client_port` to `vip:port` through
@@ -466,6 +442,42 @@ impl EcmpTopology {
         }
         Ok(())
     }
+}
+
+/// Destinations of lb's routes (`proto 76`) in table 200 of the namespace named `namespace` (by
+/// name, so a watcher thread can poll it while the lab is borrowed elsewhere). A table that never
+/// had a route does not exist yet: that is an empty list too.
+pub fn lb_table_routes(namespace: &str) -> Result<Vec<String>> {
+    let mut command = Command::new("ip");
+    command.args(["-n", namespace]).args([
+        "-j",
+        "route",
+        "show",
+        "table",
+        &ROUTE_TABLE.to_string(),
+        "proto",
+        &LB_ROUTE_PROTO.to_string(),
+    ]);
+    let output = command.output().context("ip route show table")?;
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        if stderr.contains("FIB table does not exist") {
+            return Ok(Vec::new());
+        }
+        bail!("ip route show table {ROUTE_TABLE} failed: {stderr}");
+    }
+    let text = String::from_utf8_lossy(&output.stdout);
+    let routes: serde_json::Value = if text.trim().is_empty() {
+        serde_json::Value::Array(Vec::new())
+    } else {
+        serde_json::from_str(&text).with_context(|| format!("ip -j route: {text}"))?
+    };
+    Ok(routes
+        .as_array()
+        .context("ip -j route prints an array")?
+        .iter()
+        .filter_map(|route| route["dst"].as_str().map(str::to_owned))
+        .collect())
 }
 
 /// `dist/bird.conf.example` with the value of each `define NAME = ...;` line in `values` replaced.
@@ -550,9 +562,61 @@ pub struct NodeProcesses {
     pub bird: Option<Bird>,
 }
 
+/// The shared key of a lab's `[sync]` (`key_file`): 64 hex characters (32 random bytes, as
+/// `openssl rand -hex 32` writes them) in a file of its own temp directory, mode 0600. Dropping
+/// it removes the directory.
+#[derive(Debug)]
+pub struct SyncKey {
+    dir: PathBuf,
+    path: PathBuf,
+}
+
+impl SyncKey {
+    /// A fresh random key in `<temp>/lb-sync-<name>/sync.key`.
+    pub fn create(name: &str) -> Result<Self> {
+        use std::io::Read as _;
+        use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+
+        let dir = std::env::temp_dir().join(format!("lb-sync-{name}"));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+        let key = Self {
+            path: dir.join("sync.key"),
+            dir,
+        };
+        let mut bytes = [0u8; 32];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut random| random.read_exact(&mut bytes))
+            .context("reading /dev/urandom")?;
+        let hex: String = bytes.iter().map(|byte| format!("{byte:02x}")).collect();
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&key.path)
+            .with_context(|| format!("creating {}", key.path.display()))?;
+        std::io::Write::write_all(&mut file, format!("{hex}\n").as_bytes())
+            .with_context(|| format!("writing {}", key.path.display()))?;
+        Ok(key)
+    }
+
+    /// The key file (`key_file` of `[sync]`).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for SyncKey {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// [`EcmpTopology`] with its processes (see the module documentation). On drop: the nodes' lb
 /// (SIGTERM, `lb detach`) and BIRD, their health files, then the fields in order: servers, the
-/// router's BIRD, the namespaces.
+/// router's BIRD, the sync key, the namespaces.
 pub struct EcmpLab {
     pub servers: Vec<TcpIdentityServer>,
     pub nodes: Vec<NodeProcesses>,
@@ -560,6 +624,10 @@ pub struct EcmpLab {
     pub vips: Vec<EcmpVip>,
     /// `[vip.health]` of every VIP.
     pub health: String,
+    /// The nodes' config has `[sync]` with this key ([`EcmpLab::enable_sync`]); `None`: no sync.
+    sync_key: Option<SyncKey>,
+    /// How many of the topology's backends (the first ones) the nodes' config lists.
+    backends_in_config: usize,
     pub topo: EcmpTopology,
 }
 
@@ -596,8 +664,145 @@ impl EcmpLab {
             router_bird,
             vips,
             health: FAST_HEALTH.to_owned(),
+            sync_key: None,
+            backends_in_config: backends,
             topo,
         })
+    }
+
+    /// From now on the nodes' config has `[sync]` (see [`EcmpLab::sync_section`]) with a key
+    /// this lab writes (and removes on drop). Nodes started before keep their config until
+    /// restarted or reloaded. Returns the key file.
+    pub fn enable_sync(&mut self) -> Result<&Path> {
+        if self.sync_key.is_none() {
+            self.sync_key = Some(SyncKey::create(self.topo.name_prefix())?);
+        }
+        Ok(self.sync_key.as_ref().context("just created")?.path())
+    }
+
+    /// Whether the nodes' config has `[sync]`.
+    pub fn sync_enabled(&self) -> bool {
+        self.sync_key.is_some()
+    }
+
+    /// Where node `index` receives flow state: its own segment address, port [`SYNC_PORT`].
+    pub fn sync_address(&self, index: usize) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(self.topo.node(index).ipv4()), SYNC_PORT)
+    }
+
+    /// Node `index`'s `[sync]` section: it listens on [`EcmpLab::sync_address`], its peers are
+    /// every other node's, and the key is the lab's. Empty without [`EcmpLab::enable_sync`].
+    pub fn sync_section(&self, index: usize) -> String {
+        let Some(key) = &self.sync_key else {
+            return String::new();
+        };
+        let peers: Vec<String> = (0..self.nodes.len())
+            .filter(|&other| other != index)
+            .map(|other| format!("\"{}\"", self.sync_address(other)))
+            .collect();
+        format!(
+            "\n[sync]\nlisten = \"{}\"\npeers = [{}]\nkey_file = \"{}\"\n",
+            self.sync_address(index),
+            peers.join(", "),
+            key.path().display()
+        )
+    }
+
+    /// The nodes' config lists only the first `count` backends of the topology (the others run
+    /// their servers but get no traffic until [`EcmpLab::add_backend`]). Takes effect for nodes
+    /// started or reloaded afterwards.
+    pub fn set_backends_in_config(&mut self, count: usize) -> Result<()> {
+        if count == 0 || count > self.topo.backends().len() {
+            bail!(
+                "the lab has {} backends, cannot configure {count}",
+                self.topo.backends().len()
+            );
+        }
+        self.backends_in_config = count;
+        Ok(())
+    }
+
+    /// How many backends the nodes' config lists.
+    pub fn backends_in_config(&self) -> usize {
+        self.backends_in_config
+    }
+
+    /// The next backend of the topology joins the config of every VIP: each running node's
+    /// config file is rewritten and `lb reload` applies it (one node after the other, in index
+    /// order). Returns the backend's address. Does not wait for its checks: see
+    /// [`EcmpLab::wait_for_backend_up`].
+    pub fn add_backend(&mut self) -> Result<Ipv4Addr> {
+        let index = self.backends_in_config;
+        let address = self
+            .topo
+            .backends()
+            .get(index)
+            .with_context(|| format!("all {index} backends of the lab are configured already"))?
+            .ipv4();
+        self.backends_in_config += 1;
+        for node in (0..self.nodes.len()).filter(|&n| self.node_alive(n)) {
+            let report = self
+                .reload_node(node)
+                .with_context(|| format!("adding backend {address} on node {node}"))?;
+            if !report.contains(&format!("backend {address} added")) {
+                bail!("node {node}'s reload did not add {address}: {report}");
+            }
+        }
+        Ok(address)
+    }
+
+    /// Rewrites node `index`'s config file with [`EcmpLab::lb_config`] and runs `lb reload`;
+    /// returns its report.
+    pub fn reload_node(&self, index: usize) -> Result<String> {
+        let config = self.lb_config(index);
+        let namespace = self.topo.node(index).namespace();
+        self.nodes[index]
+            .lb
+            .as_ref()
+            .with_context(|| format!("lb does not run on node {index}"))?
+            .rewrite_config(namespace, &config)
+            .with_context(|| format!("rewriting node {index}'s config"))?;
+        lb_reload(&api_socket_for(namespace)).with_context(|| format!("lb reload on node {index}"))
+    }
+
+    /// Waits until every running node reports backend `address` up in every VIP (its checks
+    /// passed and the rings that include it are published).
+    pub fn wait_for_backend_up(&self, address: Ipv4Addr, timeout: Duration) -> Result<()> {
+        let address = address.to_string();
+        let mut last = String::new();
+        wait_until(
+            &format!("backend {address} to be up on every node"),
+            timeout,
+            || {
+                for node in (0..self.nodes.len()).filter(|&n| self.node_alive(n)) {
+                    let status = self.status(node)?;
+                    for vip in &self.vips {
+                        let state = backend_state(&status, &vip.name, &address)?;
+                        if state != "up" {
+                            last = format!("node {node}, vip {}: {state}", vip.name);
+                            return Ok(false);
+                        }
+                    }
+                }
+                Ok(true)
+            },
+        )
+        .with_context(|| format!("last seen: {last}"))
+    }
+
+    /// Where node `index`'s lb pins its maps (`lb run` under `nsenter --net`: see
+    /// [`LB_NETNS_PINS`]).
+    pub fn pin_dir(&self, index: usize) -> PathBuf {
+        Path::new(LB_NETNS_PINS)
+            .join(self.topo.node(index).namespace().name())
+            .join(HOST_INTERFACE)
+    }
+
+    /// Node `index`'s flow table, read from its pinned `FLOWS` (live, not the status's
+    /// periodic count), with backend addresses.
+    pub fn pinned_flows(&self, index: usize) -> Result<Vec<PinnedFlow>> {
+        crate::bpffs::pinned_flows(&self.pin_dir(index))
+            .with_context(|| format!("node {index}'s flow table"))
     }
 
     /// Where node `index`'s lb writes its health file.
@@ -608,20 +813,23 @@ impl EcmpLab {
         ))
     }
 
-    /// The lb config of node `index`: every VIP over every backend (weight 100), announced in
-    /// table [`ROUTE_TABLE`]. The same on every node but for the health file's path.
+    /// The lb config of node `index`: every VIP over every backend (weight 100; the first
+    /// [`EcmpLab::backends_in_config`] of them), announced in table [`ROUTE_TABLE`], with
+    /// [`EcmpLab::sync_section`] when sync is on. The same on every node but for the health
+    /// file's path and the sync addresses.
     pub fn lb_config(&self, index: usize) -> String {
         let mut config = format!(
             "interface = \"{HOST_INTERFACE}\"\nflow_table_size = 65536\nmax_vips = 8\n\n\
-             [announce]\nroute_table = {ROUTE_TABLE}\nhealth_file = \"{}\"\n",
-            self.health_file(index).display()
+             [announce]\nroute_table = {ROUTE_TABLE}\nhealth_file = \"{}\"\n{}",
+            self.health_file(index).display(),
+            self.sync_section(index)
         );
         for vip in &self.vips {
             config.push_str(&format!(
                 "\n[[vip]]\nname = \"{}\"\naddress = \"{}\"\nport = {}\nprotocol = \"tcp\"\n[vip.health]\n{}\n",
                 vip.name, vip.address, vip.port, self.health
             ));
-            for backend in self.topo.backends() {
+            for backend in &self.topo.backends()[..self.backends_in_config] {
                 config.push_str(&format!(
                     "[[vip.backend]]\naddress = \"{}\"\nweight = 100\n",
                     backend.ipv4()
@@ -750,6 +958,34 @@ pub fn status_vip<'a>(status: &'a serde_json::Value, name: &str) -> Result<&'a s
         .with_context(|| format!("no vip {name} in {status}"))
 }
 
+/// The state (`up`, `down`, ...) of backend `address` of VIP `name` in an `lb status --json`
+/// answer.
+pub fn backend_state(status: &serde_json::Value, name: &str, address: &str) -> Result<String> {
+    let vip = status_vip(status, name)?;
+    vip["backends"]
+        .as_array()
+        .with_context(|| format!("vip {name} has no backends array"))?
+        .iter()
+        .find(|backend| backend["address"] == address)
+        .and_then(|backend| backend["state"].as_str())
+        .map(str::to_owned)
+        .with_context(|| format!("vip {name} has no backend {address} with a state: {vip}"))
+}
+
+/// The top-level `sync` object of an `lb status --json` answer (issue 12): the one place the
+/// tests read it, so its shape is spelt out here only.
+pub fn sync_status(status: &serde_json::Value) -> Result<&serde_json::Value> {
+    let sync = &status["sync"];
+    if !sync.is_object() {
+        let keys: Vec<&String> = status
+            .as_object()
+            .map(|object| object.keys().collect())
+            .unwrap_or_default();
+        bail!("lb status --json has no `sync` object (its keys: {keys:?})");
+    }
+    Ok(sync)
+}
+
 /// New flows node's lb counted for VIP `name` (the VIP's `flows`).
 pub fn vip_flows(status: &serde_json::Value, name: &str) -> Result<u64> {
     status_vip(status, name)?["flows"]
@@ -775,6 +1011,15 @@ pub fn leftovers(prefix: &str) -> Vec<String> {
                 .map(|entry| entry.file_name().to_string_lossy().into_owned())
                 .filter(|name| name.starts_with(&format!("lb-health-{prefix}-")))
                 .map(|name| format!("health file {name}")),
+        );
+    }
+    if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
+        left.extend(
+            entries
+                .filter_map(Result::ok)
+                .map(|entry| entry.file_name().to_string_lossy().into_owned())
+                .filter(|name| name.starts_with(&format!("lb-sync-{prefix}-")))
+                .map(|name| format!("sync key directory {name}")),
         );
     }
     if let Ok(output) = run_command("pgrep", ["-a", "-x", "bird"]) {
