@@ -1,0 +1,3 @@
+//! Flow-state replication between lb nodes: the shared key, the datagram format and replay protection.
+
+pub mod key;
