@@ -1,3 +1,4 @@
 //! Flow-state replication between lb nodes: the shared key, the datagram format and replay protection.
 
 pub mod key;
+pub mod replay;
