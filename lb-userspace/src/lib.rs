@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod net;
 pub mod pool;
 pub mod stats;
+pub mod sync;
 #[cfg(test)]
 pub(crate) mod testing;
 
