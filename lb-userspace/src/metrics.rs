@@ -17,6 +17,13 @@
 //! | `lb_flow_table_entries` | gauge | | entries in the flow table (at the last flow sweep) |
 //! | `lb_vip_ring_slots_changed` | gauge | `vip` | slots of the VIP's live ring whose owner changed within `tcp_idle_timeout`: only their TCP connections use the flow table |
 //! | `lb_vip_flow_table_entries` | gauge | `vip` | the flow table's entries for the VIP (at the last flow sweep) |
+//! | `lb_sync_flows_sent_total` | counter | `peer` | flow records sent to the peer (`[sync]`) |
+//! | `lb_sync_flows_received_total` | counter | `peer` | flow records received from the peer |
+//! | `lb_sync_peer_up` | gauge | `peer` | 1 while the peer was heard within 3 s, else 0 |
+//! | `lb_sync_drops_total` | counter | `reason` | datagrams dropped: `truncated`, `malformed`, `unauthenticated`, `replayed`, `stale`, `unknown_peer`; records a full peer queue dropped: `queue_full` |
+//! | `lb_sync_flows_skipped_total` | counter | `reason` | received flows not installed: `unknown_vip`, `unknown_backend`, `local_newer` |
+//! | `lb_sync_flows_installed_total` | counter | | received flows written into the flow table |
+//! | `lb_sync_events_lost_total` | counter | | flow inserts the data plane could not report (event ring full) |
 //!
 //! `backend` is the backend's address as the config spells it (`10.0.0.11`, `2001:db8::11`),
 //! `vip` the VIP's name.
@@ -30,6 +37,8 @@
 //!
 //! [`serve`] answers `GET /metrics` (and `HEAD`) with [`CONTENT_TYPE`], 405 for other methods on
 //! that path and 404 elsewhere.
+
+mod sync;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -93,6 +102,8 @@ struct State {
     flow_tables: Vec<(String, u64, u64)>,
     /// Check latencies by (vip, backend).
     checks: BTreeMap<(String, String), Histogram>,
+    /// `[sync]` at the last update; `None` when off.
+    sync: Option<crate::api::model::SyncStatus>,
 }
 
 #[derive(Debug)]
@@ -156,6 +167,11 @@ impl Metrics {
     /// Takes each VIP's changed ring slots and flow-table entries: (vip, slots, entries).
     pub fn set_flow_tables(&self, per_vip: Vec<(String, u64, u64)>) {
         self.lock().flow_tables = per_vip;
+    }
+
+    /// Takes the sync service's status (`None`: replication is off).
+    pub fn set_sync(&self, status: Option<crate::api::model::SyncStatus>) {
+        self.lock().sync = status;
     }
 
     /// Takes which VIPs' addresses are announced from the announcer's last decision.
@@ -393,6 +409,7 @@ impl Collector for Exposition {
         if let Some(entries) = state.flow_entries {
             ConstGauge::new(entries).encode(flow_entries)?;
         }
+        sync::encode(state.sync.as_ref(), &mut encoder)?;
         Ok(())
     }
 }
@@ -485,7 +502,7 @@ mod tests {
     use crate::stats::{BackendCounters, VipCounters};
 
     /// Every family, with its type, as `# TYPE` names it.
-    const FAMILIES: [(&str, &str); 13] = [
+    const FAMILIES: [(&str, &str); 20] = [
         ("lb_vip_packets_total", "counter"),
         ("lb_vip_bytes_total", "counter"),
         ("lb_backend_packets_total", "counter"),
@@ -499,7 +516,76 @@ mod tests {
         ("lb_health_check_duration_seconds", "histogram"),
         ("lb_xdp_verdicts_total", "counter"),
         ("lb_flow_table_entries", "gauge"),
+        ("lb_sync_flows_sent_total", "counter"),
+        ("lb_sync_flows_received_total", "counter"),
+        ("lb_sync_peer_up", "gauge"),
+        ("lb_sync_drops_total", "counter"),
+        ("lb_sync_flows_skipped_total", "counter"),
+        ("lb_sync_flows_installed_total", "counter"),
+        ("lb_sync_events_lost_total", "counter"),
     ];
+
+    #[test]
+    fn sync_families_print_each_peer_and_reason() {
+        let metrics = Metrics::new();
+        let drops = |pairs: &[(&str, u64)]| {
+            pairs
+                .iter()
+                .map(|(r, c)| (r.to_string(), *c))
+                .collect::<BTreeMap<_, _>>()
+        };
+        metrics.set_sync(Some(crate::api::model::SyncStatus {
+            listen: "10.0.0.2:7946".into(),
+            pulled: true,
+            pulled_flows: 3,
+            flows_sent: 12,
+            flows_received: 7,
+            flows_installed: 6,
+            flows_skipped: drops(&[("local_newer", 1), ("unknown_backend", 0)]),
+            drops: drops(&[("replayed", 2), ("unauthenticated", 5)]),
+            events_lost: 4,
+            peers: vec![
+                crate::api::model::PeerStatus {
+                    address: "10.0.0.3:7946".into(),
+                    up: true,
+                    flows_sent: 10,
+                    flows_received: 7,
+                    ..Default::default()
+                },
+                crate::api::model::PeerStatus {
+                    address: "10.0.0.4:7946".into(),
+                    up: false,
+                    flows_sent: 2,
+                    ..Default::default()
+                },
+            ],
+        }));
+        let text = metrics.encode();
+        for line in [
+            "lb_sync_flows_sent_total{peer=\"10.0.0.3:7946\"} 10",
+            "lb_sync_flows_sent_total{peer=\"10.0.0.4:7946\"} 2",
+            "lb_sync_flows_received_total{peer=\"10.0.0.3:7946\"} 7",
+            "lb_sync_peer_up{peer=\"10.0.0.3:7946\"} 1",
+            "lb_sync_peer_up{peer=\"10.0.0.4:7946\"} 0",
+            "lb_sync_drops_total{reason=\"replayed\"} 2",
+            "lb_sync_drops_total{reason=\"unauthenticated\"} 5",
+            "lb_sync_flows_skipped_total{reason=\"local_newer\"} 1",
+            "lb_sync_flows_skipped_total{reason=\"unknown_backend\"} 0",
+            "lb_sync_flows_installed_total 6",
+            "lb_sync_events_lost_total 4",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "no line {line:?} in:\n{text}"
+            );
+        }
+        parse_strict(&text);
+        metrics.set_sync(None);
+        assert!(
+            !metrics.encode().contains("peer=\""),
+            "no sync samples without [sync]"
+        );
+    }
 
     fn counters(packets: u64, bytes: u64, new_flows: u64) -> Counters {
         Counters {

@@ -57,6 +57,7 @@ fn fixed_report() -> StatusReport {
     unchecked.last_check_latency_ms = None;
     StatusReport {
         orphans: Vec::new(),
+        sync: None,
         announce: AnnounceStatus {
             route_table: Some(200),
             health_file: Some("/run/lb/health".into()),

@@ -414,6 +414,38 @@ pub fn udp_requests(
     })
 }
 
+/// A TCP connection from `local` to `target` (`SO_REUSEADDR`, so a test may reuse a port
+/// whose earlier connection is in TIME_WAIT); Linux bounds a blocking connect by the socket's
+/// send timeout, set to `timeout`.
+fn connect_bound(local: SocketAddr, target: SocketAddr, timeout: Duration) -> Result<TcpStream> {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, setsockopt, socket,
+        sockopt,
+    };
+    use std::os::fd::AsRawFd;
+    let family = if local.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)
+        .context("cannot create a TCP socket")?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true).context("cannot set SO_REUSEADDR")?;
+    let micros = i64::try_from(timeout.as_micros()).unwrap_or(i64::MAX);
+    setsockopt(
+        &fd,
+        sockopt::SendTimeout,
+        &nix::sys::time::TimeVal::new(micros / 1_000_000, (micros % 1_000_000) as _),
+    )
+    .context("cannot set SO_SNDTIMEO")?;
+    bind(fd.as_raw_fd(), &SockaddrStorage::from(local))
+        .with_context(|| format!("cannot bind {local}"))?;
+    connect(fd.as_raw_fd(), &SockaddrStorage::from(target)).with_context(|| {
+        format!("cannot connect from {local} to tcp {target} within {timeout:?}")
+    })?;
+    Ok(TcpStream::from(fd))
+}
+
 /// A long-lived TCP connection made from inside a namespace: each [`TcpLineClient::request`]
 /// sends a line and reads the answer line on the same connection (same flow).
 #[derive(Debug)]
@@ -430,9 +462,27 @@ impl TcpLineClient {
         namespace.try_run(|| Self::connect_here(target, timeout))?
     }
 
+    /// [`TcpLineClient::connect`] from the fixed address and port `local` (so the test knows
+    /// the flow's 5-tuple before it begins).
+    pub fn connect_from(
+        namespace: &NetNs,
+        local: SocketAddr,
+        target: SocketAddr,
+        timeout: Duration,
+    ) -> Result<Self> {
+        namespace.try_run(|| {
+            let stream = connect_bound(local, target, timeout)?;
+            Self::with_stream(stream, target, timeout)
+        })?
+    }
+
     fn connect_here(target: SocketAddr, timeout: Duration) -> Result<Self> {
         let stream = TcpStream::connect_timeout(&target, timeout)
             .with_context(|| format!("cannot connect to tcp {target} within {timeout:?}"))?;
+        Self::with_stream(stream, target, timeout)
+    }
+
+    fn with_stream(stream: TcpStream, target: SocketAddr, timeout: Duration) -> Result<Self> {
         stream
             .set_read_timeout(Some(timeout))
             .context("cannot set the read timeout")?;

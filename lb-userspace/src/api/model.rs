@@ -28,6 +28,53 @@ pub struct StatusReport {
     /// namespace is gone, each holding its maps' memory until `lb detach --orphans`.
     #[serde(default)]
     pub orphans: Vec<crate::dataplane::pins::orphans::Orphan>,
+    /// Flow-state replication (`[sync]`); `null` when off.
+    #[serde(default)]
+    pub sync: Option<SyncStatus>,
+}
+
+/// `[sync]` as it runs: what this node sent and received, and each peer.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SyncStatus {
+    /// This node's listen address (its identity to its peers).
+    pub listen: String,
+    /// The start-up pull of the peers' flows is over (nothing is announced before).
+    pub pulled: bool,
+    /// Flows the start-up pull received.
+    pub pulled_flows: u64,
+    /// Flow records sent, over all peers.
+    pub flows_sent: u64,
+    /// Flow records received in authenticated datagrams, over all peers.
+    pub flows_received: u64,
+    /// Received flows written into this node's flow table.
+    pub flows_installed: u64,
+    /// Received flows not installed, by reason: `unknown_vip`, `unknown_backend` (this node has
+    /// no such VIP or backend), `local_newer` (this node saw the flow more recently).
+    pub flows_skipped: std::collections::BTreeMap<String, u64>,
+    /// Datagrams (or, for `queue_full`, records) dropped, by reason, over all sources.
+    pub drops: std::collections::BTreeMap<String, u64>,
+    /// Flow inserts the data plane could not report (its event ring was full).
+    pub events_lost: u64,
+    /// In config order.
+    pub peers: Vec<PeerStatus>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub address: String,
+    /// Heard from within the last 3 seconds (peers send a heartbeat every second).
+    pub up: bool,
+    /// Milliseconds since its last authenticated datagram; `null`: never heard.
+    pub last_heard_ms: Option<u64>,
+    pub flows_sent: u64,
+    pub flows_received: u64,
+    pub datagrams_sent: u64,
+    pub datagrams_received: u64,
+    /// Records waiting in its queue.
+    pub queued: u64,
+    /// Datagrams from its address dropped, by reason (and records for it its full queue
+    /// dropped, `queue_full`).
+    pub drops: std::collections::BTreeMap<String, u64>,
 }
 
 /// `[announce]` as it runs: the table and the file, and every VIP address with whether this

@@ -13,6 +13,7 @@ mod digest;
 mod ids;
 mod publish;
 mod reconcile;
+mod replicated;
 mod rollback;
 mod slots;
 mod sweep;
@@ -35,6 +36,7 @@ pub use adopt::Adopted;
 pub use digest::ring_digest;
 pub use publish::{PublishError, PublishReport, ring_for};
 pub use reconcile::{Change, ReconcileError};
+pub use replicated::{InstallReport, SkipReason, flow_key};
 pub use sweep::{IdleTimeouts, SweepReport};
 
 /// How the data plane reaches a backend at layer 2.

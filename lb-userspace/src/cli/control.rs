@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use clap::Args;
 use lb::api::client;
-use lb::api::model::{Admin, AnnounceStatus, BackendStatus, StatusReport, VipStatus};
+use lb::api::model::{Admin, AnnounceStatus, BackendStatus, StatusReport, SyncStatus, VipStatus};
 use lb::config::{Config, DEFAULT_API};
 
 /// Where the daemon's control socket is.
@@ -197,6 +197,9 @@ pub fn format_status(report: &StatusReport) -> String {
         }
     }
     out.push_str(&announce_lines(&report.announce));
+    if let Some(sync) = &report.sync {
+        out.push_str(&sync_lines(sync));
+    }
     for orphan in &report.orphans {
         let _ = writeln!(out, "warning: {orphan}");
     }
@@ -220,6 +223,54 @@ fn announce_lines(announce: &AnnounceStatus) -> String {
             "withdrawn"
         };
         let _ = writeln!(out, "  {} {state}: {}", address.address, address.reason);
+    }
+    out
+}
+
+/// Nonzero counts as `reason=count,...`, or `none`.
+fn counts(map: &std::collections::BTreeMap<String, u64>) -> String {
+    let nonzero: Vec<String> = map
+        .iter()
+        .filter(|(_, count)| **count > 0)
+        .map(|(reason, count)| format!("{reason}={count}"))
+        .collect();
+    if nonzero.is_empty() {
+        "none".to_owned()
+    } else {
+        nonzero.join(",")
+    }
+}
+
+fn sync_lines(sync: &SyncStatus) -> String {
+    let pulled = if sync.pulled {
+        format!("pulled {} flows at start", sync.pulled_flows)
+    } else {
+        "pulling".to_owned()
+    };
+    let mut out = format!(
+        "sync: listen={} {pulled} sent={} received={} installed={} skipped={} drops={} events_lost={}\n",
+        sync.listen,
+        sync.flows_sent,
+        sync.flows_received,
+        sync.flows_installed,
+        counts(&sync.flows_skipped),
+        counts(&sync.drops),
+        sync.events_lost
+    );
+    for peer in &sync.peers {
+        let state = if peer.up { "up" } else { "down" };
+        let heard = peer.last_heard_ms.map_or("never".to_owned(), |ms| {
+            format!("{:.1}s ago", ms as f64 / 1000.0)
+        });
+        let _ = writeln!(
+            out,
+            "  peer {} {state} last_heard={heard} flows_sent={} flows_received={} queued={} drops={}",
+            peer.address,
+            peer.flows_sent,
+            peer.flows_received,
+            peer.queued,
+            counts(&peer.drops)
+        );
     }
     out
 }
@@ -303,6 +354,7 @@ mod tests {
         refused.last_check_latency_ms = None;
         let report = StatusReport {
             orphans: Vec::new(),
+            sync: None,
             announce: AnnounceStatus {
                 route_table: Some(200),
                 health_file: Some("/run/lb/health".into()),
@@ -379,6 +431,7 @@ mod tests {
                 announce: AnnounceStatus::default(),
                 vips: vec![],
                 orphans: Vec::new(),
+                sync: None,
             }),
             "no VIPs configured\nannounce: route_table=none health_file=none\n"
         );

@@ -17,6 +17,12 @@
 //! route_table = 200            # a host route per servable VIP address in this kernel table
 //! health_file = "/run/lb/health"   # keepalived track_file: VIPs that cannot serve
 //!
+//! [sync]                       # optional: flow-state replication with the other lb nodes
+//! listen = "10.0.0.2:7946"     # address:port this node receives on (a specific address: it is
+//!                              # this node's identity to its peers)
+//! peers = ["10.0.0.3:7946"]    # the other nodes' listen addresses, same address family
+//! key_file = "/etc/lb/sync.key"    # shared secret: 64 hex characters (`openssl rand -hex 32`)
+//!
 //! [[vip]]
 //! name = "web"                 # unique, [A-Za-z0-9_.-]+
 //! address = "10.0.0.100"       # IPv4 or IPv6
@@ -141,6 +147,8 @@ pub struct Config {
     pub metrics: Option<SocketAddr>,
     /// `[announce]`: route health injection and keepalived's health file; both off by default.
     pub announce: AnnounceConfig,
+    /// `[sync]`: flow-state replication; `None` (the default): off.
+    pub sync: Option<SyncConfig>,
     /// In file order.
     pub vips: Vec<VipConfig>,
 }
@@ -154,6 +162,19 @@ pub struct AnnounceConfig {
     /// keepalived `track_file`: the number of this node's VIPs that cannot serve. An absolute
     /// path.
     pub health_file: Option<PathBuf>,
+}
+
+/// Flow-state replication with the other lb nodes (`[sync]`, see [`crate::sync`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncConfig {
+    /// Where this node receives its peers' datagrams, and its identity in the ones it sends.
+    pub listen: SocketAddr,
+    /// The other nodes' `listen` addresses, in file order.
+    pub peers: Vec<SocketAddr>,
+    /// Where `key` was read from (an absolute path).
+    pub key_file: PathBuf,
+    /// The shared secret, read when the config was loaded (a reload reads it again).
+    pub key: crate::sync::key::SyncKey,
 }
 
 /// How the XDP program is attached.

@@ -45,6 +45,9 @@ pub(super) struct RawConfig {
     /// `[announce]`: how this node tells routing daemons and keepalived what it can serve.
     #[serde(default)]
     pub announce: Option<RawAnnounce>,
+    /// `[sync]`: flow-state replication with other lb nodes.
+    #[serde(default)]
+    pub sync: Option<RawSync>,
     /// `[[vip]]` tables; the span of each is its `[[vip]]` header through its last key.
     #[serde(default)]
     pub vip: Vec<Spanned<RawVip>>,
@@ -61,6 +64,19 @@ pub(super) struct RawAnnounce {
     pub route_table: Option<Spanned<i64>>,
     #[serde(default)]
     pub health_file: Option<Spanned<String>>,
+}
+
+/// The `[sync]` table. Addresses are parsed in validation, so a bad one gets our message.
+#[derive(Debug, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a table with listen, peers and key_file"
+)]
+pub(super) struct RawSync {
+    pub listen: Spanned<String>,
+    #[serde(default)]
+    pub peers: Vec<Spanned<String>>,
+    pub key_file: Spanned<String>,
 }
 
 /// One `[[vip]]` table.

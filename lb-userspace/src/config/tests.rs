@@ -116,6 +116,7 @@ protocol = "udp"
             route_table: Some(200),
             health_file: Some("/run/lb/health".into()),
         },
+        sync: None,
         vips: vec![
             VipConfig {
                 name: "web".into(),
@@ -1090,7 +1091,15 @@ fn module_doc_example_parses() {
         })
         .map(|line| format!("{line}\n"))
         .collect();
+    // The example's key file, at a path that exists here.
+    let key = TempKey::new("doc", KEY);
+    let example = example.replace("/etc/lb/sync.key", &key.0.display().to_string());
     let config = parse_ok(&example);
+    assert_eq!(
+        config.sync.as_ref().map(|s| s.peers.len()),
+        Some(1),
+        "the example's [sync]"
+    );
     assert_eq!(config.api, Path::new(DEFAULT_API));
     assert_eq!(config.metrics, Some("127.0.0.1:9100".parse().unwrap()));
     let vip = &config.vips[0];
@@ -1566,5 +1575,130 @@ fn invalid_utf8_is_an_error_at_the_first_invalid_byte() {
     assert!(
         error.starts_with(&format!("{FILE}:2:6: not valid UTF-8 (byte 0xe9)")),
         "{error}"
+    );
+}
+
+/// A key file for the `[sync]` tests, removed on drop.
+struct TempKey(std::path::PathBuf);
+
+impl TempKey {
+    fn new(name: &str, content: &str) -> Self {
+        let path =
+            std::env::temp_dir().join(format!("lb-config-test-{name}-{}.key", std::process::id()));
+        std::fs::write(&path, content).expect("write the key file");
+        Self(path)
+    }
+}
+
+impl Drop for TempKey {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+const KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n";
+
+fn sync_section(listen: &str, peers: &str, key_file: &str) -> String {
+    format!("{BASE}[sync]\nlisten = \"{listen}\"\npeers = [{peers}]\nkey_file = \"{key_file}\"\n")
+}
+
+#[test]
+fn sync_is_off_by_default_and_reads_its_key() {
+    assert_eq!(parse_ok(BASE).sync, None);
+    let key = TempKey::new("good", KEY);
+    let path = key.0.display().to_string();
+    let config = parse_ok(&sync_section(
+        "10.0.0.2:7946",
+        "\"10.0.0.3:7946\", \"10.0.0.4:7946\"",
+        &path,
+    ));
+    let sync = config.sync.expect("[sync] is on");
+    assert_eq!(sync.listen, "10.0.0.2:7946".parse().unwrap());
+    assert_eq!(
+        sync.peers,
+        vec![
+            "10.0.0.3:7946".parse().unwrap(),
+            "10.0.0.4:7946".parse().unwrap()
+        ]
+    );
+    assert_eq!(sync.key_file, key.0);
+    assert_eq!(
+        sync.key,
+        crate::sync::key::SyncKey::from_hex(KEY.trim()).unwrap()
+    );
+    let v6 = parse_ok(&sync_section("[fd00::2]:7946", "\"[fd00::3]:7946\"", &path));
+    assert_eq!(v6.sync.expect("on").peers.len(), 1);
+}
+
+#[test]
+fn sync_errors_point_at_the_value() {
+    let key = TempKey::new("errors", KEY);
+    let path = key.0.display().to_string();
+    // `[sync]` is the line after BASE, then listen, peers and key_file.
+    let line = BASE.lines().count();
+    assert_error(
+        &sync_section("10.0.0.2", "", &path),
+        line + 2,
+        10,
+        "listen `10.0.0.2` is not an address and port",
+    );
+    assert_error(
+        &sync_section("0.0.0.0:7946", "", &path),
+        line + 2,
+        10,
+        "is the unspecified address 0.0.0.0",
+    );
+    assert_error(
+        &sync_section("10.0.0.2:0", "", &path),
+        line + 2,
+        10,
+        "has port 0",
+    );
+    assert_error(
+        &sync_section("10.0.0.2:7946", "\"10.0.0.2:7946\"", &path),
+        line + 3,
+        10,
+        "is this node's own listen address",
+    );
+    assert_error(
+        &sync_section(
+            "10.0.0.2:7946",
+            "\"10.0.0.3:7946\", \"10.0.0.3:7946\"",
+            &path,
+        ),
+        line + 3,
+        27,
+        "peer 10.0.0.3:7946 is listed twice",
+    );
+    assert_error(
+        &sync_section("10.0.0.2:7946", "\"[fd00::3]:7946\"", &path),
+        line + 3,
+        10,
+        "of another address family",
+    );
+    assert_error(
+        &sync_section("10.0.0.2:7946", "", "sync.key"),
+        line + 4,
+        12,
+        "key_file `sync.key` is not an absolute path",
+    );
+    assert_error(
+        &sync_section("10.0.0.2:7946", "", "/nonexistent/lb/sync.key"),
+        line + 4,
+        12,
+        "can't read the sync key",
+    );
+    let short = TempKey::new("short", "0011223344\n");
+    assert_error(
+        &sync_section("10.0.0.2:7946", "", &short.0.display().to_string()),
+        line + 4,
+        12,
+        "expected 64 hex characters (32 bytes, e.g. `openssl rand -hex 32`), found 10 characters",
+    );
+    assert_error(
+        &format!("{BASE}[sync]\nlisten = \"10.0.0.2:7946\"\nkey_file = \"{path}\"\nport = 1\n"),
+        line + 4,
+        1,
+        "unknown field `port`",
     );
 }

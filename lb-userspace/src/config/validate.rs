@@ -9,6 +9,7 @@
 //! valid on its own), else at the key the rule is about.
 
 mod announce;
+mod sync;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -136,6 +137,7 @@ impl Validator<'_> {
             .map(|value| self.metrics(value))
             .transpose()?;
         let announce = self.announce(raw.announce.as_ref())?;
+        let sync = raw.sync.as_ref().map(|raw| self.sync(raw)).transpose()?;
         let vips = self.vips(&raw.vip, &max_vips, &max_backends)?;
         Ok(Config {
             interface,
@@ -149,6 +151,7 @@ impl Validator<'_> {
             api,
             metrics,
             announce,
+            sync,
             vips,
         })
     }

@@ -25,11 +25,12 @@ pub(super) fn handle(
     balancer: &mut Balancer,
     supervisor: &Supervisor,
     announcer: &Announcer,
+    sync: Option<&crate::sync::SyncHandle>,
     command: Command,
 ) -> Option<ReloadReply> {
     match command {
         Command::Status(reply) => {
-            let _ = reply.send(status(balancer, supervisor, announcer));
+            let _ = reply.send(status(balancer, supervisor, announcer, sync));
         }
         Command::SetAdmin {
             vip,
@@ -60,6 +61,7 @@ pub(super) fn status(
     balancer: &Balancer,
     supervisor: &Supervisor,
     announcer: &Announcer,
+    sync: Option<&crate::sync::SyncHandle>,
 ) -> StatusReport {
     let decision = announcer.decision();
     let snapshot = match Snapshot::read(balancer) {
@@ -152,6 +154,7 @@ pub(super) fn status(
         announce,
         vips,
         orphans,
+        sync: sync.map(|s| s.status(balancer.dataplane.flow_events_lost().unwrap_or(0))),
     }
 }
 

@@ -9,6 +9,7 @@ mod events;
 mod paths;
 mod reload;
 mod startup;
+mod sync;
 mod telemetry;
 
 use std::{path::Path, time::Duration};
@@ -122,6 +123,12 @@ pub async fn run(config: Config, path: &Path) -> Result<Snapshot, RunError> {
     paths::refresh_paths(&netlink, &interface, &mut balancer).await?;
     startup::collect_first_results(&mut balancer, &mut supervisor, &mut reports).await?;
     balancer.publish_all()?;
+    // Before attaching and announcing: the flows the peers recorded, so connections that began
+    // on another node inside a change window keep their backends when they come here.
+    let mut sync_handle = sync::start(config.sync.as_ref(), &mut balancer, true);
+    if let Some(handle) = sync_handle.as_mut() {
+        sync::pull(&mut balancer, handle).await;
+    }
     // The control API is on by default (`api` has a default path), so a clash with another
     // daemon's socket must not keep the load balancer from balancing: it runs without its API
     // and says so loudly.
@@ -187,6 +194,8 @@ pub async fn run(config: Config, path: &Path) -> Result<Snapshot, RunError> {
         config,
         telemetry,
         announcer,
+        sync: sync_handle,
+        parked_events: None,
     };
     let mut refresh = tokio::time::interval(REFRESH_INTERVAL);
     refresh.tick().await; // the first tick is immediate; paths were just resolved
@@ -232,19 +241,27 @@ pub async fn run(config: Config, path: &Path) -> Result<Snapshot, RunError> {
             }
             _ = metrics_tick.tick(), if running.telemetry.is_some() => {
                 if let Some(telemetry) = &running.telemetry {
-                    telemetry.refresh(&balancer, running.announcer.decision());
+                    telemetry.refresh(&balancer, running.announcer.decision(), running.sync.as_ref());
                 }
             }
             _ = sweep_tick.tick(), if last_sweep.elapsed() >= balancer.idle.sweep_interval() => {
                 last_sweep = std::time::Instant::now();
                 sweep(&mut balancer, running.telemetry.as_ref());
+                if let Some(handle) = running.sync.as_mut() {
+                    sync::refresh(&balancer, handle);
+                }
+            }
+            Some(message) = sync::next(&mut running.sync) => {
+                if let Some(handle) = running.sync.as_mut() {
+                    sync::handle(message, &mut balancer, handle);
+                }
             }
             _ = sighup.recv() => {
                 info!("SIGHUP: reloading {}", running.path.display());
                 reload_then_resolve(&mut running, &mut balancer, &mut supervisor, &netlink, &interface, None).await;
             }
             Some(command) = commands.recv() => {
-                if let Some(reply) = control::handle(&mut balancer, &supervisor, &running.announcer, command) {
+                if let Some(reply) = control::handle(&mut balancer, &supervisor, &running.announcer, running.sync.as_ref(), command) {
                     reload_then_resolve(&mut running, &mut balancer, &mut supervisor, &netlink, &interface, Some(reply)).await;
                 }
             }
@@ -264,8 +281,18 @@ pub async fn run(config: Config, path: &Path) -> Result<Snapshot, RunError> {
         // Whatever happened may have changed what this node can serve: the announcements
         // follow at once (a cheap comparison when nothing changed).
         running.announcer.update(&balancer).await;
+        if let Some(handle) = &running.sync {
+            handle.update_view(&balancer);
+        }
     }
     drop(supervisor);
+    if let Some(handle) = running.sync.take() {
+        handle.stop().await;
+    }
+    // Nobody reads the events until the next daemon turns them on again.
+    if let Err(e) = balancer.dataplane.set_flow_events(false) {
+        warn!("sync: switching the data plane's flow events off: {e}");
+    }
     if let Some(telemetry) = running.telemetry.take() {
         telemetry.stop().await;
     }
@@ -361,6 +388,15 @@ async fn reload_then_resolve(
 ) {
     let result = reload::reload(running, balancer, supervisor).await;
     let reloaded = result.is_ok();
+    if reloaded {
+        running.sync = sync::reconfigure(
+            running.sync.take(),
+            running.config.sync.as_ref(),
+            balancer,
+            &mut running.parked_events,
+        )
+        .await;
+    }
     if let Some(reply) = reply {
         let _ = reply.send(result);
     }

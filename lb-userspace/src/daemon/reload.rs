@@ -27,6 +27,10 @@ pub(super) struct Running {
     /// The metrics endpoint, while `metrics` is set.
     pub telemetry: Option<Telemetry>,
     pub announcer: Announcer,
+    /// The sync service, while `[sync]` is set.
+    pub sync: Option<crate::sync::SyncHandle>,
+    /// The data plane's event reader while `[sync]` is off after a reload removed it.
+    pub parked_events: Option<crate::dataplane::FlowEvents>,
 }
 
 /// Why a setting cannot change on a reload, or `None` when none of them did.
@@ -44,6 +48,7 @@ fn fixed_setting_changed(path: &Path, old: &Config, new: &Config) -> Option<Stri
         udp_idle_timeout: _,
         metrics: _,
         announce: _,
+        sync: _,
         vips: _,
     } = new;
     let file = path.display();

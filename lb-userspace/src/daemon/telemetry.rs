@@ -75,8 +75,15 @@ impl Telemetry {
 
     /// Copies the data plane's counters, the backends' states and what is announced into the
     /// metrics.
-    pub(super) fn refresh(&self, balancer: &Balancer, announced: &crate::announce::Decision) {
+    pub(super) fn refresh(
+        &self,
+        balancer: &Balancer,
+        announced: &crate::announce::Decision,
+        sync: Option<&crate::sync::SyncHandle>,
+    ) {
         self.metrics.set_announcements(announced);
+        self.metrics
+            .set_sync(sync.map(|s| s.status(balancer.dataplane.flow_events_lost().unwrap_or(0))));
         match Snapshot::read(balancer) {
             Ok(snapshot) => self.metrics.update_from(
                 &snapshot,

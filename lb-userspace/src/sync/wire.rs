@@ -177,7 +177,8 @@ impl Sealer {
         self.seal_at(body, now_unix_ms())
     }
 
-    pub(crate) fn seal_at(&mut self, body: &Body, sent_unix_ms: u64) -> Vec<u8> {
+    /// [`Sealer::seal`] stamped `sent_unix_ms` instead of now (tests of the stale check).
+    pub fn seal_at(&mut self, body: &Body, sent_unix_ms: u64) -> Vec<u8> {
         let message = MessageRef {
             from: self.from,
             session: self.session,
