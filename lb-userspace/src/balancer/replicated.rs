@@ -200,12 +200,11 @@ impl Balancer {
         write_flows(fd, &keys, &states)?;
         report.installed = keys.len();
         for (vip_id, slot, backend) in tcp_slots {
+            // Not `tracks_priors`: a node starting from nothing keeps no priors of its own
+            // until it is attached, yet the flows it pulled then must be found.
             let Some(history) = self.slots.get_mut(&vip_id) else {
                 continue;
             };
-            if !history.tracks_priors {
-                continue;
-            }
             let Some(live) = history.live.get_mut(slot as usize) else {
                 continue;
             };
