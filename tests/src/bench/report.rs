@@ -494,7 +494,61 @@ pub fn targets(figures: &[Figure]) -> Vec<Target> {
         },
         info: true,
     });
+    out.push(flow_events_target(figures));
     out
+}
+
+/// Issue 12: new UDP flows with flow events on against off (loop method, net), at each fill
+/// level; the value is the largest difference.
+fn flow_events_target(figures: &[Figure]) -> Target {
+    let points: Vec<(u64, f64, f64)> = points(figures, names::NEW_FLOW_UDP_EVENTS_ON)
+        .into_iter()
+        .filter_map(|on| {
+            let flows = param(on, "flows")?;
+            let backends = param(on, "backends")?;
+            let off = find(
+                figures,
+                &names::point(
+                    names::NEW_FLOW_UDP_EVENTS_OFF,
+                    backends as u32,
+                    flows as u32,
+                ),
+            )?;
+            Some((flows, on.median(), off.median()))
+        })
+        .collect();
+    let value = points.iter().map(|&(_, on, off)| on - off).reduce(f64::max);
+    Target {
+        name: "flow-insert notification (sync on) vs off, per new flow".to_owned(),
+        goal: "info".to_owned(),
+        value,
+        unit: "ns".to_owned(),
+        reached: None,
+        detail: if points.is_empty() {
+            "per-packet not measured".to_owned()
+        } else {
+            format!(
+                "loop method, net of trivial/loop, a new IPv4 UDP flow per call, {} backends \
+                 (value: the largest difference): {}",
+                REPRESENTATIVE_BACKENDS,
+                points
+                    .iter()
+                    .map(|&(flows, on, off)| {
+                        let sign = if on >= off { "+" } else { "" };
+                        format!(
+                            "f={flows}: {} ns on vs {} ns off ({sign}{} ns, {:+.1}%)",
+                            fmt_num(on),
+                            fmt_num(off),
+                            fmt_num(on - off),
+                            (on / off - 1.0) * 100.0
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            )
+        },
+        info: true,
+    }
 }
 
 /// Program sizes as the kernel holds them, from the per-packet figures' params: (program,
@@ -1161,6 +1215,39 @@ mod tests {
         let d = utc_now();
         assert_eq!(d.len(), 20, "{d}");
         assert!(d.starts_with("20") && d.ends_with('Z'), "{d}");
+    }
+
+    #[test]
+    fn the_flow_event_row_is_the_largest_on_minus_off() {
+        let mut figures = Vec::new();
+        for (flows, on, off) in [(1000, 130.0, 120.0), (10000, 150.0, 135.0)] {
+            for (path, v) in [
+                (names::NEW_FLOW_UDP_EVENTS_ON, on),
+                (names::NEW_FLOW_UDP_EVENTS_OFF, off),
+            ] {
+                figures.push(fig(
+                    "per_packet",
+                    &names::point(path, REPRESENTATIVE_BACKENDS, flows),
+                    &[v, v, v],
+                    None,
+                ));
+            }
+        }
+        let t = flow_events_target(&figures);
+        assert_eq!(
+            t.name,
+            "flow-insert notification (sync on) vs off, per new flow"
+        );
+        assert_eq!(t.verdict(), "info");
+        assert_eq!(t.value, Some(15.0));
+        assert!(
+            t.detail
+                .contains("f=1000: 130.0 ns on vs 120.0 ns off (+10.00 ns, +8.3%)"),
+            "{}",
+            t.detail
+        );
+        assert!(targets(&figures).iter().any(|x| x.name == t.name));
+        assert_eq!(flow_events_target(&[]).value, None);
     }
 
     #[test]
