@@ -59,6 +59,13 @@ fn expected_names() -> Vec<String> {
             per_packet::CHANGED_VIP_BACKENDS,
             f,
         ));
+        // Issue 12: new UDP flows with flow events on and off.
+        for path in [
+            names::NEW_FLOW_UDP_EVENTS_ON,
+            names::NEW_FLOW_UDP_EVENTS_OFF,
+        ] {
+            expected.push(names::point(path, rep_b, f));
+        }
     }
     expected.push(names::point(names::ESTABLISHED_V4_LOOP, rep_b, rep_f));
     for m in control_plane::RING_SIZES {
@@ -131,7 +138,7 @@ fn quick_per_packet_and_control_plane_write_a_complete_report() {
         }
     }
     let targets = report["targets"].as_array().expect("targets array");
-    assert_eq!(targets.len(), 12, "{targets:?}");
+    assert_eq!(targets.len(), 13, "{targets:?}");
     // Per-packet and control plane ran: every target of theirs has a verdict.
     for target in targets {
         let name = target["name"].as_str().unwrap_or_default();

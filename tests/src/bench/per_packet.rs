@@ -38,6 +38,12 @@
 //! plane records every flow (before issue 11); then the unchanged-slot checks are only the
 //! verdict and the figures say so (`data_plane` in params).
 //!
+//! Flow events (issue 12): a new UDP flow per call (each one a flow-table insert) to the UDP VIP
+//! of [`REPRESENTATIVE_BACKENDS`] backends, with `FLOW_EVENTS_ON` set and not, at every fill
+//! level, in the same trials; after each trial the events are read (one per run when on, none
+//! when off, none lost) so the ring never fills. The difference of the two is what telling the
+//! daemon about an insert costs.
+//!
 //! The flow table is pre-filled from userspace with established flows of the lab's VIPs pointing
 //! at real backends, split evenly over the CPUs (the table has per-CPU LRU lists, each holding
 //! `capacity / possible CPUs` entries, and a userspace insert lands in the list of the CPU it runs
@@ -53,7 +59,7 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use aya::{Ebpf, TestRun as _, TestRunOptions, maps::IterableMap as _, programs::Xdp};
-use lb::{balancer::capacity_of, config::Config};
+use lb::{balancer::capacity_of, config::Config, dataplane::FlowEvents};
 use lb_common::{FlowKey, FlowState, PROTO_TCP, PROTO_UDP};
 use nix::{
     sched::{CpuSet, sched_getaffinity, sched_setaffinity},
@@ -143,6 +149,11 @@ pub mod names {
     pub const ESTABLISHED_UDP_SPREAD: &str = "vip_established_udp_spread";
     /// No VIP: the same at every backend count, so named by the fill level only.
     pub const NON_VIP_PASS: &str = "non_vip_pass";
+    /// A new IPv4 UDP flow per call (recorded in the flow table) with flow events on (issue 12:
+    /// each insert is told to the daemon through the `FLOW_EVENTS` ring buffer).
+    pub const NEW_FLOW_UDP_EVENTS_ON: &str = "vip_new_flow_udp_events_on";
+    /// The same path with flow events off (no ring-buffer work).
+    pub const NEW_FLOW_UDP_EVENTS_OFF: &str = "vip_new_flow_udp_events_off";
 
     /// Call method (gross): the trivial program and the reflector on the 54-byte IPv4 TCP ACK.
     pub const TRIVIAL_CALL: &str = "trivial/call";
@@ -346,6 +357,8 @@ struct Lab {
     filled: usize,
     /// The changed-slot VIP's hot flow (source, source port): its slot changed owner.
     changed_flow: (IpAddr, u16),
+    /// The daemon's flow-event reader, drained after each trial with events on.
+    events: FlowEvents,
 }
 
 /// The data plane's flow timestamps (`bpf_ktime_get_coarse_ns`): CLOCK_MONOTONIC_COARSE.
@@ -425,7 +438,13 @@ impl Lab {
         Config::parse(&config_text, Path::new("bench-lab.toml"))
             .map(|c| capacity_of(&c))
             .map_err(|e| anyhow::anyhow!("bench lab config: {e}"))?;
-        let lab = PacketLab::new(&config_text);
+        let mut lab = PacketLab::new(&config_text);
+        // Registered with the runtime `run` entered; only `drain` is used, no task polls it.
+        let events = lab
+            .balancer
+            .dataplane
+            .take_flow_events()
+            .context("taking the flow-event reader")?;
         let mut lab = Lab {
             flows,
             capacity,
@@ -433,6 +452,7 @@ impl Lab {
             specs,
             filled: 0,
             changed_flow: (IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
+            events,
         };
         lab.fill(cpus)?;
         lab.changed_flow = lab.change_ring()?;
@@ -585,6 +605,20 @@ impl Lab {
             .expect("the lab has this VIP")
     }
 
+    fn set_flow_events(&mut self, on: bool) -> Result<()> {
+        self.lab
+            .balancer
+            .dataplane
+            .set_flow_events(on)
+            .context("setting FLOW_EVENTS_ON")
+    }
+
+    /// Reads every pending flow event; returns how many there were.
+    fn drain_flow_events(&mut self) -> usize {
+        let mut out = Vec::new();
+        self.events.drain(&mut out)
+    }
+
     fn new_flows_counter(&self, vip: usize) -> Result<u64> {
         let id = self.lab.balancer.vips[vip].id;
         Ok(self.lab.balancer.dataplane.maps.vip_counters(id)?.new_flows)
@@ -649,6 +683,9 @@ struct Case {
     inserted: Vec<FlowKey>,
     /// The flow of the case's frame, for the flow-table checks of `Unchanged` and `ChangedHit`.
     probe: Option<FlowKey>,
+    /// `Some(on)`: `FLOW_EVENTS_ON` is set to `on` for the trial (and off after it); the events
+    /// are read after the trial and counted: one per run when on, none when off.
+    flow_events: Option<bool>,
     expect: Expect,
     backends: Option<u32>,
     flows: Option<u32>,
@@ -757,6 +794,18 @@ impl Runner<'_> {
             (Some(l), Some(v)) => self.labs[l].new_flows_counter(v)?,
             _ => 0,
         };
+        let lost_before = match (lab, case.flow_events) {
+            (Some(l), Some(on)) => {
+                ensure!(
+                    self.labs[l].drain_flow_events() == 0,
+                    "{}: flow events pending before the trial",
+                    case.name
+                );
+                self.labs[l].set_flow_events(on)?;
+                self.labs[l].lab.balancer.dataplane.flow_events_lost()?
+            }
+            _ => 0,
+        };
         let want = match case.expect {
             Expect::Established { verdict, .. } => verdict,
             Expect::NewFlows { .. } | Expect::Unchanged { .. } | Expect::ChangedHit { .. } => {
@@ -853,6 +902,18 @@ impl Runner<'_> {
                 Expect::Verdict(_) => {}
             }
         }
+        if let (Some(l), Some(on)) = (lab, case.flow_events) {
+            let lab = &mut self.labs[l];
+            lab.set_flow_events(false)?;
+            let read = lab.drain_flow_events() as u64;
+            let lost = lab.lab.balancer.dataplane.flow_events_lost()? - lost_before;
+            let want = if on { runs } else { 0 };
+            ensure!(
+                read == want && lost == 0,
+                "{}: {read} flow events read and {lost} lost in {runs} runs (expected {want})",
+                case.name
+            );
+        }
         if let Some(l) = lab {
             let flows = &mut self.labs[l].lab.balancer.dataplane.maps.flows;
             // Since issue 11 a SYN in an unchanged slot is not recorded: remove what is there.
@@ -884,6 +945,17 @@ fn syn_frames(spec: &VipSpec, base: u8, calls: usize) -> Vec<(IpAddr, u16, Vec<u
             let src = IpAddr::V4(Ipv4Addr::new(198, 18, base, (n / 50_000) as u8 + 1));
             let sport = 1024 + (n % 50_000) as u16;
             (src, sport, frame(spec, src, sport, TCP_SYN))
+        })
+        .collect()
+}
+
+/// Fresh IPv4 UDP flows to `spec`, one per call (see [`syn_frames`]).
+fn udp_frames(spec: &VipSpec, base: u8, calls: usize) -> Vec<(IpAddr, u16, Vec<u8>)> {
+    (0..calls)
+        .map(|n| {
+            let src = IpAddr::V4(Ipv4Addr::new(198, 18, base, (n / 50_000) as u8 + 1));
+            let sport = 1024 + (n % 50_000) as u16;
+            (src, sport, frame(spec, src, sport, L4::Udp))
         })
         .collect()
 }
@@ -923,11 +995,13 @@ fn spread_frames(lab: &Lab, v: usize, calls: usize, working_set: usize) -> Vec<V
 }
 
 /// The order of the paths in the report (cases are sorted by it, then by backends and flows).
-const PATH_ORDER: [&str; 14] = [
+const PATH_ORDER: [&str; 16] = [
     names::ESTABLISHED_V4,
     names::ESTABLISHED_V4_SPREAD,
     names::ESTABLISHED_V4_LOOP,
     names::NEW_FLOW_V4,
+    names::NEW_FLOW_UDP_EVENTS_OFF,
+    names::NEW_FLOW_UDP_EVENTS_ON,
     names::ESTABLISHED_V6,
     names::ESTABLISHED_V6_SPREAD,
     names::ESTABLISHED_UDP,
@@ -967,6 +1041,7 @@ fn build_cases(opts: &PerPacketOptions, labs: &[Lab]) -> Vec<Case> {
         frames,
         inserted: Vec::new(),
         probe: None,
+        flow_events: None,
         expect,
         backends,
         flows,
@@ -1201,6 +1276,48 @@ fn build_cases(opts: &PerPacketOptions, labs: &[Lab]) -> Vec<Case> {
             PROTO_TCP,
         ));
         lb_cases.push(changed_hit);
+
+        // Issue 12: what telling the daemon about each insert costs. New UDP flows (every one
+        // is recorded) to the representative UDP VIP, flow events on and off, a fresh flow per
+        // call; the flows are removed and the events read after each trial.
+        let v = lab.vip_index(REPRESENTATIVE_BACKENDS, PROTO_UDP, false);
+        let spec = &lab.specs[v];
+        for (path, on, base, note) in [
+            (
+                names::NEW_FLOW_UDP_EVENTS_OFF,
+                false,
+                2,
+                "IPv4 UDP packet of a flow not in the table (recorded: a flow-table insert), \
+                 flow events off (FLOW_EVENTS_ON = 0: no ring-buffer work); a fresh flow per \
+                 call, removed after each trial; repeat=1 calls",
+            ),
+            (
+                names::NEW_FLOW_UDP_EVENTS_ON,
+                true,
+                3,
+                "the same with flow events on: each insert also reserves and submits a 48-byte \
+                 FlowEvent in FLOW_EVENTS (adaptive wake-up; the reader drains after the trial, \
+                 so the ring never fills); repeat=1 calls",
+            ),
+        ] {
+            let fresh = udp_frames(spec, base, calls);
+            let mut c = case(
+                path,
+                Method::Loop,
+                Program::Lb(l),
+                fresh.iter().map(|(_, _, f)| f.clone()).collect(),
+                Expect::NewFlows { vip: v },
+                Some(REPRESENTATIVE_BACKENDS),
+                Some(f),
+                note,
+            );
+            c.inserted = fresh
+                .iter()
+                .map(|&(src, sport, _)| flow_key(src, sport, spec.address, spec.port, PROTO_UDP))
+                .collect();
+            c.flow_events = Some(on);
+            lb_cases.push(c);
+        }
         lb_cases.push(case(
             names::NON_VIP_PASS,
             Method::Repeat,
@@ -1228,6 +1345,12 @@ pub fn run(opts: &PerPacketOptions) -> Result<Vec<Figure>> {
     ensure!(!cpus.is_empty(), "no CPU to run on");
     let measure_cpu = *cpus.last().expect("not empty");
 
+    // The flow-event readers register with a reactor; declared first, so dropped after the labs.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .context("a tokio runtime for the flow-event readers")?;
+    let _entered = runtime.enter();
     let mut bench = Bench::load()?;
     let mut labs = Vec::new();
     for &flows in opts.flows() {
@@ -1417,6 +1540,12 @@ fn figures(cases: &[Case], labs: &[Lab], opts: &PerPacketOptions, cpu: usize) ->
             }
             for (key, value) in &case.program_info {
                 params.insert((*key).to_owned(), value.clone());
+            }
+            if let Some(on) = case.flow_events {
+                params.insert(
+                    "flow_events".to_owned(),
+                    if on { "on" } else { "off" }.to_owned(),
+                );
             }
             params.insert("what".to_owned(), case.note.to_owned());
             params.insert(

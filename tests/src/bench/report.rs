@@ -494,7 +494,84 @@ pub fn targets(figures: &[Figure]) -> Vec<Target> {
         },
         info: true,
     });
+    out.push(flow_events_target(figures));
     out
+}
+
+/// The median of per-trial differences `on[k] - off[k]` (the two are measured in the same
+/// trials, so pairing them cancels what a trial shares: the machine's load at that moment);
+/// the difference of the medians where the trial counts differ.
+fn paired_difference(on: &Figure, off: &Figure) -> f64 {
+    if on.samples.len() != off.samples.len() || on.samples.is_empty() {
+        return on.median() - off.median();
+    }
+    let mut d: Vec<f64> = on
+        .samples
+        .iter()
+        .zip(&off.samples)
+        .map(|(a, b)| a - b)
+        .collect();
+    d.sort_by(f64::total_cmp);
+    let n = d.len();
+    if n % 2 == 1 {
+        d[n / 2]
+    } else {
+        (d[n / 2 - 1] + d[n / 2]) / 2.0
+    }
+}
+
+/// Issue 12: new UDP flows with flow events on against off (loop method, net), at each fill
+/// level: the median of the per-trial differences; the value is the largest of them.
+fn flow_events_target(figures: &[Figure]) -> Target {
+    let points: Vec<(u64, f64, f64, f64)> = points(figures, names::NEW_FLOW_UDP_EVENTS_ON)
+        .into_iter()
+        .filter_map(|on| {
+            let flows = param(on, "flows")?;
+            let backends = param(on, "backends")?;
+            let off = find(
+                figures,
+                &names::point(
+                    names::NEW_FLOW_UDP_EVENTS_OFF,
+                    backends as u32,
+                    flows as u32,
+                ),
+            )?;
+            Some((flows, on.median(), off.median(), paired_difference(on, off)))
+        })
+        .collect();
+    let value = points.iter().map(|p| p.3).reduce(f64::max);
+    Target {
+        name: "flow-insert notification (sync on) vs off, per new flow".to_owned(),
+        goal: "info".to_owned(),
+        value,
+        unit: "ns".to_owned(),
+        reached: None,
+        detail: if points.is_empty() {
+            "per-packet not measured".to_owned()
+        } else {
+            format!(
+                "loop method, net of trivial/loop, a new IPv4 UDP flow per call, {} backends; \
+                 per fill level the medians and the median of per-trial differences (value: \
+                 the largest of those): {}",
+                REPRESENTATIVE_BACKENDS,
+                points
+                    .iter()
+                    .map(|&(flows, on, off, diff)| {
+                        let sign = if diff >= 0.0 { "+" } else { "" };
+                        format!(
+                            "f={flows}: {} ns on vs {} ns off ({sign}{} ns, {:+.1}%)",
+                            fmt_num(on),
+                            fmt_num(off),
+                            fmt_num(diff),
+                            diff / off * 100.0
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            )
+        },
+        info: true,
+    }
 }
 
 /// Program sizes as the kernel holds them, from the per-packet figures' params: (program,
@@ -1161,6 +1238,43 @@ mod tests {
         let d = utc_now();
         assert_eq!(d.len(), 20, "{d}");
         assert!(d.starts_with("20") && d.ends_with('Z'), "{d}");
+    }
+
+    #[test]
+    fn the_flow_event_row_is_the_largest_on_minus_off() {
+        let mut figures = Vec::new();
+        // Per-trial pairs: the differences are 10, 10, 40 (f=1000) and 15, 15, -30 (f=10000).
+        for (flows, on, off) in [
+            (1000, [130.0, 200.0, 150.0], [120.0, 190.0, 110.0]),
+            (10000, [150.0, 250.0, 100.0], [135.0, 235.0, 130.0]),
+        ] {
+            for (path, v) in [
+                (names::NEW_FLOW_UDP_EVENTS_ON, on),
+                (names::NEW_FLOW_UDP_EVENTS_OFF, off),
+            ] {
+                figures.push(fig(
+                    "per_packet",
+                    &names::point(path, REPRESENTATIVE_BACKENDS, flows),
+                    &v,
+                    None,
+                ));
+            }
+        }
+        let t = flow_events_target(&figures);
+        assert_eq!(
+            t.name,
+            "flow-insert notification (sync on) vs off, per new flow"
+        );
+        assert_eq!(t.verdict(), "info");
+        assert_eq!(t.value, Some(15.0));
+        assert!(
+            t.detail
+                .contains("f=1000: 150.0 ns on vs 120.0 ns off (+10.00 ns, +8.3%)"),
+            "{}",
+            t.detail
+        );
+        assert!(targets(&figures).iter().any(|x| x.name == t.name));
+        assert_eq!(flow_events_target(&[]).value, None);
     }
 
     #[test]
