@@ -70,6 +70,9 @@ pub struct PeerStatus {
     pub flows_received: u64,
     pub datagrams_sent: u64,
     pub datagrams_received: u64,
+    /// UDP payload bytes sent to it and received from it (authenticated datagrams).
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
     /// Records waiting in its queue.
     pub queued: u64,
     /// Datagrams from its address dropped, by reason (and records for it its full queue

@@ -267,9 +267,13 @@ impl Service {
         datagrams: &[Vec<u8>],
     ) -> usize {
         let mut sent = 0;
+        let mut bytes = 0;
         for datagram in datagrams {
             match self.socket.send_to(datagram, address).await {
-                Ok(_) => sent += 1,
+                Ok(_) => {
+                    sent += 1;
+                    bytes += datagram.len() as u64;
+                }
                 Err(e) => {
                     // A peer that is gone (no ARP answer, unreachable) costs nothing but this.
                     debug!("sync: sending to {address}: {e}");
@@ -277,7 +281,9 @@ impl Service {
                 }
             }
         }
-        self.counters.lock().expect("sync counters").peers[index].datagrams_sent += sent as u64;
+        let mut counters = self.counters.lock().expect("sync counters");
+        counters.peers[index].datagrams_sent += sent as u64;
+        counters.peers[index].bytes_sent += bytes;
         sent
     }
 
@@ -333,6 +339,7 @@ impl Service {
             stats.up = true;
             stats.last_heard = Some(Instant::now());
             stats.datagrams_received += 1;
+            stats.bytes_received += datagram.len() as u64;
             came_up
         };
         if let Pull::Asked { heard, .. } = &mut self.peers[index].pull {

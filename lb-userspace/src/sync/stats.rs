@@ -38,6 +38,9 @@ pub struct PeerCounters {
     pub flows_received: u64,
     pub datagrams_sent: u64,
     pub datagrams_received: u64,
+    /// UDP payload bytes of the datagrams sent to it and received from it (authenticated).
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
     /// Datagrams from this peer's address that were dropped, and records for it that its full
     /// queue dropped (`queue_full`).
     pub drops: DropCounts,
@@ -55,6 +58,8 @@ impl PeerCounters {
             flows_received: 0,
             datagrams_sent: 0,
             datagrams_received: 0,
+            bytes_sent: 0,
+            bytes_received: 0,
             drops: [0; DropReason::ALL.len()],
             queued: 0,
         }
@@ -139,6 +144,8 @@ pub fn status(
                 flows_received: peer.flows_received,
                 datagrams_sent: peer.datagrams_sent,
                 datagrams_received: peer.datagrams_received,
+                bytes_sent: peer.bytes_sent,
+                bytes_received: peer.bytes_received,
                 queued: peer.queued as u64,
                 drops: by_label(&peer.drops),
             })
