@@ -203,3 +203,31 @@ pub fn flow_key(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, proto: u8) -> 
         _pad: [0; 2],
     }
 }
+
+/// A two-VIP config for packet tests: `web` (TCP, 10.0.0.100:80) over `backends` backends from
+/// 10.0.0.11 on, and `dns` (UDP, 10.0.0.100:53) over 10.0.0.51 and 10.0.0.52; `extra` holds more
+/// top-level keys (one per line).
+pub fn two_vip_config(
+    ring_size: u32,
+    max_backends: u32,
+    flow_table_size: u32,
+    backends: u32,
+    extra: &str,
+) -> String {
+    let mut text = format!(
+        "interface = \"lab0\"\nring_size = {ring_size}\nmax_vips = 4\nmax_backends = {max_backends}\n\
+         flow_table_size = {flow_table_size}\n{extra}\n\
+         [[vip]]\nname = \"web\"\naddress = \"10.0.0.100\"\nport = 80\nprotocol = \"tcp\"\n"
+    );
+    for i in 0..backends {
+        text.push_str(&format!(
+            "[[vip.backend]]\naddress = \"10.0.0.{}\"\n",
+            11 + i
+        ));
+    }
+    text.push_str(
+        "\n[[vip]]\nname = \"dns\"\naddress = \"10.0.0.100\"\nport = 53\nprotocol = \"udp\"\n\
+         [[vip.backend]]\naddress = \"10.0.0.51\"\n[[vip.backend]]\naddress = \"10.0.0.52\"\n",
+    );
+    text
+}

@@ -17,7 +17,7 @@ use lb_common::{
 };
 use lb_tests::{
     frames::{FrameSpec, LB_MAC},
-    packet_lab::{PacketLab, XDP_TX, backend_mac, flow_key},
+    packet_lab::{PacketLab, XDP_TX, backend_mac, flow_key, two_vip_config},
 };
 
 const WEB: usize = 0;
@@ -26,22 +26,7 @@ const M: u32 = 65537;
 
 /// web (TCP) with `backends` backends from 10.0.0.11 on, dns (UDP) with two.
 fn config(backends: u32, flow_table_size: u32) -> String {
-    let mut text = format!(
-        "interface = \"lab0\"\nring_size = {M}\nmax_vips = 4\nmax_backends = 32\n\
-         flow_table_size = {flow_table_size}\n\n\
-         [[vip]]\nname = \"web\"\naddress = \"10.0.0.100\"\nport = 80\nprotocol = \"tcp\"\n"
-    );
-    for i in 0..backends {
-        text.push_str(&format!(
-            "[[vip.backend]]\naddress = \"10.0.0.{}\"\n",
-            11 + i
-        ));
-    }
-    text.push_str(
-        "\n[[vip]]\nname = \"dns\"\naddress = \"10.0.0.100\"\nport = 53\nprotocol = \"udp\"\n\
-         [[vip.backend]]\naddress = \"10.0.0.51\"\n[[vip.backend]]\naddress = \"10.0.0.52\"\n",
-    );
-    text
+    two_vip_config(M, 32, flow_table_size, backends, "")
 }
 
 fn ip(text: &str) -> IpAddr {

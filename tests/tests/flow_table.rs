@@ -21,7 +21,7 @@ use lb_common::{FlowKey, NO_BACKEND, PROTO_TCP, PROTO_UDP, RingSlot, flow_hash};
 use lb_tests::{
     frames::{FrameSpec, LB_MAC},
     fuzz::rng::Rng,
-    packet_lab::{PacketLab, XDP_TX, backend_mac, flow_key},
+    packet_lab::{PacketLab, XDP_TX, backend_mac, flow_key, two_vip_config},
 };
 
 const WEB: usize = 0;
@@ -32,22 +32,13 @@ const MAX_BACKENDS: u32 = 128;
 
 /// web (TCP) with `backends` backends from 10.0.0.11 on, dns (UDP) with two.
 fn config(backends: u32, flow_table_size: u32, tcp_idle_timeout: &str) -> String {
-    let mut text = format!(
-        "interface = \"lab0\"\nring_size = {M}\nmax_vips = 4\nmax_backends = {MAX_BACKENDS}\n\
-         flow_table_size = {flow_table_size}\ntcp_idle_timeout = \"{tcp_idle_timeout}\"\n\n\
-         [[vip]]\nname = \"web\"\naddress = \"10.0.0.100\"\nport = 80\nprotocol = \"tcp\"\n"
-    );
-    for i in 0..backends {
-        text.push_str(&format!(
-            "[[vip.backend]]\naddress = \"10.0.0.{}\"\n",
-            11 + i
-        ));
-    }
-    text.push_str(
-        "\n[[vip]]\nname = \"dns\"\naddress = \"10.0.0.100\"\nport = 53\nprotocol = \"udp\"\n\
-         [[vip.backend]]\naddress = \"10.0.0.51\"\n[[vip.backend]]\naddress = \"10.0.0.52\"\n",
-    );
-    text
+    two_vip_config(
+        M,
+        MAX_BACKENDS,
+        flow_table_size,
+        backends,
+        &format!("tcp_idle_timeout = \"{tcp_idle_timeout}\"\n"),
+    )
 }
 
 fn ip(text: &str) -> IpAddr {
