@@ -330,3 +330,99 @@ fn a_peer_s_flows_are_pulled_installed_and_followed_and_bad_datagrams_are_counte
     }
     assert_eq!(leftovers(prefix), Vec::<String>::new(), "namespaces left");
 }
+
+/// Datagrams from the peer, sealed with `key`, until the daemon counts `wanted` of them received.
+fn heartbeat_counted(
+    socket: &UdpSocket,
+    sealer: &mut Sealer,
+    lb_sync: SocketAddr,
+    api: &std::path::Path,
+    wanted: u64,
+) {
+    socket
+        .send_to(&sealer.seal(&Body::Heartbeat), lb_sync)
+        .expect("send a heartbeat");
+    wait_for(api, "the heartbeat is received", |s| {
+        s["peers"][0]["datagrams_received"].as_u64() == Some(wanted)
+    });
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn a_reload_takes_a_new_key_and_refuses_a_bad_key_file_keeping_the_old_one() {
+    let prefix = "lbsynck";
+    {
+        let lab = WebLab::new(prefix, 2);
+        let topo = &lab.topo;
+        topo.attach_xdp_pass_on_lb_port(lb::ebpf_object(), "xdp_pass")
+            .expect("xdp_pass");
+        let old_key = KeyFile::write("old", KEY_HEX);
+        let new_key = KeyFile::write("new", OTHER_KEY_HEX);
+        let lb_sync = SocketAddr::new(IpAddr::V4(topo.lb_host().ipv4()), SYNC_PORT);
+        let peer = SocketAddr::new(IpAddr::V4(topo.client_host().ipv4()), SYNC_PORT);
+        let socket = topo
+            .client()
+            .run(|| UdpSocket::bind(peer))
+            .unwrap_or_else(|e| panic!("bind the peer's socket {peer}: {e}"));
+        let config = |key: &KeyFile| {
+            lab.config_all(
+                &format!(
+                    "[sync]\nlisten = \"{lb_sync}\"\npeers = [\"{peer}\"]\nkey_file = \"{}\"\n",
+                    key.0.display()
+                ),
+                HEALTH,
+            )
+        };
+        // The peer never answers the start-up pull: the daemon goes on without it.
+        let started = Instant::now();
+        let mut daemon = LbDaemon::start(topo.lb(), &config(&old_key), Launch::Nsenter)
+            .unwrap_or_else(|e| panic!("lb run with [sync]: {e:#}"));
+        assert!(
+            started.elapsed() < Duration::from_secs(8),
+            "a silent peer delays the start by at most its 2 s pull timeout (took {:?})",
+            started.elapsed()
+        );
+        assert!(
+            daemon.log().contains("going on without it"),
+            "the log says the silent peer was not waited for"
+        );
+        let api = api_socket_for(topo.lb());
+        let mut old_sealer = Sealer::new(SyncKey::from_hex(KEY_HEX).expect("key"), peer, 1);
+        heartbeat_counted(&socket, &mut old_sealer, lb_sync, &api, 1);
+
+        // A broken key file: the reload is refused at key_file, the old key keeps working.
+        std::fs::write(&old_key.0, "not a key\n").expect("break the key file");
+        daemon.signal(libc::SIGHUP);
+        daemon
+            .wait_for_log("reload refused", TIMEOUT)
+            .expect("the reload is refused");
+        assert!(
+            daemon.log().contains("key_file: ")
+                && daemon.log().contains("expected 64 hex characters"),
+            "the refusal names key_file and what is wrong"
+        );
+        heartbeat_counted(&socket, &mut old_sealer, lb_sync, &api, 2);
+
+        // A new key file: the old key's datagrams are refused from now on, the new one's taken.
+        daemon
+            .rewrite_config(topo.lb(), &config(&new_key))
+            .expect("rewrite the config");
+        daemon.signal(libc::SIGHUP);
+        daemon
+            .wait_for_log("replicating recorded flows", TIMEOUT)
+            .expect("replication restarts");
+        wait_for(&api, "the new service runs", |s| {
+            s["peers"][0]["datagrams_received"] == 0
+        });
+        socket
+            .send_to(&old_sealer.seal(&Body::Heartbeat), lb_sync)
+            .expect("send");
+        wait_for(&api, "the old key is refused", |s| {
+            count(&s["drops"], "unauthenticated") == 1
+        });
+        let mut new_sealer = Sealer::new(SyncKey::from_hex(OTHER_KEY_HEX).expect("key"), peer, 2);
+        heartbeat_counted(&socket, &mut new_sealer, lb_sync, &api, 1);
+        daemon.stop().expect("lb stops");
+    }
+    assert_eq!(leftovers(prefix), Vec::<String>::new(), "namespaces left");
+}
