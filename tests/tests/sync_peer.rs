@@ -4,6 +4,7 @@
 //! records itself, authenticated, and drops and counts every bad datagram (garbage, truncated,
 //! wrong key, replayed, stale, unknown sender) without stopping.
 
+use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::path::PathBuf;
 use std::sync::mpsc;
@@ -19,6 +20,8 @@ use lb_tests::{
 };
 
 const SYNC_PORT: u16 = 7946;
+/// The daemon's metrics endpoint, inside its namespace.
+const METRICS: &str = "127.0.0.1:19103";
 const TIMEOUT: Duration = Duration::from_secs(3);
 const HEALTH: &str = "interval = \"100ms\"\ntimeout = \"100ms\"\nrise = 1";
 const KEY_HEX: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
@@ -71,6 +74,30 @@ fn wait_for(socket: &std::path::Path, what: &str, f: impl Fn(&serde_json::Value)
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// `GET /metrics` of the daemon in the lab's lb namespace.
+fn scrape(lab: &WebLab) -> String {
+    lab.topo.lb().run(|| {
+        let mut stream = std::net::TcpStream::connect(METRICS).expect("connect to the metrics");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")
+            .expect("request");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).expect("response");
+        response
+    })
+}
+
+/// The value of the sample line `series value`.
+fn sample(body: &str, series: &str) -> Option<u64> {
+    body.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse::<f64>().ok())
+        .map(|value| value as u64)
 }
 
 /// A TCP connection from `client` (a fixed source port) to `vip`: the backend that answers.
@@ -149,7 +176,7 @@ fn a_peer_s_flows_are_pulled_installed_and_followed_and_bad_datagrams_are_counte
         });
 
         let extra = format!(
-            "[sync]\nlisten = \"{lb_sync}\"\npeers = [\"{peer}\"]\nkey_file = \"{}\"\n",
+            "metrics = \"{METRICS}\"\n[sync]\nlisten = \"{lb_sync}\"\npeers = [\"{peer}\"]\nkey_file = \"{}\"\n",
             key.0.display()
         );
         let backends: Vec<(String, u32)> = (0..2).map(|i| (lab.address(i), 100)).collect();
@@ -251,6 +278,46 @@ fn a_peer_s_flows_are_pulled_installed_and_followed_and_bad_datagrams_are_counte
             1,
             "datagrams from the peer's address count under the peer: {status:#}"
         );
+
+        // The same counts in the metrics (refreshed every second).
+        let peer_label = format!("{{peer=\"{peer}\"}}");
+        let wanted = [
+            ("lb_sync_drops_total{reason=\"malformed\"}".to_owned(), 1),
+            ("lb_sync_drops_total{reason=\"truncated\"}".to_owned(), 2),
+            (
+                "lb_sync_drops_total{reason=\"unauthenticated\"}".to_owned(),
+                1,
+            ),
+            ("lb_sync_drops_total{reason=\"replayed\"}".to_owned(), 1),
+            ("lb_sync_drops_total{reason=\"stale\"}".to_owned(), 1),
+            ("lb_sync_drops_total{reason=\"unknown_peer\"}".to_owned(), 1),
+            (
+                format!("lb_sync_flows_received_total{peer_label}"),
+                (PULLED_PORTS.len() + SENT_PORTS.len()) as u64,
+            ),
+            ("lb_sync_flows_installed_total".to_owned(), 12),
+            (format!("lb_sync_peer_up{peer_label}"), 1),
+        ];
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let body = scrape(&lab);
+            let missing: Vec<&(String, u64)> = wanted
+                .iter()
+                .filter(|(series, value)| sample(&body, series) != Some(*value))
+                .collect();
+            if missing.is_empty() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "metrics lack {missing:?}:\n{}",
+                body.lines()
+                    .filter(|l| l.starts_with("lb_sync"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
 
         // A storm of garbage: counted, and the daemon keeps answering.
         let mut state = 0x9e37_79b9_7f4a_7c15u64;
