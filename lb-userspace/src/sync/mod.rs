@@ -95,6 +95,7 @@ impl SyncHandle {
         let counters = Arc::new(Mutex::new(stats::ServiceCounters::new(
             config.listen,
             &config.peers,
+            pull_at_start,
         )));
         let service = service::Service::new(
             config,

@@ -82,12 +82,13 @@ pub struct ServiceCounters {
 }
 
 impl ServiceCounters {
-    pub fn new(listen: SocketAddr, peers: &[SocketAddr]) -> Self {
+    /// Counters of a service that pulls at start (`pulling`) or not (a reload's restart).
+    pub fn new(listen: SocketAddr, peers: &[SocketAddr], pulling: bool) -> Self {
         Self {
             listen,
             peers: peers.iter().copied().map(PeerCounters::new).collect(),
             unattributed_drops: [0; DropReason::ALL.len()],
-            pulled: false,
+            pulled: !pulling,
             pulled_flows: 0,
             unnamed_events: 0,
         }
