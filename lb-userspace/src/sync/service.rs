@@ -6,7 +6,8 @@
 //!   and sent in datagrams of up to [`MAX_DATAGRAM`] bytes as soon as the service gets to them
 //!   (events that arrive together go together).
 //! - Every peer gets a heartbeat each [`HEARTBEAT_INTERVAL`]; a peer heard within
-//!   [`PEER_TIMEOUT`] is up. A peer that comes up (again) is asked for a full copy of its flows.
+//!   [`PEER_TIMEOUT`] is up. A peer that comes up (again) is asked for a full copy of its flows
+//!   and sent one of this node's.
 //! - The start-up pull: the service asks every peer for a full copy at once and reports
 //!   [`FromService::Pulled`] when each has answered with its `PullDone` (and the flows it
 //!   announced arrived; else it asks again, [`PULL_ATTEMPTS`] times in all), or was silent for
@@ -345,10 +346,20 @@ impl Service {
         if let Pull::Asked { heard, .. } = &mut self.peers[index].pull {
             *heard = true;
         } else if came_up {
-            // A peer that was down (or never heard) may hold flows this node lacks: a partition
-            // healed, or this node started while the peer was away.
-            info!(peer = %from, "sync: peer is up; asking it for its flows");
+            // A peer that was down (or never heard) may hold flows this node lacks, and lack
+            // this node's: a partition healed, or one of the two started while the other was
+            // away. Each side gets the other's full copy (a peer that starts asks for it with
+            // its first datagram, which is answered below).
+            info!(peer = %from, "sync: peer is up; exchanging full copies of the recorded flows");
             self.send_body(index, &Body::PullRequest).await;
+            if body != Body::PullRequest
+                && self
+                    .to_daemon
+                    .try_send(FromService::Dump { peer: from })
+                    .is_err()
+            {
+                warn!(peer = %from, "sync: the daemon is busy; the peer gets no full copy now");
+            }
         }
         match body {
             Body::Heartbeat => {}
