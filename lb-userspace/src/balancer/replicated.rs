@@ -13,7 +13,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd};
 
 use aya::maps::{IterableMap, MapError};
-use lb_common::{FAMILY_V4, FAMILY_V6, FlowKey, FlowState, PROTO_TCP, RingSlot, flow_hash};
+use lb_common::{
+    FAMILY_V4, FAMILY_V6, FLOW_REFRESH_NS, FlowKey, FlowState, PROTO_TCP, RingSlot, flow_hash,
+};
 
 use super::{Balancer, PublishError, family, publish::record_address};
 use crate::config::Protocol;
@@ -27,7 +29,8 @@ pub enum SkipReason {
     UnknownVip,
     /// The VIP has no backend at that address here.
     UnknownBackend,
-    /// This node saw the flow more recently than the peer did.
+    /// This node saw the flow more recently than the peer did (or as recently, on the same
+    /// backend: within the data plane's one-second refresh of a flow's last-seen time).
     LocalNewer,
 }
 
@@ -169,7 +172,13 @@ impl Balancer {
             };
             let last_seen_ns = now_ns.saturating_sub(u64::from(record.age_ms) * 1_000_000);
             match self.dataplane.maps.flows.get(&key, 0) {
-                Ok(local) if local.last_seen_ns >= last_seen_ns => {
+                // The same backend seen within the data plane's refresh granularity is the same
+                // news (a copy relayed by another peer, its age rounded down on the way).
+                Ok(local)
+                    if local.last_seen_ns >= last_seen_ns
+                        || (local.backend == backend.id
+                            && local.last_seen_ns + FLOW_REFRESH_NS >= last_seen_ns) =>
+                {
                     report.skip(SkipReason::LocalNewer);
                     continue;
                 }

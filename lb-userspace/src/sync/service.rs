@@ -415,6 +415,8 @@ impl Service {
             self.peers[index].pull = Pull::Idle;
             self.maybe_pulled().await;
         } else {
+            // The next copy counts afresh.
+            self.pulled_flows -= received.min(self.pulled_flows);
             let now = Instant::now();
             self.peers[index].pull = Pull::Asked {
                 first: now,

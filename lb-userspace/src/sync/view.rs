@@ -73,3 +73,93 @@ impl FlowView {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lb_common::{PROTO_TCP, PROTO_UDP};
+
+    fn view() -> FlowView {
+        let mut view = FlowView::default();
+        view.vips
+            .insert(1, ("10.0.0.100:80".parse().unwrap(), PROTO_TCP));
+        view.vips
+            .insert(2, ("[2001:db8::100]:53".parse().unwrap(), PROTO_UDP));
+        view.backends.insert(7, (1, "10.0.0.11".parse().unwrap()));
+        view.backends
+            .insert(9, (2, "2001:db8::11".parse().unwrap()));
+        view
+    }
+
+    fn event(
+        vip: SocketAddr,
+        proto: u8,
+        client: SocketAddr,
+        backend: u32,
+        vip_id: u32,
+    ) -> FlowEvent {
+        FlowEvent {
+            key: flow_key(vip, proto, client).expect("same family"),
+            backend,
+            vip_id,
+        }
+    }
+
+    #[test]
+    fn an_event_is_named_by_address() {
+        let vip: SocketAddr = "10.0.0.100:80".parse().unwrap();
+        let client: SocketAddr = "192.0.2.1:40000".parse().unwrap();
+        assert_eq!(
+            view().record(&event(vip, PROTO_TCP, client, 7, 1)),
+            Some(FlowRecord {
+                vip,
+                proto: PROTO_TCP,
+                client,
+                backend: "10.0.0.11".parse().unwrap(),
+                age_ms: 0,
+            })
+        );
+        let vip6: SocketAddr = "[2001:db8::100]:53".parse().unwrap();
+        let client6: SocketAddr = "[2001:db8::1]:5353".parse().unwrap();
+        let record = view()
+            .record(&event(vip6, PROTO_UDP, client6, 9, 2))
+            .expect("an IPv6 record");
+        assert_eq!(
+            (record.client, record.backend),
+            (client6, "2001:db8::11".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn events_that_do_not_match_the_model_are_not_named() {
+        let vip: SocketAddr = "10.0.0.100:80".parse().unwrap();
+        let client: SocketAddr = "192.0.2.1:40000".parse().unwrap();
+        let view = view();
+        assert_eq!(
+            view.record(&event(vip, PROTO_TCP, client, 7, 3)),
+            None,
+            "unknown VIP id"
+        );
+        assert_eq!(
+            view.record(&event(vip, PROTO_TCP, client, 8, 1)),
+            None,
+            "unknown backend id"
+        );
+        assert_eq!(
+            view.record(&event(vip, PROTO_TCP, client, 9, 1)),
+            None,
+            "another VIP's backend"
+        );
+        assert_eq!(
+            view.record(&event(vip, PROTO_UDP, client, 7, 1)),
+            None,
+            "other protocol"
+        );
+        let other_port: SocketAddr = "10.0.0.100:81".parse().unwrap();
+        assert_eq!(
+            view.record(&event(other_port, PROTO_TCP, client, 7, 1)),
+            None,
+            "a key to another port than the VIP's"
+        );
+    }
+}
