@@ -847,14 +847,27 @@ impl EcmpLab {
 
     /// [`EcmpLab::start_node`] with another lb config.
     pub fn start_node_with(&mut self, index: usize, config: &str) -> Result<()> {
+        self.start_node_with_timed(index, config).map(|_| ())
+    }
+
+    /// [`EcmpLab::start_node`], returning how long `lb run` took from its launch until it logged
+    /// that it attached (seen by polling its log every 50 ms: an upper bound by that much; BIRD's
+    /// start afterwards is not included).
+    pub fn start_node_timed(&mut self, index: usize) -> Result<Duration> {
+        self.start_node_with_timed(index, &self.lb_config(index))
+    }
+
+    fn start_node_with_timed(&mut self, index: usize, config: &str) -> Result<Duration> {
         let namespace = self.topo.node(index).namespace();
+        let launched = Instant::now();
         let lb = LbDaemon::start(namespace, config, Launch::Nsenter)
             .with_context(|| format!("lb run on node {index}"))?;
+        let attached = launched.elapsed();
         self.nodes[index].lb = Some(lb);
         let bird = Bird::start(namespace, "node", &self.topo.node_bird_config(index)?)
             .with_context(|| format!("BIRD on node {index}"))?;
         self.nodes[index].bird = Some(bird);
-        Ok(())
+        Ok(attached)
     }
 
     /// Waits until the router's BGP session with node `index` is Established.

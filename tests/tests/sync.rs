@@ -430,13 +430,13 @@ fn flows_when_announced(
         if routes.contains(&vip) {
             let seen = Instant::now();
             let flows = pinned_flows(pins).unwrap_or_else(|e| {
-                panic!("the restarted node announced {vip}; its flow table: {e:#}")
+                panic!("the node in {namespace} announced {vip}; its flow table: {e:#}")
             });
             return (seen, flows);
         }
         assert!(
             Instant::now() < deadline,
-            "the restarted node did not announce {vip} within {timeout:?}"
+            "the node in {namespace} did not announce {vip} within {timeout:?}"
         );
         std::thread::sleep(Duration::from_millis(1));
     }
@@ -613,6 +613,364 @@ fn a_restarted_node_pulls_the_recorded_flows_before_it_announces() {
             broken.len(),
             connections.len()
         );
+    }
+    assert_eq!(leftovers(prefix), Vec::<String>::new());
+    println!("{prefix}: took {:?}", started.elapsed());
+}
+
+/// The lb config of the very first node lists peers that never answer: it may wait for them
+/// [`PULL_SILENT_TIMEOUT`] (2 s), and then must serve. Bound on its launch-to-attached and
+/// launch-to-announced times (the pull's 2 s, the first health results, the attach).
+const FIRST_NODE_BOUND: Duration = Duration::from_secs(4);
+/// The product's start-up pull gives up on a silent peer after this long.
+const PULL_SILENT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What [`start_watched`] saw of a node's start.
+struct Start {
+    /// When its `lb run` was launched.
+    launched: Instant,
+    /// Launch until lb logged that it attached (an upper bound by 50 ms).
+    attached: Duration,
+    /// When its VIP route appeared in its own table 200, and its flow table at that moment.
+    in_table: (Instant, Vec<PinnedFlow>),
+    /// When the router first had it as a next hop for web, and its flow table at that moment.
+    at_router: (Instant, Vec<PinnedFlow>),
+}
+
+/// Starts node `node` (lb and BIRD) while a thread watches its table 200 from before the launch;
+/// then polls the router until it has the node as a next hop for web. Reads the node's pinned
+/// flow table at both moments.
+fn start_watched(lab: &mut EcmpLab, node: usize) -> Start {
+    let namespace = lab.topo.node(node).namespace().name().to_owned();
+    let pins: PathBuf = lab.pin_dir(node);
+    std::thread::scope(|scope| {
+        let watch_pins = pins.clone();
+        let watcher = scope
+            .spawn(move || flows_when_announced(&namespace, &watch_pins, WEB, SESSION_TIMEOUT));
+        let launched = Instant::now();
+        let attached = lab
+            .start_node_timed(node)
+            .unwrap_or_else(|e| panic!("starting node {node}: {e:#}"));
+        let address = lab.topo.node(node).ipv4();
+        let deadline = Instant::now() + SESSION_TIMEOUT;
+        let at_router = loop {
+            let hops = lab
+                .topo
+                .router_next_hops(WEB)
+                .unwrap_or_else(|e| panic!("router's route: {e:#}"));
+            if hops.contains(&address) {
+                let seen = Instant::now();
+                let flows = pinned_flows(&pins)
+                    .unwrap_or_else(|e| panic!("node {node}'s flow table: {e:#}"));
+                break (seen, flows);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the router did not learn node {node}'s route within {SESSION_TIMEOUT:?}"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        Start {
+            launched,
+            attached,
+            in_table: watcher.join().expect("the table 200 watcher panicked"),
+            at_router,
+        }
+    })
+}
+
+/// Node `node`'s `sync` status object (a copy).
+fn sync_of(lab: &EcmpLab, node: usize) -> serde_json::Value {
+    let status = lab
+        .status(node)
+        .unwrap_or_else(|e| panic!("node {node}'s status: {e:#}"));
+    sync_status(&status)
+        .unwrap_or_else(|e| panic!("node {node}: {e:#}"))
+        .clone()
+}
+
+/// The entry of peer node `peer` in a `sync` status object.
+fn peer_entry<'a>(
+    lab: &EcmpLab,
+    sync: &'a serde_json::Value,
+    peer: usize,
+) -> &'a serde_json::Value {
+    let address = lab.sync_address(peer).to_string();
+    sync["peers"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no peers array in {sync}"))
+        .iter()
+        .find(|entry| entry["address"] == address.as_str())
+        .unwrap_or_else(|| panic!("no peer {address} in {sync}"))
+}
+
+/// A counter of a JSON object, or a panic naming it.
+fn counter(object: &serde_json::Value, name: &str) -> u64 {
+    object[name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no counter {name} in {object}"))
+}
+
+/// The log lines of node `node`'s lb that contain every one of `needles`.
+fn log_lines(lab: &mut EcmpLab, node: usize, needles: &[&str]) -> Vec<String> {
+    lab.lb(node)
+        .log()
+        .lines()
+        .filter(|line| needles.iter().all(|needle| line.contains(needle)))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Proves two things about the start-up pull (DESIGN §7) with three nodes:
+///
+/// - Peers that never answer do not keep a node from serving: node 0 starts first and alone
+///   (both its peers silent), gives up on each after the pull's silence timeout, says so in its
+///   log, and attaches and announces within [`FIRST_NODE_BOUND`] of its launch.
+/// - A node that joins for the first time pulls from every peer before it announces: nodes 0 and
+///   1 run with sync, a backend is added by reload (about a quarter of the slots change), and
+///   long-lived connections are recorded on both (some opened before the reload and recorded on
+///   their slot's prior owner, which a fresh node's ring does not give them). Then node 2 starts
+///   for the first time: when its route appears in its own table 200, and when the router first
+///   has it as a next hop, its flow table already holds every flow recorded on nodes 0 and 1, on
+///   the same backends; its status says it pulled from both peers, as many flows as the two
+///   tables held. Then nodes 0 and 1 die one after the other, and every connection keeps its
+///   backend through node 2 alone.
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn a_node_that_joins_late_pulls_every_peer_s_flows_before_it_announces() {
+    let prefix = "lbsynl";
+    let started = Instant::now();
+    {
+        let mut lab = EcmpLab::new(prefix, 3, BACKENDS, vec![web()])
+            .unwrap_or_else(|e| panic!("ECMP lab: {e:#}"));
+        lab.set_backends_in_config(BACKENDS - 1)
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        lab.enable_sync()
+            .unwrap_or_else(|e| panic!("sync key: {e:#}"));
+        println!("lab ready after {:?}", started.elapsed());
+
+        // Node 0 starts alone: both its peers are silent.
+        let first = start_watched(&mut lab, 0);
+        let announced = first.in_table.0.duration_since(first.launched);
+        println!(
+            "node 0 alone (peers {} and {} silent): attached {:?} after its launch, route in its \
+             table 200 after {announced:?}, at the router after {:?}",
+            lab.sync_address(1),
+            lab.sync_address(2),
+            first.attached,
+            first.at_router.0.duration_since(first.launched)
+        );
+        assert!(
+            first.attached <= FIRST_NODE_BOUND && announced <= FIRST_NODE_BOUND,
+            "node 0, alone with silent peers, attached after {:?} and announced after \
+             {announced:?}: more than {FIRST_NODE_BOUND:?}",
+            first.attached
+        );
+        assert!(
+            first.attached >= PULL_SILENT_TIMEOUT,
+            "node 0 attached after {:?}, before its silent peers' {PULL_SILENT_TIMEOUT:?}: did it \
+             pull at all?",
+            first.attached
+        );
+        for peer in [1, 2] {
+            let address = lab.sync_address(peer).to_string();
+            let lines = log_lines(&mut lab, 0, &["going on without it", &address]);
+            println!("node 0 on silent peer {address}: {lines:?}");
+            assert_eq!(
+                lines.len(),
+                1,
+                "node 0's log does not say once that it went on without the silent peer \
+                 {address}:\n{}",
+                lab.lb(0).log()
+            );
+        }
+        println!(
+            "node 0: {:?}",
+            log_lines(&mut lab, 0, &["sync: pulled", "from the peers"])
+        );
+        let sync = sync_of(&lab, 0);
+        assert!(
+            sync["pulled"] == true && counter(&sync, "pulled_flows") == 0,
+            "node 0 alone: {sync}"
+        );
+
+        lab.start_node(1)
+            .unwrap_or_else(|e| panic!("node 1 (config:\n{}): {e:#}", lab.lb_config(1)));
+        for node in 0..2 {
+            lab.wait_for_session(node)
+                .unwrap_or_else(|e| panic!("router's session with node {node}: {e:#}"));
+        }
+        lab.topo
+            .wait_for_router_next_hops(WEB, &[0, 1], SESSION_TIMEOUT)
+            .unwrap_or_else(|e| panic!("nodes 0 and 1 announce {WEB}: {e:#}"));
+        println!("node 1: {:?}", log_lines(&mut lab, 1, &["sync: pulled"]));
+
+        // Connections opened before the reload, recorded by their next packet after it (on
+        // their slot's prior owner), and connections opened after it.
+        let mut connections = open_connections(&lab, CONNECTIONS / 2);
+        let sent_before = [
+            counter(peer_entry(&lab, &sync_of(&lab, 0), 1), "flows_sent"),
+            counter(peer_entry(&lab, &sync_of(&lab, 1), 0), "flows_sent"),
+        ];
+        let (added, _) = add_last_backend(&mut lab);
+        let broken = broken_connections(&mut connections, "after the reload");
+        assert!(
+            broken.is_empty(),
+            "the reload broke connections: {broken:?}"
+        );
+        let early: BTreeSet<u16> = connections.iter().map(|c| c.port).collect();
+        connections.extend(open_connections(&lab, CONNECTIONS / 2));
+        let mut recorded = recorded_connections(&lab, 0, &connections);
+        recorded.extend(recorded_connections(&lab, 1, &connections));
+        for node in 0..2 {
+            let took = wait_for_replicated(&lab, node, &recorded);
+            println!(
+                "node {node} holds all {} recorded flows after {took:?}",
+                recorded.len()
+            );
+        }
+        // Each node recorded some of them itself: it sent them to the other.
+        let sent_after = [
+            counter(peer_entry(&lab, &sync_of(&lab, 0), 1), "flows_sent"),
+            counter(peer_entry(&lab, &sync_of(&lab, 1), 0), "flows_sent"),
+        ];
+        let recorded_by = [
+            sent_after[0] - sent_before[0],
+            sent_after[1] - sent_before[1],
+        ];
+        let recorded_early = recorded.keys().filter(|p| early.contains(p)).count();
+        let on_added = recorded
+            .values()
+            .filter(|b| **b == added.to_string())
+            .count();
+        println!(
+            "{} connections, {} recorded ({recorded_early} opened before the reload and on their \
+             prior owner, {on_added} on the added backend {added}); flows sent since the \
+             connections opened: node 0 -> node 1 {}, node 1 -> node 0 {}",
+            connections.len(),
+            recorded.len(),
+            recorded_by[0],
+            recorded_by[1]
+        );
+        assert!(
+            recorded_by[0] > 0 && recorded_by[1] > 0,
+            "flows recorded on node 0 and sent: {}, on node 1: {}: the connections were not \
+             recorded on both nodes",
+            recorded_by[0],
+            recorded_by[1]
+        );
+        assert!(
+            recorded_early > 0 && on_added > 0,
+            "recorded connections: {recorded_early} opened before the reload, {on_added} on the \
+             added backend: the scenario proves nothing"
+        );
+        let tables = [
+            lab.pinned_flows(0)
+                .unwrap_or_else(|e| panic!("{e:#}"))
+                .len() as u64,
+            lab.pinned_flows(1)
+                .unwrap_or_else(|e| panic!("{e:#}"))
+                .len() as u64,
+        ];
+        println!(
+            "before node 2 starts: node 0's flow table holds {} flows, node 1's {}",
+            tables[0], tables[1]
+        );
+
+        // Node 2 starts for the first time.
+        let late = start_watched(&mut lab, 2);
+        let mut wanted = recorded.clone();
+        wanted.extend(recorded_connections(&lab, 0, &connections));
+        wanted.extend(recorded_connections(&lab, 1, &connections));
+        for (when, (seen, flows)) in [
+            ("in node 2's table 200", &late.in_table),
+            ("at the router", &late.at_router),
+        ] {
+            let missing = missing_from(&web_flows(flows), &wanted);
+            println!(
+                "node 2's route {when} {:?} after its launch (attached after {:?}): its flow \
+                 table holds {} of the {} recorded flows ({} entries in all)",
+                seen.duration_since(late.launched),
+                late.attached,
+                wanted.len() - missing.len(),
+                wanted.len(),
+                flows.len()
+            );
+            assert!(
+                missing.is_empty(),
+                "node 2 announced web before it had its peers' flows: {when}, {} of {} missing \
+                 (port, backend, what it has): {missing:?}",
+                missing.len(),
+                wanted.len()
+            );
+        }
+        let sync = sync_of(&lab, 2);
+        println!("node 2 sync status: {sync}");
+        println!("node 2: {:?}", log_lines(&mut lab, 2, &["sync: pulled"]));
+        let from = [
+            counter(peer_entry(&lab, &sync, 0), "flows_received"),
+            counter(peer_entry(&lab, &sync, 1), "flows_received"),
+        ];
+        assert_eq!(
+            sync["pulled"], true,
+            "node 2 did not finish its pull: {sync}"
+        );
+        assert!(
+            from[0] >= tables[0] && from[1] >= tables[1],
+            "node 2 received {from:?} flows from nodes 0 and 1, whose tables held {tables:?}: \
+             it did not pull both: {sync}"
+        );
+        assert_eq!(
+            counter(&sync, "pulled_flows"),
+            tables[0] + tables[1],
+            "node 2's pulled_flows is not the sum of its two peers' tables {tables:?}: {sync}"
+        );
+        for peer in [0, 1] {
+            let address = lab.sync_address(peer).to_string();
+            let lines = log_lines(&mut lab, 2, &["pulled the peer's flows", &address]);
+            assert_eq!(
+                lines.len(),
+                1,
+                "node 2's log does not say once that it pulled peer {address}'s flows:\n{}",
+                lab.lb(2).log()
+            );
+        }
+        lab.topo
+            .wait_for_router_next_hops(WEB, &[0, 1, 2], SESSION_TIMEOUT)
+            .unwrap_or_else(|e| panic!("the router uses all three nodes: {e:#}"));
+        let broken = broken_connections(&mut connections, "node 2 is up");
+        assert!(
+            broken.is_empty(),
+            "with node 2 up, {} connections broke: {broken:?}",
+            broken.len()
+        );
+
+        // Nodes 0 and 1 die, one after the other: node 2 alone carries every connection.
+        for (dead, left) in [(0, &[1, 2][..]), (1, &[2][..])] {
+            lab.kill_node(dead)
+                .unwrap_or_else(|e| panic!("killing node {dead}: {e:#}"));
+            let withdrawn = lab
+                .topo
+                .wait_for_router_next_hops(WEB, left, WITHDRAWAL_TIMEOUT)
+                .unwrap_or_else(|e| panic!("the router kept node {dead}: {e:#}"));
+            let broken = broken_connections(&mut connections, &format!("node {dead} is dead"));
+            let broken_at_risk = broken.keys().filter(|p| wanted.contains_key(p)).count();
+            println!(
+                "node {dead} died, the router dropped it after {withdrawn:?}: {} of {} \
+                 connections broken ({broken_at_risk} of the {} recorded on a killed node)",
+                broken.len(),
+                connections.len(),
+                wanted.len()
+            );
+            assert!(
+                broken.is_empty(),
+                "with node {dead} dead, {} of {} connections broke through nodes {left:?} \
+                 ({broken_at_risk} of the {} at risk): {broken:?}",
+                broken.len(),
+                connections.len(),
+                wanted.len()
+            );
+        }
     }
     assert_eq!(leftovers(prefix), Vec::<String>::new());
     println!("{prefix}: took {:?}", started.elapsed());
