@@ -110,8 +110,12 @@ pub(super) fn handle(message: FromService, balancer: &mut Balancer, sync: &mut S
                 Err(e) => warn!("sync: installing {} replicated flows: {e}", records.len()),
             }
         }
-        FromService::Dump { peer } => match balancer.flow_records(kernel_now_ns(), None) {
-            Ok(records) => sync.send(ToService::Dump { peer, records }),
+        FromService::Dump { peer, asked } => match balancer.flow_records(kernel_now_ns(), None) {
+            Ok(records) => sync.send(ToService::Dump {
+                peer,
+                asked,
+                records,
+            }),
             Err(e) => warn!("sync: reading the flow table for {peer}: {e}"),
         },
         FromService::Pulled { .. } => {}

@@ -58,8 +58,9 @@ const DUMP_BURST: usize = 64;
 pub enum FromService {
     /// Records a peer sent (new flows, a refresh, or part of a full copy): install them.
     Install(Vec<FlowRecord>),
-    /// `peer` asks for a full copy of this node's flow table: answer with [`ToService::Dump`].
-    Dump { peer: SocketAddr },
+    /// `peer` needs a full copy of this node's flow table: answer with [`ToService::Dump`].
+    /// `asked`: it asked for one (a pull); else it came back and gets one unasked.
+    Dump { peer: SocketAddr, asked: bool },
     /// The start-up pull is over; this many flows came in.
     Pulled { flows: u64 },
 }
@@ -67,9 +68,11 @@ pub enum FromService {
 /// What the daemon's loop hands to the service.
 #[derive(Debug)]
 pub enum ToService {
-    /// The full copy `peer` asked for.
+    /// The full copy for `peer` (as [`FromService::Dump`] said: `asked` is a pull's answer, with
+    /// its `PullDone`; unasked, the records go as plain flows).
     Dump {
         peer: SocketAddr,
+        asked: bool,
         records: Vec<FlowRecord>,
     },
     /// Flows still in use here, for every peer (their copies would otherwise expire).
@@ -180,7 +183,8 @@ impl Service {
             tokio::select! {
                 command = self.commands.recv() => match command {
                     None => break,
-                    Some(ToService::Dump { peer, records }) => self.send_dump(peer, &records).await,
+                    Some(ToService::Dump { peer, asked: true, records }) => self.send_dump(peer, &records).await,
+                    Some(ToService::Dump { peer, asked: false, records }) => self.send_copy(peer, &records).await,
                     Some(ToService::Refresh(records)) => self.enqueue(&records),
                 },
                 received = self.socket.recv_from(&mut datagram) => match received {
@@ -316,6 +320,22 @@ impl Service {
         debug!(peer = %peer, flows = records.len(), "sync: sent a full copy");
     }
 
+    /// A full copy for `peer` that it did not ask for, as plain flows (it counts them as
+    /// replicated flows, not as a pull's).
+    async fn send_copy(&mut self, peer: SocketAddr, records: &[FlowRecord]) {
+        let Some(index) = self.peers.iter().position(|p| p.address == peer) else {
+            return;
+        };
+        let datagrams = self.sealer.seal_flows(records, false);
+        for burst in datagrams.chunks(DUMP_BURST) {
+            self.send_all(index, peer, burst).await;
+            tokio::task::yield_now().await;
+        }
+        self.counters.lock().expect("sync counters").peers[index].flows_sent +=
+            records.len() as u64;
+        debug!(peer = %peer, flows = records.len(), "sync: sent an unasked full copy");
+    }
+
     async fn receive(&mut self, datagram: &[u8], source: SocketAddr) {
         let message = match self.opener.open(datagram, now_unix_ms()) {
             Ok(message) => message,
@@ -355,7 +375,10 @@ impl Service {
             if body != Body::PullRequest
                 && self
                     .to_daemon
-                    .try_send(FromService::Dump { peer: from })
+                    .try_send(FromService::Dump {
+                        peer: from,
+                        asked: false,
+                    })
                     .is_err()
             {
                 warn!(peer = %from, "sync: the daemon is busy; the peer gets no full copy now");
@@ -374,7 +397,10 @@ impl Service {
             Body::PullRequest => {
                 if self
                     .to_daemon
-                    .try_send(FromService::Dump { peer: from })
+                    .try_send(FromService::Dump {
+                        peer: from,
+                        asked: true,
+                    })
                     .is_err()
                 {
                     warn!(peer = %from, "sync: the daemon is busy; the peer's pull request waits for its retry");
@@ -465,13 +491,6 @@ impl Service {
                     warn!(peer = %stats.address, "sync: peer is down (silent for {PEER_TIMEOUT:?})");
                 }
             }
-            if self.peers[index]
-                .last_heartbeat
-                .is_none_or(|at| now.duration_since(at) >= HEARTBEAT_INTERVAL)
-            {
-                self.peers[index].last_heartbeat = Some(now);
-                self.send_body(index, &Body::Heartbeat).await;
-            }
             if let Pull::Asked {
                 first,
                 last,
@@ -495,6 +514,15 @@ impl Service {
                     };
                     self.send_body(index, &Body::PullRequest).await;
                 }
+            }
+            // After the pull request: a peer that hears this node first from a heartbeat
+            // sends it a copy unasked, and would then answer the request with a second one.
+            if self.peers[index]
+                .last_heartbeat
+                .is_none_or(|at| now.duration_since(at) >= HEARTBEAT_INTERVAL)
+            {
+                self.peers[index].last_heartbeat = Some(now);
+                self.send_body(index, &Body::Heartbeat).await;
             }
         }
         self.maybe_pulled().await;
