@@ -228,6 +228,11 @@ impl LbDaemon {
         Ok(())
     }
 
+    /// Its process id while it runs (`nsenter` execs `lb`, so this is `lb` itself).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The interface it balances on.
     pub fn interface(&self) -> &str {
         &self.interface

@@ -6,6 +6,7 @@ use std::{path::PathBuf, process::Command};
 use lb_tests::bench::{
     control_plane::{self, maglev_name, state_change_name},
     per_packet::{self, names},
+    sync,
 };
 use serde_json::Value;
 
@@ -138,7 +139,8 @@ fn quick_per_packet_and_control_plane_write_a_complete_report() {
         }
     }
     let targets = report["targets"].as_array().expect("targets array");
-    assert_eq!(targets.len(), 13, "{targets:?}");
+    // Issues 4 and 11, the flow-event row, and four sync rows (not measured here).
+    assert_eq!(targets.len(), 17, "{targets:?}");
     // Per-packet and control plane ran: every target of theirs has a verdict.
     for target in targets {
         let name = target["name"].as_str().unwrap_or_default();
@@ -190,4 +192,87 @@ fn quick_per_packet_and_control_plane_write_a_complete_report() {
     );
     let svg = std::fs::read_to_string(out.0.join("cost_vs_flows.svg")).expect("SVG written");
     assert!(svg.starts_with("<svg") && svg.contains("</svg>"), "{svg}");
+}
+
+/// The sync part on its own, quick: two real daemons replicate every generated flow, and the
+/// report has its figures and rows with values.
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn quick_sync_replicates_every_flow_and_reports_it() {
+    let out = TempDir(std::env::temp_dir().join(format!("lb-bench-sync-{}", std::process::id())));
+    let output = Command::new(env!("CARGO_BIN_EXE_lb-bench"))
+        .args(["--quick", "--only", "sync", "--out"])
+        .arg(&out.0)
+        .output()
+        .expect("lb-bench starts");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "lb-bench failed ({}):\n{stdout}\n{stderr}",
+        output.status
+    );
+    let text = std::fs::read_to_string(out.0.join("report.json")).expect("report.json written");
+    let report: Value = serde_json::from_str(&text).expect("report.json parses");
+    let figures = report["figures"].as_array().expect("figures array");
+    let by_name = |name: &str| {
+        figures
+            .iter()
+            .find(|f| f["name"] == name)
+            .unwrap_or_else(|| panic!("no figure {name} in the report"))
+    };
+    for rate in sync::RATES {
+        let lag = by_name(&sync::names::lag(rate));
+        assert_eq!(lag["group"], sync::GROUP);
+        assert!(lag["median"].as_f64().is_some_and(|m| m > 0.0), "{lag}");
+        // The counts behind the figures hang together (losses are measured, not asserted:
+        // they depend on the machine's load).
+        let count = |key: &str| -> u64 {
+            lag["params"][key]
+                .as_str()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{key} in {lag}"))
+        };
+        let generated = count("flows_generated");
+        assert!(generated > 0, "{lag}");
+        assert!(count("recorded_by_a") * 2 >= generated, "{lag}");
+        assert!(count("flows_installed_b") > 0, "{lag}");
+        assert!(
+            count("flows_installed_b") <= count("flows_received_b"),
+            "{lag}"
+        );
+        assert!(count("flows_received_b") <= count("flows_sent_a"), "{lag}");
+        assert!(count("flows_sent_a") <= count("recorded_by_a"), "{lag}");
+        for name in [
+            sync::names::reached_peer(rate),
+            sync::names::cpu_sender(rate),
+            sync::names::cpu_receiver(rate),
+            sync::names::bytes_per_flow(rate),
+        ] {
+            let figure = by_name(&name);
+            assert!(
+                figure["median"].as_f64().is_some_and(|m| m > 0.0),
+                "{figure}"
+            );
+        }
+    }
+    let targets = report["targets"].as_array().expect("targets array");
+    let sync_rows: Vec<&Value> = targets
+        .iter()
+        .filter(|t| {
+            let name = t["name"].as_str().unwrap_or_default();
+            name.starts_with("replication lag")
+                || name.starts_with("daemon CPU")
+                || name == "bytes per replicated flow"
+        })
+        .collect();
+    assert_eq!(sync_rows.len(), 4, "{targets:?}");
+    for row in sync_rows {
+        assert!(row["value"].as_f64().is_some(), "{row}");
+        assert_eq!(row["info"], true, "{row}");
+    }
+    assert_eq!(
+        lb_tests::ecmp::leftovers(sync::LAB_PREFIX),
+        Vec::<String>::new()
+    );
 }

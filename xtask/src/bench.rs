@@ -1,5 +1,5 @@
 //! `cargo xtask bench`: build the release binaries and run `lb-bench` (per-packet cost,
-//! throughput, control plane; report in `target/bench`).
+//! throughput, control plane, flow-state replication; report in `target/bench`).
 //!
 //! A benchmark, not a test: missed speed targets are reported by `lb-bench`, never turned into a
 //! failure. The exit status is `lb-bench`'s, non-zero only when a part could not run.

@@ -5,6 +5,7 @@
 pub mod control_plane;
 pub mod per_packet;
 pub mod report;
+pub mod sync;
 pub mod throughput;
 
 use std::collections::BTreeMap;
@@ -12,11 +13,11 @@ use std::collections::BTreeMap;
 /// One measured quantity: every trial's value, its unit, and what it should be compared with.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Figure {
-    /// "per_packet", "throughput" or "control_plane".
+    /// "per_packet", "per_call", "throughput", "control_plane" or "sync".
     pub group: String,
     /// Unique within the run, e.g. "vip_established_v4/backends=1000/flows=1000000".
     pub name: String,
-    /// "ns", "Mpps", "us", "ms".
+    /// "ns", "Mpps", "us", "ms", "%", "B".
     pub unit: String,
     /// One value per trial (at least 5 where the issue asks for a median).
     pub samples: Vec<f64>,

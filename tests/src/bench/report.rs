@@ -3,6 +3,10 @@
 //! (translated instructions, JIT bytes, instructions the verifier processed), and the SVG plots
 //! `cost_vs_flows.svg` and `throughput.svg`.
 //!
+//! Issue 12's rows (all `info`): replication lag per rate of the sync part (median, with the
+//! worst and the counts of flows generated, recorded, sent, received and installed in the
+//! detail), the daemons' CPU at the highest rate, and bytes per replicated flow.
+//!
 //! Issue 11's per-packet targets are ratios of the call method (`per_call` group: repeat=1 calls
 //! on the same frame, gross, over the MAC-swap reflector measured the same way), the worst grid
 //! point of each path; each target's detail also gives the path's figures by the repeat method
@@ -48,6 +52,7 @@ use super::{
     Figure,
     control_plane::{maglev_name, state_change_name},
     per_packet::{self, REPRESENTATIVE_BACKENDS, names},
+    sync,
 };
 
 /// The machine a run was made on.
@@ -495,6 +500,139 @@ pub fn targets(figures: &[Figure]) -> Vec<Target> {
         info: true,
     });
     out.push(flow_events_target(figures));
+    out.extend(sync_targets(figures));
+    out
+}
+
+/// "1k", "50k" (rates in the sync rows' names).
+fn rate_label(rate: u32) -> String {
+    if rate >= 1000 && rate.is_multiple_of(1000) {
+        format!("{}k", rate / 1000)
+    } else {
+        rate.to_string()
+    }
+}
+
+fn param_text<'a>(figure: &'a Figure, key: &str) -> &'a str {
+    figure.params.get(key).map_or("?", String::as_str)
+}
+
+/// Issue 12 under load (information rows): replication lag per rate, the daemons' CPU at the
+/// highest rate, bytes per replicated flow.
+fn sync_targets(figures: &[Figure]) -> Vec<Target> {
+    let info = |name: String, value: Option<f64>, unit: &str, detail: String| Target {
+        name,
+        goal: "info".to_owned(),
+        value,
+        unit: unit.to_owned(),
+        reached: None,
+        detail,
+        info: true,
+    };
+    let not_measured = || "sync not measured".to_owned();
+    let mut out = Vec::new();
+    for rate in sync::RATES {
+        let lag = find(figures, &sync::names::lag(rate));
+        let reached = find(figures, &sync::names::reached_peer(rate));
+        let detail = lag.map_or_else(not_measured, |f| {
+            let achieved: f64 = param_text(f, "achieved_rate").parse().unwrap_or(f64::NAN);
+            let shortfall = if achieved < f64::from(rate) * 0.95 {
+                format!(
+                    "; RATE NOT REACHED: the generator achieved {achieved:.0} flows/s of {rate}"
+                )
+            } else {
+                String::new()
+            };
+            format!(
+                "median {} ms, worst {} ms, p99 {} ms over {} sampled flows (one in {}; {} \
+                 not seen within 2 s) of {} generated at {} flows/s achieved{shortfall}; A \
+                 recorded {}, sent {} (events lost {}, queue_full {}); B received {}, installed \
+                 {} ({}% of the generated flows); poll every {} us",
+                fmt_num(f.median()),
+                fmt_num(f.max()),
+                param_text(f, "p99_ms"),
+                f.samples.len(),
+                param_text(f, "sample_every"),
+                param_text(f, "sampled_missed"),
+                param_text(f, "flows_generated"),
+                param_text(f, "achieved_rate"),
+                param_text(f, "recorded_by_a"),
+                param_text(f, "flows_sent_a"),
+                param_text(f, "events_lost_a"),
+                param_text(f, "queue_full_a"),
+                param_text(f, "flows_received_b"),
+                param_text(f, "flows_installed_b"),
+                reached.map_or("-".to_owned(), |r| fmt_num(r.median())),
+                param_text(f, "poll_us"),
+            )
+        });
+        out.push(info(
+            format!(
+                "replication lag at {} flows/s (median / worst)",
+                rate_label(rate)
+            ),
+            lag.map(Figure::median),
+            " ms",
+            detail,
+        ));
+    }
+    let top = *sync::RATES.last().expect("not empty");
+    let sender = find(figures, &sync::names::cpu_sender(top));
+    let receiver = find(figures, &sync::names::cpu_receiver(top));
+    let window =
+        |f: &Figure| -> f64 { param_text(f, "window_percent").parse().unwrap_or(f64::NAN) };
+    let range = |f: &Figure| format!("{}..{}", fmt_num(f.min()), fmt_num(f.max()));
+    out.push(info(
+        format!(
+            "daemon CPU at {} flows/s (sender / receiver)",
+            rate_label(top)
+        ),
+        sender.map(window),
+        "%",
+        match (sender, receiver) {
+            (Some(s), Some(r)) => format!(
+                "sender (A) {}% / receiver (B) {}% of one core (utime+stime over the {} s \
+                 window at {} flows/s achieved; per second {}% / {}%)",
+                fmt_num(window(s)),
+                fmt_num(window(r)),
+                param_text(s, "window_s"),
+                param_text(s, "achieved_rate"),
+                range(s),
+                range(r),
+            ),
+            _ => not_measured(),
+        },
+    ));
+    let bytes: Vec<(u32, &Figure)> = sync::RATES
+        .iter()
+        .filter_map(|&rate| Some((rate, find(figures, &sync::names::bytes_per_flow(rate))?)))
+        .collect();
+    out.push(info(
+        "bytes per replicated flow".to_owned(),
+        bytes.last().map(|(_, f)| f.median()),
+        " B",
+        if bytes.is_empty() {
+            not_measured()
+        } else {
+            format!(
+                "A's bytes_sent to B over its flows_sent (UDP payload, heartbeats included; \
+                 value: at the highest rate); {}",
+                bytes
+                    .iter()
+                    .map(|(rate, f)| format!(
+                        "at {} flows/s: {} B payload, {} B with IPv4+UDP headers (+{} per \
+                         datagram), {} flows per datagram",
+                        rate_label(*rate),
+                        fmt_num(f.median()),
+                        param_text(f, "with_ip_udp_headers"),
+                        sync::HEADER_BYTES,
+                        param_text(f, "flows_per_datagram"),
+                    ))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            )
+        },
+    ));
     out
 }
 
@@ -1275,6 +1413,116 @@ mod tests {
         );
         assert!(targets(&figures).iter().any(|x| x.name == t.name));
         assert_eq!(flow_events_target(&[]).value, None);
+    }
+
+    #[test]
+    fn sync_rows_from_figures() {
+        let sync_fig = |name: String, samples: &[f64], params: &[(&str, &str)]| Figure {
+            group: sync::GROUP.to_owned(),
+            name,
+            unit: "ms".to_owned(),
+            samples: samples.to_vec(),
+            baseline: None,
+            params: params
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        };
+        let lag_params = |achieved: &'static str| {
+            vec![
+                ("achieved_rate", achieved),
+                ("p99_ms", "0.900"),
+                ("sample_every", "1"),
+                ("flows_installed_b", "3000"),
+            ]
+        };
+        let figures = vec![
+            sync_fig(
+                sync::names::lag(1000),
+                &[0.2, 0.3, 0.9],
+                &lag_params("1000"),
+            ),
+            sync_fig(sync::names::reached_peer(1000), &[100.0], &[]),
+            sync_fig(
+                sync::names::lag(50_000),
+                &[1.0, 2.0, 5.0],
+                &lag_params("30000"),
+            ),
+            sync_fig(
+                sync::names::cpu_sender(50_000),
+                &[10.0, 14.0],
+                &[("window_percent", "12.50"), ("window_s", "3.00")],
+            ),
+            sync_fig(
+                sync::names::cpu_receiver(50_000),
+                &[20.0, 22.0],
+                &[("window_percent", "21.00")],
+            ),
+            sync_fig(
+                sync::names::bytes_per_flow(1000),
+                &[90.0],
+                &[("with_ip_udp_headers", "110.00")],
+            ),
+            sync_fig(
+                sync::names::bytes_per_flow(50_000),
+                &[40.0],
+                &[("with_ip_udp_headers", "41.00")],
+            ),
+        ];
+        let t = targets(&figures);
+        let row = |name: &str| {
+            t.iter()
+                .find(|x| x.name == name)
+                .unwrap_or_else(|| panic!("no row {name:?} in {t:?}"))
+        };
+        let lag_1k = row("replication lag at 1k flows/s (median / worst)");
+        assert_eq!(lag_1k.verdict(), "info");
+        assert_eq!(lag_1k.value, Some(0.3));
+        assert!(
+            lag_1k.detail.contains("median 0.300 ms, worst 0.900 ms"),
+            "{}",
+            lag_1k.detail
+        );
+        assert!(
+            lag_1k.detail.contains("(100.0% of the generated"),
+            "{}",
+            lag_1k.detail
+        );
+        assert!(!lag_1k.detail.contains("NOT REACHED"), "{}", lag_1k.detail);
+        let lag_50k = row("replication lag at 50k flows/s (median / worst)");
+        assert_eq!(lag_50k.value, Some(2.0));
+        assert!(
+            lag_50k
+                .detail
+                .contains("RATE NOT REACHED: the generator achieved 30000"),
+            "{}",
+            lag_50k.detail
+        );
+        let cpu = row("daemon CPU at 50k flows/s (sender / receiver)");
+        assert_eq!(cpu.value, Some(12.5));
+        assert!(
+            cpu.detail
+                .contains("sender (A) 12.50% / receiver (B) 21.00%"),
+            "{}",
+            cpu.detail
+        );
+        let bytes = row("bytes per replicated flow");
+        assert_eq!(bytes.value, Some(40.0));
+        assert!(
+            bytes
+                .detail
+                .contains("at 1k flows/s: 90.00 B payload, 110.00 B with IPv4+UDP"),
+            "{}",
+            bytes.detail
+        );
+        // Without sync figures the rows are there, unmeasured.
+        let empty = targets(&[]);
+        let rows: Vec<&Target> = empty
+            .iter()
+            .filter(|x| x.detail == "sync not measured")
+            .collect();
+        assert_eq!(rows.len(), 4, "{empty:?}");
+        assert!(rows.iter().all(|r| r.value.is_none()));
     }
 
     #[test]

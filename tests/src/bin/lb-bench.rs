@@ -1,5 +1,6 @@
-//! `lb-bench` (run by `cargo xtask bench`): per-packet cost, throughput and control-plane speed,
-//! each figure beside a baseline measured in the same run; writes `report.json`, `report.md`
+//! `lb-bench` (run by `cargo xtask bench`): per-packet cost, throughput, control-plane speed
+//! and flow-state replication (sync), each figure beside a baseline measured in the same run
+//! where there is one; writes `report.json`, `report.md`
 //! and SVG plots into `--out` (default `target/bench`) and prints a table and issue 4's targets.
 //!
 //! Needs root (BPF programs, network namespaces). A missed target is reported, never an error:
@@ -13,6 +14,7 @@ use lb_tests::bench::{
     control_plane::{self, ControlPlaneOptions},
     per_packet::{self, PerPacketOptions},
     report::{self, Machine},
+    sync::{self, SyncOptions},
     throughput::{self, Generator, ThroughputOptions},
 };
 
@@ -21,6 +23,7 @@ enum Part {
     PerPacket,
     Throughput,
     ControlPlane,
+    Sync,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -32,10 +35,10 @@ enum GeneratorArg {
 #[derive(Parser, Debug)]
 #[command(
     name = "lb-bench",
-    about = "Benchmarks of the XDP load balancer (issue 4): per-packet cost, throughput, control plane"
+    about = "Benchmarks of the XDP load balancer (issues 4, 11, 12): per-packet cost, throughput, control plane, sync"
 )]
 struct Cli {
-    /// Run only these parts (repeatable); default: all three.
+    /// Run only these parts (repeatable); default: all four.
     #[arg(long, value_enum)]
     only: Vec<Part>,
     /// Small counts, for smoke tests: the figures exist but mean little.
@@ -59,7 +62,12 @@ fn main() -> ExitCode {
         .collect::<Vec<_>>()
         .join(" ");
     let mut parts = if cli.only.is_empty() {
-        vec![Part::PerPacket, Part::ControlPlane, Part::Throughput]
+        vec![
+            Part::PerPacket,
+            Part::ControlPlane,
+            Part::Throughput,
+            Part::Sync,
+        ]
     } else {
         cli.only.clone()
     };
@@ -101,6 +109,7 @@ fn main() -> ExitCode {
                 },
                 ..ThroughputOptions::default()
             }),
+            Part::Sync => sync::run(&SyncOptions { quick: cli.quick }),
         };
         match result {
             Ok(f) => {
