@@ -237,10 +237,8 @@ impl Service {
         }
         let mut counters = self.counters.lock().expect("sync counters");
         for (peer, stats) in self.peers.iter_mut().zip(counters.peers.iter_mut()) {
-            let room = QUEUE_LIMIT.saturating_sub(peer.queue.len());
-            let taken = room.min(records.len());
-            peer.queue.extend(records[..taken].iter().cloned());
-            stats.drops[drop_index(DropReason::QueueFull)] += (records.len() - taken) as u64;
+            let dropped = push_bounded(&mut peer.queue, records, QUEUE_LIMIT);
+            stats.drops[drop_index(DropReason::QueueFull)] += dropped as u64;
             stats.queued = peer.queue.len();
         }
     }
@@ -529,6 +527,15 @@ impl Service {
     }
 }
 
+/// Appends what fits of `records` to `queue` (at most `limit` long); returns how many did not
+/// fit. The newest records are the ones lost: the queue is for one peer, and what it already
+/// holds goes out first.
+fn push_bounded(queue: &mut VecDeque<FlowRecord>, records: &[FlowRecord], limit: usize) -> usize {
+    let taken = limit.saturating_sub(queue.len()).min(records.len());
+    queue.extend(records[..taken].iter().cloned());
+    records.len() - taken
+}
+
 /// The next batch of data-plane events; pending forever without a reader.
 async fn next_events(
     events: &mut Option<FlowEvents>,
@@ -541,3 +548,48 @@ async fn next_events(
 }
 
 const _: () = assert!(MAX_DATAGRAM <= 65_507, "a UDP payload");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(port: u16) -> FlowRecord {
+        FlowRecord {
+            vip: "10.0.0.100:80".parse().unwrap(),
+            proto: lb_common::PROTO_TCP,
+            client: std::net::SocketAddr::new("192.0.2.1".parse().unwrap(), port),
+            backend: "10.0.0.11".parse().unwrap(),
+            age_ms: 0,
+        }
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_counts_the_newest_records_only() {
+        let mut queue = VecDeque::new();
+        let first: Vec<FlowRecord> = (0..3).map(record).collect();
+        assert_eq!(push_bounded(&mut queue, &first, 4), 0, "room for all three");
+        let more: Vec<FlowRecord> = (3..6).map(record).collect();
+        assert_eq!(
+            push_bounded(&mut queue, &more, 4),
+            2,
+            "one fits, two are dropped"
+        );
+        let ports: Vec<u16> = queue.iter().map(|r| r.client.port()).collect();
+        assert_eq!(
+            ports,
+            vec![0, 1, 2, 3],
+            "what was queued first stays, in order"
+        );
+        assert_eq!(
+            push_bounded(&mut queue, &more, 4),
+            3,
+            "a full queue takes nothing"
+        );
+        queue.clear();
+        assert_eq!(
+            push_bounded(&mut queue, &more, 4),
+            0,
+            "room again once sent"
+        );
+    }
+}
