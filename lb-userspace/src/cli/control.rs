@@ -436,4 +436,47 @@ mod tests {
             "no VIPs configured\nannounce: route_table=none health_file=none\n"
         );
     }
+
+    #[test]
+    fn sync_lines_show_each_peer_and_only_the_drops_that_happened() {
+        let counts = |pairs: &[(&str, u64)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), *v))
+                .collect::<std::collections::BTreeMap<_, _>>()
+        };
+        let sync = SyncStatus {
+            listen: "10.0.0.2:7946".into(),
+            pulled: true,
+            pulled_flows: 12,
+            flows_sent: 40,
+            flows_received: 30,
+            flows_installed: 28,
+            flows_skipped: counts(&[("local_newer", 2), ("unknown_vip", 0)]),
+            drops: counts(&[("replayed", 1), ("truncated", 0)]),
+            events_lost: 0,
+            peers: vec![
+                lb::api::model::PeerStatus {
+                    address: "10.0.0.3:7946".into(),
+                    up: true,
+                    last_heard_ms: Some(420),
+                    flows_sent: 40,
+                    flows_received: 30,
+                    drops: counts(&[("replayed", 1)]),
+                    ..Default::default()
+                },
+                lb::api::model::PeerStatus {
+                    address: "10.0.0.4:7946".into(),
+                    ..Default::default()
+                },
+            ],
+        };
+        assert_eq!(
+            sync_lines(&sync),
+            "sync: listen=10.0.0.2:7946 pulled 12 flows at start sent=40 received=30 installed=28 \
+             skipped=local_newer=2 drops=replayed=1 events_lost=0\n\
+             \x20 peer 10.0.0.3:7946 up last_heard=0.4s ago flows_sent=40 flows_received=30 queued=0 drops=replayed=1\n\
+             \x20 peer 10.0.0.4:7946 down last_heard=never flows_sent=0 flows_received=0 queued=0 drops=none\n"
+        );
+    }
 }
