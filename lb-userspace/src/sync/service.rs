@@ -384,13 +384,13 @@ impl Service {
         }
         match body {
             Body::Heartbeat => {}
-            Body::Flows(records) => self.hand_over(index, records),
+            Body::Flows(records) => self.hand_over(index, records).await,
             Body::PullFlows(records) => {
                 if let Pull::Asked { received, .. } = &mut self.peers[index].pull {
                     *received += records.len() as u64;
                 }
                 self.pulled_flows += records.len() as u64;
-                self.hand_over(index, records);
+                self.hand_over(index, records).await;
             }
             Body::PullRequest => {
                 if self
@@ -408,17 +408,25 @@ impl Service {
         }
     }
 
-    /// Records from peer `index` go to the daemon's loop.
-    fn hand_over(&mut self, index: usize, records: Vec<FlowRecord>) {
+    /// Records from peer `index` go to the daemon's loop. During the start-up pull the service
+    /// waits for room (the daemon does nothing but install then, and a full copy arrives faster
+    /// than it is installed); otherwise a full hand-over queue drops them, counted.
+    async fn hand_over(&mut self, index: usize, records: Vec<FlowRecord>) {
         let count = records.len() as u64;
-        let mut counters = self.counters.lock().expect("sync counters");
-        counters.peers[index].flows_received += count;
-        if self
-            .to_daemon
-            .try_send(FromService::Install(records))
-            .is_err()
-        {
-            counters.peers[index].drops[drop_index(DropReason::QueueFull)] += count;
+        self.counters.lock().expect("sync counters").peers[index].flows_received += count;
+        let handed = if self.pulling {
+            self.to_daemon
+                .send(FromService::Install(records))
+                .await
+                .is_ok()
+        } else {
+            self.to_daemon
+                .try_send(FromService::Install(records))
+                .is_ok()
+        };
+        if !handed {
+            self.counters.lock().expect("sync counters").peers[index].drops
+                [drop_index(DropReason::QueueFull)] += count;
         }
     }
 
