@@ -28,6 +28,11 @@ const KEY_HEX: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbc
 const OTHER_KEY_HEX: &str = "ffeeddccbbaa99887766554433221100ffeeddccbbaa99887766554433221100";
 /// Client ports whose flows the peer hands over (all on backend 0), and ports it does not.
 const PULLED_PORTS: [u16; 4] = [41001, 41002, 41003, 41004];
+/// More flows in the pulled copy, from clients that never connect (a copy of a hundred
+/// datagrams, installed before the program is attached).
+const FILLER: usize = 6000;
+/// Every flow the peer's full copy holds.
+const PULLED: usize = PULLED_PORTS.len() + FILLER;
 const SENT_PORTS: [u16; 8] = [42001, 42002, 42003, 42004, 42005, 42006, 42007, 42008];
 const CONTROL_PORTS: [u16; 12] = [
     43001, 43002, 43003, 43004, 43005, 43006, 43007, 43008, 43009, 43010, 43011, 43012,
@@ -145,7 +150,15 @@ fn a_peer_s_flows_are_pulled_installed_and_followed_and_bad_datagrams_are_counte
         // The peer answers the daemon's start-up pull with four flows, all on backend 0.
         let answer_socket = socket.try_clone().expect("clone the socket");
         let (heard_tx, heard_rx) = mpsc::channel::<Vec<Message>>();
-        let pulled: Vec<FlowRecord> = PULLED_PORTS.iter().map(|&p| record(p)).collect();
+        let mut pulled: Vec<FlowRecord> = PULLED_PORTS.iter().map(|&p| record(p)).collect();
+        pulled.extend((0..FILLER).map(|i| FlowRecord {
+            client: SocketAddr::new(
+                IpAddr::from([10, 250, (i / 250) as u8, (i % 250) as u8 + 1]),
+                50_000,
+            ),
+            backend: lab.address(1).parse().expect("backend address"),
+            ..record(0)
+        }));
         let mut pull_sealer = Sealer::new(key_bytes.clone(), peer, 0);
         let mut pull_opener = Opener::new(key_bytes.clone(), &[lb_sync]);
         let answerer = std::thread::spawn(move || {
@@ -167,7 +180,9 @@ fn a_peer_s_flows_are_pulled_installed_and_followed_and_bad_datagrams_are_counte
                             .send_to(&datagram, from)
                             .expect("send PullFlows");
                     }
-                    let done = pull_sealer.seal(&Body::PullDone { flows: 4 });
+                    let done = pull_sealer.seal(&Body::PullDone {
+                        flows: PULLED as u64,
+                    });
                     answer_socket.send_to(&done, from).expect("send PullDone");
                     break;
                 }
@@ -194,13 +209,15 @@ fn a_peer_s_flows_are_pulled_installed_and_followed_and_bad_datagrams_are_counte
         let api = api_socket_for(topo.lb());
         let status = sync_status(&api);
         assert_eq!(status["pulled"], true, "{status:#}");
-        assert_eq!(status["pulled_flows"], 4, "{status:#}");
-        assert_eq!(status["flows_installed"], 4, "{status:#}");
+        assert_eq!(status["pulled_flows"], PULLED as u64, "{status:#}");
+        assert_eq!(status["flows_installed"], PULLED as u64, "{status:#}");
         daemon
-            .wait_for_log("sync: pulled 4 flows", TIMEOUT)
+            .wait_for_log(&format!("sync: pulled {PULLED} flows"), TIMEOUT)
             .expect("the pull is logged");
         let log = daemon.log();
-        let pulled_at = log.find("sync: pulled 4 flows").expect("pull line");
+        let pulled_at = log
+            .find(&format!("sync: pulled {PULLED} flows"))
+            .expect("pull line");
         let attached_at = log.find("XDP load balancer attached").expect("attach line");
         assert!(
             pulled_at < attached_at,
@@ -213,7 +230,7 @@ fn a_peer_s_flows_are_pulled_installed_and_followed_and_bad_datagrams_are_counte
             socket.send_to(&datagram, lb_sync).expect("send Flows");
         }
         wait_for(&api, "the sent flows are installed", |s| {
-            s["flows_installed"] == 4 + SENT_PORTS.len() as u64
+            s["flows_installed"] == (PULLED + SENT_PORTS.len()) as u64
         });
         for &port in PULLED_PORTS.iter().chain(&SENT_PORTS) {
             let client = SocketAddr::new(client_ip, port);
@@ -270,7 +287,7 @@ fn a_peer_s_flows_are_pulled_installed_and_followed_and_bad_datagrams_are_counte
         assert_eq!(peer_status["up"], true, "{status:#}");
         assert_eq!(
             peer_status["flows_received"],
-            (PULLED_PORTS.len() + SENT_PORTS.len()) as u64,
+            (PULLED + SENT_PORTS.len()) as u64,
             "{status:#}"
         );
         assert_eq!(
@@ -293,9 +310,12 @@ fn a_peer_s_flows_are_pulled_installed_and_followed_and_bad_datagrams_are_counte
             ("lb_sync_drops_total{reason=\"unknown_peer\"}".to_owned(), 1),
             (
                 format!("lb_sync_flows_received_total{peer_label}"),
-                (PULLED_PORTS.len() + SENT_PORTS.len()) as u64,
+                (PULLED + SENT_PORTS.len()) as u64,
             ),
-            ("lb_sync_flows_installed_total".to_owned(), 12),
+            (
+                "lb_sync_flows_installed_total".to_owned(),
+                (PULLED + SENT_PORTS.len()) as u64,
+            ),
             (format!("lb_sync_peer_up{peer_label}"), 1),
         ];
         let deadline = Instant::now() + Duration::from_secs(5);
