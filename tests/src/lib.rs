@@ -12,6 +12,7 @@ pub mod load;
 pub mod netns;
 pub mod orphan_lab;
 pub mod packet_lab;
+pub mod prometheus;
 pub mod servers;
 pub mod topology;
 pub mod vrrp;

@@ -1,7 +1,6 @@
 //! The metrics endpoint of a running `lb`: Prometheus text whose counters are the data plane's.
 
 use std::{
-    io::{Read, Write},
     net::{IpAddr, SocketAddr, TcpStream},
     process::Command,
     time::Duration,
@@ -9,6 +8,7 @@ use std::{
 
 use lb_tests::{
     daemon::{Launch, LbDaemon, api_socket_for, lb_binary},
+    prometheus::sample,
     servers::tcp_requests,
     topology::{DsrTopology, leftovers},
     web_lab::WebLab,
@@ -23,28 +23,7 @@ fn scrape(topology: &DsrTopology) -> String {
 }
 
 fn scrape_at(topology: &DsrTopology, address: &'static str) -> String {
-    topology.lb().run(move || {
-        let mut stream = TcpStream::connect(address).expect("connect to the metrics endpoint");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .expect("timeout");
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")
-            .expect("request");
-        let mut response = String::new();
-        stream.read_to_string(&mut response).expect("response");
-        response
-    })
-}
-
-/// The value of one sample line `name{labels} value`.
-fn sample(body: &str, series: &str) -> Option<u64> {
-    body.lines()
-        .find_map(|line| {
-            line.strip_prefix(series)
-                .and_then(|rest| rest.strip_prefix(' '))
-        })
-        .map(|value| value.trim().parse::<f64>().expect("numeric sample") as u64)
+    lb_tests::prometheus::scrape(topology.lb(), address)
 }
 
 #[test]

@@ -516,39 +516,13 @@ fn a_restarted_node_pulls_the_recorded_flows_before_it_announces() {
         lab.topo
             .set_node_link(1, true)
             .unwrap_or_else(|e| panic!("node 1's link: {e:#}"));
-        let namespace = lab.topo.node(1).namespace().name().to_owned();
         let pins: PathBuf = lab.pin_dir(1);
         let link_up = Instant::now();
-        let (announced, at_router) = std::thread::scope(|scope| {
-            let watch_pins = pins.clone();
-            let watcher = scope
-                .spawn(move || flows_when_announced(&namespace, &watch_pins, WEB, SESSION_TIMEOUT));
-            lab.start_node(1)
-                .unwrap_or_else(|e| panic!("restarting node 1: {e:#}"));
-            let node_1 = lab.topo.node(1).ipv4();
-            let deadline = Instant::now() + SESSION_TIMEOUT;
-            let at_router = loop {
-                let hops = lab
-                    .topo
-                    .router_next_hops(WEB)
-                    .unwrap_or_else(|e| panic!("router's route: {e:#}"));
-                if hops.contains(&node_1) {
-                    let seen = Instant::now();
-                    let flows = pinned_flows(&pins)
-                        .unwrap_or_else(|e| panic!("node 1's flow table: {e:#}"));
-                    break (seen, flows);
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "the router did not learn node 1's route within {SESSION_TIMEOUT:?}"
-                );
-                std::thread::sleep(Duration::from_millis(2));
-            };
-            (
-                watcher.join().expect("the table 200 watcher panicked"),
-                at_router,
-            )
-        });
+        let Start {
+            in_table: announced,
+            at_router,
+            ..
+        } = start_watched(&mut lab, 1);
         // Everything node 0 holds now: what was recorded before, and anything since.
         let mut wanted = recorded.clone();
         wanted.extend(recorded_connections(&lab, 0, &connections));

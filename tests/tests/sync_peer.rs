@@ -4,7 +4,6 @@
 //! records itself, authenticated, and drops and counts every bad datagram (garbage, truncated,
 //! wrong key, replayed, stale, unknown sender) without stopping.
 
-use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::path::PathBuf;
 use std::sync::mpsc;
@@ -14,6 +13,7 @@ use lb::sync::key::SyncKey;
 use lb::sync::wire::{Body, FlowRecord, Message, Opener, Sealer, now_unix_ms};
 use lb_tests::{
     daemon::{Launch, LbDaemon, api_socket_for, lb_status},
+    prometheus::sample,
     servers::TcpLineClient,
     topology::leftovers,
     web_lab::WebLab,
@@ -83,26 +83,7 @@ fn wait_for(socket: &std::path::Path, what: &str, f: impl Fn(&serde_json::Value)
 
 /// `GET /metrics` of the daemon in the lab's lb namespace.
 fn scrape(lab: &WebLab) -> String {
-    lab.topo.lb().run(|| {
-        let mut stream = std::net::TcpStream::connect(METRICS).expect("connect to the metrics");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .expect("timeout");
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")
-            .expect("request");
-        let mut response = String::new();
-        stream.read_to_string(&mut response).expect("response");
-        response
-    })
-}
-
-/// The value of the sample line `series value`.
-fn sample(body: &str, series: &str) -> Option<u64> {
-    body.lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|value| value.trim().parse::<f64>().ok())
-        .map(|value| value as u64)
+    lb_tests::prometheus::scrape(lab.topo.lb(), METRICS)
 }
 
 /// A TCP connection from `client` (a fixed source port) to `vip`: the backend that answers.
