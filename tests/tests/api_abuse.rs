@@ -30,8 +30,31 @@ const METRICS: &str = "127.0.0.1:19102";
 /// connection (or 1,000 connections' buffers) would cost.
 const RSS_GROWTH_BOUND_KB: u64 = 16 * 1024;
 
-trait Stream: Read + Write + Send {}
-impl<T: Read + Write + Send> Stream for T {}
+/// Sets its flag when dropped, on success or unwind.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+trait Stream: Read + Write + Send {
+    /// A second handle on the same connection (to read while another thread writes).
+    fn try_clone_box(&self) -> std::io::Result<Box<dyn Stream>>;
+}
+
+impl Stream for UnixStream {
+    fn try_clone_box(&self) -> std::io::Result<Box<dyn Stream>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+}
+
+impl Stream for TcpStream {
+    fn try_clone_box(&self) -> std::io::Result<Box<dyn Stream>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+}
 
 type Connect = Arc<dyn Fn() -> std::io::Result<Box<dyn Stream>> + Send + Sync>;
 
@@ -114,10 +137,18 @@ fn abuse(name: &str, connect: Connect) -> Vec<String> {
         let status = exchange(&connect, request);
         seen.push(format!("{name} {what}: {status:?}"));
     }
-    // A 10 MB body: answered 413 without being read.
+    // A 10 MB body: answered 413 without being read. The answer is read while the body is
+    // still being written: the server closes with the body unread, and the reset that follows
+    // would discard an answer that waited in the client's buffer until the writes gave up.
     {
         let mut status = String::from("connect failed");
         if let Ok(mut stream) = connect() {
+            let mut reader = stream.try_clone_box().expect("a second handle");
+            let answer = thread::spawn(move || {
+                let mut answer = Vec::new();
+                let _ = reader.read_to_end(&mut answer);
+                answer
+            });
             let _ = stream.write_all(
                 b"POST /reload HTTP/1.1\r\nhost: lb\r\ncontent-length: 10485760\r\n\r\n",
             );
@@ -127,8 +158,7 @@ fn abuse(name: &str, connect: Connect) -> Vec<String> {
                     break;
                 }
             }
-            let mut answer = Vec::new();
-            let _ = stream.read_to_end(&mut answer);
+            let answer = answer.join().expect("the reader");
             status = String::from_utf8_lossy(&answer)
                 .lines()
                 .next()
@@ -188,6 +218,9 @@ fn malformed_huge_and_slow_requests_do_not_stop_balancing_or_answering() {
         let stop = Arc::new(AtomicBool::new(false));
         let vip = SocketAddr::new(IpAddr::V4(topo.vip_v4()), 80);
         let traffic = thread::scope(|scope| {
+            // A failed assertion below must stop the traffic loop too: the scope joins every
+            // thread before it passes the panic on, and would wait for this one forever.
+            let _stop_on_unwind = StopOnDrop(&stop);
             let traffic = scope.spawn(|| {
                 let mut failures = Vec::new();
                 let mut answered = 0;
