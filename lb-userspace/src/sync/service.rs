@@ -183,8 +183,7 @@ impl Service {
             tokio::select! {
                 command = self.commands.recv() => match command {
                     None => break,
-                    Some(ToService::Dump { peer, asked: true, records }) => self.send_dump(peer, &records).await,
-                    Some(ToService::Dump { peer, asked: false, records }) => self.send_copy(peer, &records).await,
+                    Some(ToService::Dump { peer, asked, records }) => self.send_dump(peer, asked, &records).await,
                     Some(ToService::Refresh(records)) => self.enqueue(&records),
                 },
                 received = self.socket.recv_from(&mut datagram) => match received {
@@ -296,42 +295,29 @@ impl Service {
         self.send_all(index, address, &[datagram]).await;
     }
 
-    /// A full copy for `peer`, then the count it must have received.
-    async fn send_dump(&mut self, peer: SocketAddr, records: &[FlowRecord]) {
+    /// A full copy for `peer`: a pull's answer (`asked`: `PullFlows`, then the count it must
+    /// have received), or, unasked, plain flows it counts as replicated ones, not as a pull's.
+    async fn send_dump(&mut self, peer: SocketAddr, asked: bool, records: &[FlowRecord]) {
         let Some(index) = self.peers.iter().position(|p| p.address == peer) else {
             return;
         };
-        let datagrams = self.sealer.seal_flows(records, true);
+        let datagrams = self.sealer.seal_flows(records, asked);
         for burst in datagrams.chunks(DUMP_BURST) {
             self.send_all(index, peer, burst).await;
             tokio::task::yield_now().await;
         }
         self.counters.lock().expect("sync counters").peers[index].flows_sent +=
             records.len() as u64;
-        self.send_body(
-            index,
-            &Body::PullDone {
-                flows: records.len() as u64,
-            },
-        )
-        .await;
-        debug!(peer = %peer, flows = records.len(), "sync: sent a full copy");
-    }
-
-    /// A full copy for `peer` that it did not ask for, as plain flows (it counts them as
-    /// replicated flows, not as a pull's).
-    async fn send_copy(&mut self, peer: SocketAddr, records: &[FlowRecord]) {
-        let Some(index) = self.peers.iter().position(|p| p.address == peer) else {
-            return;
-        };
-        let datagrams = self.sealer.seal_flows(records, false);
-        for burst in datagrams.chunks(DUMP_BURST) {
-            self.send_all(index, peer, burst).await;
-            tokio::task::yield_now().await;
+        if asked {
+            self.send_body(
+                index,
+                &Body::PullDone {
+                    flows: records.len() as u64,
+                },
+            )
+            .await;
         }
-        self.counters.lock().expect("sync counters").peers[index].flows_sent +=
-            records.len() as u64;
-        debug!(peer = %peer, flows = records.len(), "sync: sent an unasked full copy");
+        debug!(peer = %peer, flows = records.len(), asked, "sync: sent a full copy");
     }
 
     async fn receive(&mut self, datagram: &[u8], source: SocketAddr) {
