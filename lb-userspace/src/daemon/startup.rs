@@ -76,7 +76,7 @@ pub(super) fn log_adopted(balancer: &Balancer, adopted: &Adopted) {
     );
 }
 
-/// Waits until every backend has a first check result (or the longest timeout plus a grace
+/// Waits until every backend has a first check result (or twice the longest timeout plus a grace
 /// period has passed: a check that has not answered by then counts as not passed yet).
 pub(super) async fn collect_first_results(
     balancer: &mut Balancer,
@@ -84,7 +84,8 @@ pub(super) async fn collect_first_results(
     reports: &mut mpsc::Receiver<CheckReport>,
 ) -> Result<(), RunError> {
     let longest = supervisor.longest_pending_timeout().unwrap_or_default();
-    let deadline = Instant::now() + longest + FIRST_RESULTS_GRACE;
+    // Twice: a failed first check is repeated before it is reported.
+    let deadline = Instant::now() + 2 * longest + FIRST_RESULTS_GRACE;
     while supervisor.pending() > 0 {
         match tokio::time::timeout_at(deadline, reports.recv()).await {
             Ok(Some(report)) => {

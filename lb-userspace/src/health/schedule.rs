@@ -1,6 +1,10 @@
 //! One task per backend: run its check every `interval` (minus a little jitter, so checks of many
 //! backends spread out and detection never takes longer than configured) and report each result.
-//! The first check runs at once, so a backend can enter service as soon as it passes.
+//! The first check runs at once, so a backend can enter service as soon as it passes. A backend
+//! without a state yet that fails its first check is checked again at once and only that second
+//! result is reported: one slow answer while a node starts (its own start-up loads the CPU) must
+//! not keep a healthy backend out of the first ring, because taking it in a moment later changes
+//! ring slots on this node alone, and connections that move here from a peer then go astray.
 
 use std::{sync::Arc, time::Duration};
 
@@ -15,6 +19,9 @@ pub struct Schedule {
     pub timeout: Duration,
     /// Fraction of `interval` by which a check may come early (0.0 = exact, for tests).
     pub jitter: f64,
+    /// Repeat a failed first check at once and report only the repeat (for a backend that has
+    /// no state yet; a checker that resumes a known state reports every result).
+    pub confirm_first_failure: bool,
 }
 
 /// The default jitter: checks come up to 10% of an interval early.
@@ -48,9 +55,13 @@ pub fn spawn_checker(
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut jitter = Jitter::new(checker);
+        let mut confirm = schedule.confirm_first_failure;
         loop {
             let started = Instant::now();
-            let outcome = check.check(&target, schedule.timeout).await;
+            let mut outcome = check.check(&target, schedule.timeout).await;
+            if std::mem::take(&mut confirm) && !outcome.healthy {
+                outcome = check.check(&target, schedule.timeout).await;
+            }
             let report = CheckReport {
                 checker,
                 outcome,
@@ -91,5 +102,83 @@ impl Jitter {
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
         (self.0 >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+    use crate::health::check::{CheckFuture, CheckOutcome};
+
+    /// Fails its first `failures` calls, then passes; counts the calls.
+    #[derive(Debug)]
+    struct FailsFirst {
+        failures: u32,
+        calls: AtomicU32,
+    }
+
+    impl HealthCheck for FailsFirst {
+        fn check<'a>(&'a self, _target: &'a CheckTarget, _timeout: Duration) -> CheckFuture<'a> {
+            let call = self.calls.fetch_add(1, Ordering::SeqCst);
+            let healthy = call >= self.failures;
+            Box::pin(async move {
+                if healthy {
+                    CheckOutcome::ok(Duration::ZERO)
+                } else {
+                    CheckOutcome::failed("timed out", Duration::ZERO)
+                }
+            })
+        }
+
+        fn kind(&self) -> &'static str {
+            "fails-first"
+        }
+    }
+
+    /// The first two reports of a checker whose check fails `failures` times, and the number of
+    /// checks run by the time the second report came.
+    async fn first_reports(failures: u32, confirm_first_failure: bool) -> (Vec<bool>, u32) {
+        let check = Arc::new(FailsFirst {
+            failures,
+            calls: AtomicU32::new(0),
+        });
+        let (tx, mut rx) = mpsc::channel(4);
+        let task = spawn_checker(
+            CheckerKey {
+                backend: 7,
+                generation: 0,
+            },
+            check.clone(),
+            CheckTarget {
+                address: [127, 0, 0, 1].into(),
+                port: 80,
+            },
+            Schedule {
+                interval: Duration::from_secs(1),
+                timeout: Duration::from_millis(300),
+                jitter: 0.0,
+                confirm_first_failure,
+            },
+            tx,
+        );
+        let mut healthy = Vec::new();
+        for _ in 0..2 {
+            let report = rx.recv().await.expect("the checker reports");
+            healthy.push(report.outcome.healthy);
+        }
+        task.abort();
+        (healthy, check.calls.load(Ordering::SeqCst))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_first_check_of_a_new_backend_is_repeated_before_it_counts() {
+        // One slow first answer: the repeat passes, and that is the first result.
+        assert_eq!(first_reports(1, true).await, (vec![true, true], 3));
+        // A backend that is really down: reported down after two checks, then checked on schedule.
+        assert_eq!(first_reports(5, true).await, (vec![false, false], 3));
+        // A checker resuming a known state reports every result.
+        assert_eq!(first_reports(1, false).await, (vec![false, true], 2));
     }
 }

@@ -1,7 +1,8 @@
 //! Rise/fall debouncing of one backend's check results.
 //!
 //! A backend starts `Unknown` and takes the state of its first result at once (so no traffic
-//! waits `rise` intervals at start-up, and none goes to a backend that failed its first check).
+//! waits `rise` intervals at start-up, and none goes to a backend that failed its first check;
+//! the checker repeats a failed first check before it reports it, see `schedule`).
 //! After that it goes down only after `fall` consecutive failures and comes back only after
 //! `rise` consecutive passes, so a backend flapping faster than that never changes state.
 

@@ -103,6 +103,7 @@ impl Supervisor {
             interval: spec.settings.interval,
             timeout: spec.settings.timeout,
             jitter: DEFAULT_JITTER,
+            confirm_first_failure: state == Health::Unknown,
         };
         let task = spawn_checker(
             CheckerKey {
@@ -156,7 +157,8 @@ impl Supervisor {
         self.backends.get(&backend)?.last.as_ref()
     }
 
-    /// The longest check timeout of the backends still without a result.
+    /// The longest check timeout of the backends still without a result (a failed first check
+    /// is repeated before it is reported, so a first result can take twice this).
     pub fn longest_pending_timeout(&self) -> Option<std::time::Duration> {
         self.backends
             .values()
