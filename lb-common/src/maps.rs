@@ -16,6 +16,8 @@ pub const MAP_BACKEND_STATS: &str = "BACKEND_STATS";
 pub const MAP_REASONS: &str = "REASONS";
 /// `TX_PORTS`: devmap `backend id -> egress ifindex`, for backends behind another interface.
 pub const MAP_TX_PORTS: &str = "TX_PORTS";
+/// Per-CPU `TooBigBudget` of ICMP "too big" answers (encapsulating VIPs).
+pub const MAP_TOO_BIG_BUDGET: &str = "TOO_BIG_BUDGET";
 /// `VIP_INDEX`: array of `VIP_INDEX_SLOTS` [`VipSlot`]s, a direct-mapped copy of `VIPS` indexed
 /// by [`vip_index_slot`](crate::vip_index_slot): one array read and a key comparison find a
 /// VIP (or tell that a packet is for none) without hashing the key into `VIPS`. A VIP whose slot
@@ -101,7 +103,9 @@ pub struct VipInfo {
     pub flags: u32,
     /// Which of the VIP's two tables is live: 0 or 1.
     pub active_ring: u32,
-    pub _pad: u32,
+    /// `VIP_F_ENCAP_GUE`: the UDP destination port on the backend, network byte order.
+    pub gue_port_be: u16,
+    pub _pad: u16,
 }
 
 /// `VipSlot`: one slot of `VIP_INDEX`. The daemon writes a slot's key and record first and sets
@@ -137,11 +141,66 @@ pub struct Backend {
     pub ifindex: u32,
     /// The VIP this backend serves (its `VipInfo::id`).
     pub vip_id: u32,
+    /// Encapsulating VIPs: the outer source address (this node's address towards the backend;
+    /// IPv4 in the first 4 bytes), the family of `addr` and of this address being
+    /// `BACKEND_F_ADDR_V6`.
+    pub encap_src: [u8; 16],
+    /// Encapsulating VIPs: the MTU of the egress interface; an encapsulated packet longer than
+    /// this gets an ICMP "too big" answer instead (see [`TOO_BIG_QUOTE`]).
+    pub mtu: u16,
+    pub _pad: u16,
 }
 
 /// `VipInfo::flags`: when the VIP has no usable backend, pass its packets to the host stack
 /// (where a local "sorry" service may answer) instead of dropping them.
 pub const VIP_F_PASS_WHEN_EMPTY: u32 = 1 << 0;
+/// `VipInfo::flags`: `forward = "ipip"`: packets go to the backend inside an outer IP header
+/// (IPv4 in IPv4, IPv6 in IPv6, IPv4 in IPv6), from `Backend::encap_src` to `Backend::addr`.
+pub const VIP_F_ENCAP_IPIP: u32 = 1 << 1;
+/// `VipInfo::flags`: `forward = "gue"`: as `VIP_F_ENCAP_IPIP` with a UDP header between
+/// (destination port `VipInfo::gue_port_be`, source port [`gue_source_port`], checksum 0), the
+/// inner packet right after it: GUE's "direct IP" form (variant 1), which Linux's fou accepts.
+pub const VIP_F_ENCAP_GUE: u32 = 1 << 2;
+/// Either encapsulation.
+pub const VIP_F_ENCAP: u32 = VIP_F_ENCAP_IPIP | VIP_F_ENCAP_GUE;
+
+/// GUE's UDP source port: `0xc000 | (flow_hash & 0x3fff)`, an ephemeral-range port that differs
+/// between flows, so a backend's NIC spreads the flows over its receive queues (RSS hashes the
+/// outer header only).
+pub const fn gue_source_port(flow_hash: u32) -> u16 {
+    GUE_SOURCE_PORT_BASE | (flow_hash as u16 & GUE_SOURCE_PORT_MASK)
+}
+pub const GUE_SOURCE_PORT_BASE: u16 = 0xc000;
+pub const GUE_SOURCE_PORT_MASK: u16 = 0x3fff;
+
+/// The outer IPv6 flow label of an encapsulated packet: the low 20 bits of the flow hash (for
+/// ECMP and RSS on the way to the backend).
+pub const fn encap_flow_label(flow_hash: u32) -> u32 {
+    flow_hash & 0x000f_ffff
+}
+
+/// Bytes of the client's packet an ICMP "fragmentation needed" / ICMPv6 "packet too big" answer
+/// quotes (its IP header and the start of its payload: enough for the client to find the
+/// connection). A packet too big for an MTU of at least 576 is always longer than this.
+pub const TOO_BIG_QUOTE: usize = 128;
+/// ICMP "too big" answers each CPU sends per second at most; the rest of the too-big packets are
+/// dropped (`drop_too_big`), as routers rate-limit ICMP.
+pub const TOO_BIG_PER_CPU_PER_SEC: u32 = 1000;
+/// The TTL / hop limit of an ICMP "too big" answer.
+pub const TOO_BIG_TTL: u8 = 64;
+/// The TOS of an ICMP "fragmentation needed" answer: precedence "internetwork control", as
+/// Linux's own ICMP errors carry.
+pub const TOO_BIG_TOS: u8 = 0xc0;
+
+/// `TooBigBudget`: one per CPU (`TOO_BIG_BUDGET[0]`): ICMP "too big" answers sent in the current
+/// one-second window.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TooBigBudget {
+    pub window_start_ns: u64,
+    pub sent: u32,
+    pub _pad: u32,
+}
 
 /// The backend may receive traffic: flows pinned to a backend without this bit are re-chosen.
 pub const BACKEND_F_UP: u32 = 1 << 0;
@@ -157,6 +216,9 @@ pub const BACKEND_F_DISABLED: u32 = 1 << 3;
 /// (several nodes: see the daemon's flow hold); it carries `BACKEND_F_UP` meanwhile. Ignored by
 /// the data plane; a restarted daemon reads it as "not up".
 pub const BACKEND_F_HELD: u32 = 1 << 4;
+/// `Backend::addr` and `Backend::encap_src` are IPv6 addresses (encapsulating VIPs: the outer
+/// header is IPv6).
+pub const BACKEND_F_ADDR_V6: u32 = 1 << 5;
 
 /// `RingSlot`: one Maglev slot. `RINGS` is memory-mapped by the daemon (`BPF_F_MMAPABLE`), so
 /// it writes a whole table with one memcpy-like pass instead of 65537 syscalls, and one aligned
@@ -242,11 +304,14 @@ pub struct Counters {
 const _: () = {
     assert!(core::mem::size_of::<VipKey>() == 20);
     assert!(core::mem::size_of::<VipInfo>() == 16);
-    assert!(core::mem::size_of::<Backend>() == 40);
+    assert!(core::mem::size_of::<Backend>() == 60);
+    assert!(core::mem::size_of::<TooBigBudget>() == 16);
     assert!(core::mem::size_of::<VipSlot>() == 40);
     // The data plane copies both MACs as six 16-bit words starting at `dst_mac`.
     assert!(core::mem::offset_of!(Backend, dst_mac) == 16);
     assert!(core::mem::offset_of!(Backend, src_mac) == 22);
+    assert!(core::mem::offset_of!(Backend, encap_src) == 40);
+    assert!(core::mem::offset_of!(Backend, mtu) == 56);
     assert!(core::mem::size_of::<RingSlot>() == 8);
     assert!(core::mem::size_of::<FlowKey>() == 40);
     assert!(core::mem::offset_of!(FlowKey, sport_be) == 32);
@@ -278,7 +343,16 @@ mod user {
         )*};
     }
     pod!(
-        VipKey, VipInfo, VipSlot, Backend, RingSlot, FlowKey, FlowState, Counters, FlowEvent
+        VipKey,
+        VipInfo,
+        VipSlot,
+        Backend,
+        RingSlot,
+        FlowKey,
+        FlowState,
+        Counters,
+        FlowEvent,
+        TooBigBudget
     );
 }
 

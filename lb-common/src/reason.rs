@@ -26,11 +26,19 @@ pub enum Reason {
     DropRedirectFailed = 9,
     /// A VIP with no usable backend whose policy is `on_all_down = "pass"`: passed to the host.
     PassAllDown = 10,
+    /// An encapsulating VIP's packet would exceed the egress MTU once encapsulated: answered with
+    /// ICMP "fragmentation needed" / ICMPv6 "packet too big" (`XDP_TX` back to the client).
+    IcmpTooBig = 11,
+    /// Too big once encapsulated, and no ICMP answer allowed: an IPv4 packet without DF (which a
+    /// router would fragment), or over the per-CPU answer rate: dropped.
+    DropTooBig = 12,
+    /// Room for the outer headers could not be made (`bpf_xdp_adjust_head` refused): dropped.
+    DropEncapFailed = 13,
 }
 
 impl Reason {
     /// Number of reasons; the size of the `REASONS` map.
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 14;
 
     /// Every reason in discriminant order.
     pub const ALL: [Reason; Self::COUNT as usize] = [
@@ -45,6 +53,9 @@ impl Reason {
         Reason::DropBadBackend,
         Reason::DropRedirectFailed,
         Reason::PassAllDown,
+        Reason::IcmpTooBig,
+        Reason::DropTooBig,
+        Reason::DropEncapFailed,
     ];
 
     /// Stable snake_case name, used in logs, `lb status` and metric labels.
@@ -61,6 +72,9 @@ impl Reason {
             Reason::DropBadBackend => "drop_bad_backend",
             Reason::DropRedirectFailed => "drop_redirect_failed",
             Reason::PassAllDown => "pass_all_down",
+            Reason::IcmpTooBig => "icmp_too_big",
+            Reason::DropTooBig => "drop_too_big",
+            Reason::DropEncapFailed => "drop_encap_failed",
         }
     }
 }

@@ -14,11 +14,12 @@
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
 use lb_common::{
     BACKEND_F_REDIRECT, BACKEND_F_UP, Backend, FLOW_REFRESH_NS, FlowKey, FlowState, NO_BACKEND,
-    PROTO_TCP, Reason, RingSlot, VIP_F_PASS_WHEN_EMPTY, VipInfo, flow_hash, ring_index,
+    PROTO_TCP, Reason, RingSlot, VIP_F_ENCAP, VIP_F_PASS_WHEN_EMPTY, VipInfo, flow_hash,
+    ring_index,
 };
 
 use crate::{
-    RING_SIZE, RING_SIZE_INVERSE, counters, events,
+    RING_SIZE, RING_SIZE_INVERSE, counters, encap, events,
     maps::{BACKENDS, FLOWS, RINGS, TX_PORTS},
     parse::{self, Packet},
     rewrite, vips,
@@ -57,11 +58,16 @@ pub fn forward(ctx: &XdpContext, packet: &Packet) -> (u32, Reason) {
         backend,
         new_flow,
     } = choice;
-    counters::count_forwarded(vip.id, id, parse::frame_len(ctx), new_flow);
-    if !rewrite::set_macs(ctx, backend) {
+    let received_len = parse::frame_len(ctx);
+    if vip.flags & VIP_F_ENCAP != 0 {
+        if let Err(answer) = encap::encapsulate(ctx, flow, vip, backend) {
+            return answer;
+        }
+    } else if !rewrite::set_macs(ctx, backend) {
         // Unreachable: the parser already proved the Ethernet header is there.
         return (xdp_action::XDP_PASS, Reason::PassMalformed);
     }
+    counters::count_forwarded(vip.id, id, received_len, new_flow);
     if backend.flags & BACKEND_F_REDIRECT != 0 {
         match TX_PORTS.redirect(id, u64::from(xdp_action::XDP_DROP)) {
             Ok(verdict) => (verdict, Reason::Redirect),

@@ -2,7 +2,7 @@
 //!
 //! parse (headers → 5-tuple) → VIP lookup (a direct-mapped index, the hash map on a collision)
 //! → ring slot (owner, prior) → flow table only where needed (changed TCP slots, UDP) → L2 DSR
-//! rewrite → `XDP_TX` / redirect.
+//! rewrite, or IPIP/GUE encapsulation to a routed backend → `XDP_TX` / redirect.
 //! Anything that is not a VIP or cannot be parsed is `XDP_PASS`ed untouched: the program must
 //! never break the host's own traffic.
 #![no_std]
@@ -10,6 +10,7 @@
 
 mod balance;
 mod counters;
+mod encap;
 mod events;
 mod maps;
 mod parse;

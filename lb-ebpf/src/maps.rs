@@ -8,8 +8,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, Counters, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS,
-    DEFAULT_RING_SIZE, FLOW_EVENTS_BYTES, FlowKey, FlowState, Reason, RingSlot, VIP_INDEX_SLOTS,
-    VipInfo, VipKey, VipSlot,
+    DEFAULT_RING_SIZE, FLOW_EVENTS_BYTES, FlowKey, FlowState, Reason, RingSlot, TooBigBudget,
+    VIP_INDEX_SLOTS, VipInfo, VipKey, VipSlot,
 };
 
 #[map]
@@ -57,3 +57,7 @@ pub static FLOW_EVENTS_ON: Array<u32> = Array::with_max_entries(1, 0);
 /// Slot 0: flow events that found `FLOW_EVENTS` full.
 #[map]
 pub static FLOW_EVENTS_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Slot 0: this CPU's ICMP "too big" answers in the current second (see `encap`).
+#[map]
+pub static TOO_BIG_BUDGET: PerCpuArray<TooBigBudget> = PerCpuArray::with_max_entries(1, 0);

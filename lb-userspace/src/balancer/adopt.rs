@@ -8,17 +8,23 @@
 //! backends the config no longer has are removed; the rest of the config is added by
 //! [`Balancer::reconcile`] as on a reload.
 
-use lb_common::{BACKEND_F_HELD, BACKEND_F_REDIRECT, BACKEND_F_UP, Backend, VipInfo, VipKey};
+use lb_common::{
+    BACKEND_F_ADDR_V6, BACKEND_F_HELD, BACKEND_F_REDIRECT, BACKEND_F_UP, Backend, VipInfo, VipKey,
+};
 use tracing::warn;
 
 use super::{
-    BackendState, Balancer, L2Path, ReconcileError, VipState,
+    BackendState, Balancer, L2Path, ReconcileError, TunnelEnd, VipState,
     publish::{admin_from_flags, record_address},
     slots::SlotHistory,
     vip_key,
 };
 use crate::dataplane::flows::kernel_now_ns;
-use crate::{config::Config, health::Health, pool::ActivePool};
+use crate::{
+    config::{Config, Forward},
+    health::Health,
+    pool::ActivePool,
+};
 
 /// What [`Balancer::adopt`] found.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -81,12 +87,7 @@ impl Balancer {
                     // Down is not carried over: a backend that was not up gets its first check
                     // result like a new one.
                     health: if up { Health::Up } else { Health::Unknown },
-                    path: (record.dst_mac != [0; 6]).then_some(L2Path {
-                        dst_mac: record.dst_mac,
-                        src_mac: record.src_mac,
-                        ifindex: record.ifindex,
-                        redirect: record.flags & BACKEND_F_REDIRECT != 0,
-                    }),
+                    path: adopted_path(&record, wanted.forward),
                     admin: admin_from_flags(record.flags),
                     held_until: None,
                 });
@@ -111,6 +112,9 @@ impl Balancer {
                 active_ring: info.active_ring & 1,
                 min_healthy: wanted.min_healthy,
                 on_all_down: wanted.on_all_down,
+                forward: wanted.forward,
+                encap_source: wanted.encap_source.clone(),
+                check_through_tunnel: wanted.check_through_tunnel,
                 active_pool: ActivePool::None,
                 backends,
             });
@@ -125,5 +129,37 @@ impl Balancer {
         }
         self.reindex();
         Ok(adopted)
+    }
+}
+
+/// The path a pinned backend record names, if it suits the VIP's configured `forward`: a record
+/// written for the other kind of forwarding is resolved anew.
+fn adopted_path(record: &Backend, forward: Forward) -> Option<L2Path> {
+    if record.dst_mac == [0; 6] {
+        return None;
+    }
+    let tunnel = match (forward.encapsulates(), record.mtu) {
+        (false, 0) => None,
+        (true, mtu) if mtu != 0 => Some(TunnelEnd {
+            source: record_ip(&record.encap_src, record.flags & BACKEND_F_ADDR_V6 != 0),
+            mtu,
+        }),
+        _ => return None,
+    };
+    Some(L2Path {
+        dst_mac: record.dst_mac,
+        src_mac: record.src_mac,
+        ifindex: record.ifindex,
+        redirect: record.flags & BACKEND_F_REDIRECT != 0,
+        tunnel,
+    })
+}
+
+/// An address as `record_address` wrote it.
+fn record_ip(bytes: &[u8; 16], v6: bool) -> std::net::IpAddr {
+    if v6 {
+        std::net::Ipv6Addr::from(*bytes).into()
+    } else {
+        std::net::Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]).into()
     }
 }

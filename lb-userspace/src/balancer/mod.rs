@@ -26,7 +26,7 @@ use lb_common::{FAMILY_V4, FAMILY_V6, VipKey};
 
 pub use crate::api::model::Admin;
 use crate::{
-    config::{Config, OnAllDown},
+    config::{Config, Forward, OnAllDown},
     dataplane::{Capacity, DataPlane},
     health::Health,
     pool::{self, ActivePool, Member},
@@ -50,6 +50,18 @@ pub struct L2Path {
     pub ifindex: u32,
     /// True when it is not the interface the program is attached to (redirect, not `XDP_TX`).
     pub redirect: bool,
+    /// Encapsulating VIPs: the tunnel's local end. The MACs are then the next hop's (the
+    /// backend's, or the gateway's on the route to it).
+    pub tunnel: Option<TunnelEnd>,
+}
+
+/// This node's end of the tunnel to an encapsulated backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TunnelEnd {
+    /// The outer source address (`encap_source`, or the route's preferred source).
+    pub source: IpAddr,
+    /// The egress MTU: a packet longer than this once encapsulated gets an ICMP "too big".
+    pub mtu: u16,
 }
 
 #[derive(Clone, Debug)]
@@ -117,6 +129,11 @@ pub struct VipState {
     pub active_ring: u32,
     pub min_healthy: u32,
     pub on_all_down: OnAllDown,
+    /// L2 DSR or encapsulation; with encapsulation every backend's path has a `tunnel`.
+    pub forward: Forward,
+    /// The configured outer source addresses (at most one per family).
+    pub encap_source: Vec<IpAddr>,
+    pub check_through_tunnel: bool,
     /// The pool of the live table.
     pub active_pool: ActivePool,
     pub backends: Vec<BackendState>,

@@ -4,13 +4,14 @@
 use std::time::{Duration, Instant};
 
 use lb_common::{
-    BACKEND_F_DISABLED, BACKEND_F_DRAINED, BACKEND_F_HELD, BACKEND_F_REDIRECT, BACKEND_F_UP,
-    Backend, NO_BACKEND, VIP_F_PASS_WHEN_EMPTY, VipInfo,
+    BACKEND_F_ADDR_V6, BACKEND_F_DISABLED, BACKEND_F_DRAINED, BACKEND_F_HELD, BACKEND_F_REDIRECT,
+    BACKEND_F_UP, Backend, NO_BACKEND, VIP_F_ENCAP_GUE, VIP_F_ENCAP_IPIP, VIP_F_PASS_WHEN_EMPTY,
+    VipInfo,
 };
 
 use super::{Admin, BackendState, Balancer, VipState, slots::SlotHistory};
 use crate::{
-    config::{OnAllDown, Protocol},
+    config::{Forward, OnAllDown, Protocol},
     dataplane::{DataPlaneError, flows::kernel_now_ns},
     health::Health,
     maglev::{MaglevBackend, build_table_into},
@@ -79,9 +80,9 @@ pub(super) fn admin_from_flags(flags: u32) -> Admin {
 }
 
 fn backend_record(vip_id: u32, backend: &BackendState, now: Instant) -> Backend {
-    let (dst_mac, src_mac, ifindex, redirect) = match backend.path {
-        Some(p) => (p.dst_mac, p.src_mac, p.ifindex, p.redirect),
-        None => ([0; 6], [0; 6], 0, false),
+    let (dst_mac, src_mac, ifindex, redirect, tunnel) = match backend.path {
+        Some(p) => (p.dst_mac, p.src_mac, p.ifindex, p.redirect, p.tunnel),
+        None => ([0; 6], [0; 6], 0, false, None),
     };
     let mut flags = admin_flags(backend.admin);
     if backend.keeps_flows(now) {
@@ -93,6 +94,10 @@ fn backend_record(vip_id: u32, backend: &BackendState, now: Instant) -> Backend 
     if redirect {
         flags |= BACKEND_F_REDIRECT;
     }
+    if backend.address.is_ipv6() {
+        flags |= BACKEND_F_ADDR_V6;
+    }
+    let (encap_src, mtu) = tunnel.map_or(([0; 16], 0), |t| (record_address(t.source), t.mtu));
     Backend {
         addr: record_address(backend.address),
         dst_mac,
@@ -100,6 +105,9 @@ fn backend_record(vip_id: u32, backend: &BackendState, now: Instant) -> Backend 
         flags,
         ifindex,
         vip_id,
+        encap_src,
+        mtu,
+        _pad: 0,
     }
 }
 
@@ -262,14 +270,21 @@ impl Balancer {
         let out = self.dataplane.maps.rings.table_mut(live_table)?;
         history.stage(owners, &ids, kernel_now_ns(), out);
         let key = vip.key;
-        let flags = match vip.on_all_down {
-            OnAllDown::Pass => VIP_F_PASS_WHEN_EMPTY,
-            OnAllDown::Drop => 0,
+        let (forward_flags, gue_port) = match vip.forward {
+            Forward::L2 => (0, 0),
+            Forward::Ipip => (VIP_F_ENCAP_IPIP, 0),
+            Forward::Gue { port } => (VIP_F_ENCAP_GUE, port),
         };
+        let flags = forward_flags
+            | match vip.on_all_down {
+                OnAllDown::Pass => VIP_F_PASS_WHEN_EMPTY,
+                OnAllDown::Drop => 0,
+            };
         let info = VipInfo {
             id: vip.id,
             flags,
             active_ring: next,
+            gue_port_be: gue_port.to_be(),
             _pad: 0,
         };
         self.index_before_record(&key)?;

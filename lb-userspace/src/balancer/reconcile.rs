@@ -294,6 +294,41 @@ impl Balancer {
             );
             vip.on_all_down = wanted.on_all_down;
         }
+        // Another way to the backends: every path is resolved anew (gateway MACs, sources).
+        let reroute = vip.forward.encapsulates() != wanted.forward.encapsulates()
+            || vip.encap_source != wanted.encap_source;
+        if vip.forward != wanted.forward {
+            note(
+                &mut changed,
+                format!("forward {} -> {}", vip.forward, wanted.forward),
+            );
+            vip.forward = wanted.forward;
+        }
+        if vip.encap_source != wanted.encap_source {
+            note(
+                &mut changed,
+                format!(
+                    "encap_source {:?} -> {:?}",
+                    vip.encap_source, wanted.encap_source
+                ),
+            );
+            vip.encap_source = wanted.encap_source.clone();
+        }
+        if vip.check_through_tunnel != wanted.check_through_tunnel {
+            note(
+                &mut changed,
+                format!(
+                    "check_through_tunnel {} -> {}",
+                    vip.check_through_tunnel, wanted.check_through_tunnel
+                ),
+            );
+            vip.check_through_tunnel = wanted.check_through_tunnel;
+        }
+        if reroute {
+            for backend in &mut vip.backends {
+                backend.path = None;
+            }
+        }
         let mut backends = Vec::with_capacity(wanted.backends.len());
         let mut current = std::mem::take(&mut vip.backends);
         for config in &wanted.backends {
@@ -354,6 +389,9 @@ impl Balancer {
             active_ring: 0,
             min_healthy: wanted.min_healthy,
             on_all_down: wanted.on_all_down,
+            forward: wanted.forward,
+            encap_source: wanted.encap_source.clone(),
+            check_through_tunnel: wanted.check_through_tunnel,
             active_pool: ActivePool::None,
             backends,
         })

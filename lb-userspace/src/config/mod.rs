@@ -221,11 +221,60 @@ pub struct VipConfig {
     pub min_healthy: u32,
     /// What happens to new flows when no backend is healthy.
     pub on_all_down: OnAllDown,
+    /// How packets reach the backends: L2 DSR, or encapsulated to routed backends.
+    pub forward: Forward,
+    /// `encap_source`: the outer source address of encapsulated packets, at most one per family;
+    /// a family not given uses the kernel's preferred source on the route to each backend.
+    pub encap_source: Vec<IpAddr>,
+    /// `check_through_tunnel`: each backend's health check also sends a probe through the
+    /// tunnel (encapsulated to the VIP, as client traffic is), so a backend whose decapsulation
+    /// is broken goes down.
+    pub check_through_tunnel: bool,
     /// The VIP's `[vip.health]` over the defaults: the settings of a backend that has no `health`
     /// table of its own. Each backend carries its own effective copy in [`BackendConfig::health`].
     pub health: HealthConfig,
     /// In file order; possibly empty (the data plane then drops the VIP's traffic).
     pub backends: Vec<BackendConfig>,
+}
+
+/// How a VIP's packets reach its backends (`forward`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Forward {
+    /// L2 direct server return: only the Ethernet addresses change; every backend is a neighbour
+    /// on one of this node's segments.
+    L2,
+    /// IP in IP to the backend's address, through the kernel's route to it (gateways allowed).
+    Ipip,
+    /// IP in UDP (GUE, "direct IP") to `port` on the backend.
+    Gue { port: u16 },
+}
+
+/// The UDP port GUE goes to when `gue_port` is not given (also `lb decap`'s default).
+pub const DEFAULT_GUE_PORT: u16 = 6080;
+
+impl Forward {
+    /// The spelling used in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Forward::L2 => "l2",
+            Forward::Ipip => "ipip",
+            Forward::Gue { .. } => "gue",
+        }
+    }
+
+    /// Whether packets are encapsulated (the backend may be behind routers).
+    pub fn encapsulates(self) -> bool {
+        !matches!(self, Forward::L2)
+    }
+}
+
+impl fmt::Display for Forward {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Forward::Gue { port } => write!(f, "gue (port {port})"),
+            other => f.write_str(other.as_str()),
+        }
+    }
 }
 
 /// What a VIP does with new flows when none of its backends is healthy.

@@ -91,6 +91,15 @@ pub(super) struct RawVip {
     pub min_healthy: Option<Spanned<i64>>,
     #[serde(default)]
     pub on_all_down: Option<Spanned<OnAllDown>>,
+    #[serde(default)]
+    pub forward: Option<Spanned<ForwardKind>>,
+    #[serde(default)]
+    pub gue_port: Option<Spanned<i64>>,
+    /// One address, or a list (one per family).
+    #[serde(default)]
+    pub encap_source: Option<Spanned<OneOrMany>>,
+    #[serde(default)]
+    pub check_through_tunnel: Option<Spanned<bool>>,
     /// `[vip.health]`: defaults for the VIP's backends. Not `Spanned`: toml cannot give a span
     /// for a table made of dotted keys (`health.check = "tcp"`), and would refuse it.
     #[serde(default)]
@@ -98,6 +107,23 @@ pub(super) struct RawVip {
     /// `[[vip.backend]]` tables.
     #[serde(default)]
     pub backend: Vec<Spanned<RawBackend>>,
+}
+
+/// `forward = "l2" | "ipip" | "gue"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum ForwardKind {
+    L2,
+    Ipip,
+    Gue,
+}
+
+/// A string, or an array of strings.
+#[derive(Debug, Deserialize)]
+#[serde(untagged, expecting = "an address, or an array of addresses")]
+pub(super) enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
 }
 
 /// One `[[vip.backend]]` table.

@@ -9,6 +9,7 @@
 //! valid on its own), else at the key the rule is about.
 
 mod announce;
+mod forward;
 mod sync;
 
 use std::collections::HashMap;
@@ -448,6 +449,11 @@ impl Validator<'_> {
                 backends.push(backend);
             }
             self.enough_primaries(raw_vip, min_healthy, &backends)?;
+            let forward::ForwardSettings {
+                forward,
+                encap_source,
+                check_through_tunnel,
+            } = self.forward(raw_vip, address, &backends)?;
 
             vips.push(VipConfig {
                 name: name.to_string(),
@@ -456,6 +462,9 @@ impl Validator<'_> {
                 protocol,
                 min_healthy,
                 on_all_down,
+                forward,
+                encap_source,
+                check_through_tunnel,
                 health,
                 backends,
             });

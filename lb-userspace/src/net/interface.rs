@@ -15,6 +15,8 @@ pub struct Interface {
     /// `IFLA_INFO_KIND`: "veth", "bridge", "vlan", ... and `None` for a physical NIC. The daemon
     /// uses it to warn about native XDP on veth (DESIGN.md §5).
     pub kind: Option<String>,
+    /// `IFLA_MTU`: the largest IP packet the interface sends (encapsulated packets must fit).
+    pub mtu: u32,
 }
 
 /// Linux's IFNAMSIZ less the terminating NUL.
@@ -100,9 +102,11 @@ fn interface_from(link: LinkMessage) -> Result<Interface, NetError> {
     let mut name = None;
     let mut address = None;
     let mut kind = None;
+    let mut mtu = 1500;
     for attribute in link.attributes {
         match attribute {
             LinkAttribute::IfName(value) => name = Some(value),
+            LinkAttribute::Mtu(value) => mtu = value,
             LinkAttribute::Address(value) => address = Some(value),
             LinkAttribute::LinkInfo(infos) => {
                 kind = infos.into_iter().find_map(|info| match info {
@@ -129,6 +133,7 @@ fn interface_from(link: LinkMessage) -> Result<Interface, NetError> {
         index,
         mac,
         kind,
+        mtu,
     })
 }
 

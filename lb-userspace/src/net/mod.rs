@@ -18,6 +18,7 @@ mod neighbour;
 mod route;
 #[cfg(test)]
 mod testns;
+mod tunnel;
 
 use std::fmt;
 use std::io;
@@ -27,6 +28,7 @@ use std::time::Duration;
 
 pub use interface::Interface;
 pub use neighbour::BackendPath;
+pub use tunnel::TunnelPath;
 
 /// Errors of interface lookup and backend resolution. Every message names the address and the
 /// interface concerned and, where an operator can do something about it, what to check.
@@ -109,6 +111,23 @@ pub enum NetError {
         gateway: IpAddr,
         interface: String,
     },
+
+    /// An encapsulated backend's next hop, a router, could not be resolved.
+    #[error("backend {backend} is reached through gateway {gateway}: {source}")]
+    Gateway {
+        backend: IpAddr,
+        gateway: IpAddr,
+        #[source]
+        source: Box<NetError>,
+    },
+
+    /// No outer source address for an encapsulated backend.
+    #[error(
+        "no source address for packets encapsulated to backend {backend}: the route through \
+         {interface} names none (`ip route get {backend}` shows no `src`); give the interface an \
+         address of that family or set the VIP's encap_source"
+    )]
+    NoSource { backend: IpAddr, interface: String },
 
     /// Neither way of asking the kernel to resolve the address worked.
     #[error("cannot start resolving the MAC address of backend {address} on {interface}: {source}")]

@@ -94,24 +94,38 @@ impl NetlinkHandle {
             .unwrap_or_else(|| started + Duration::from_secs(365 * 24 * 3600));
         let index = self.on_link_egress(address).await?;
         let egress = self.interface_by_index(index).await?;
+        let mac = self
+            .neighbour_mac(address, &egress, started, deadline)
+            .await?;
+        Ok(BackendPath {
+            address,
+            mac,
+            egress,
+        })
+    }
 
+    /// The MAC of neighbour `address` on `egress`, asking the kernel to resolve it and polling
+    /// until `deadline` (see [`NetlinkHandle::resolve_backend`]).
+    pub(super) async fn neighbour_mac(
+        &self,
+        address: IpAddr,
+        egress: &Interface,
+        started: Instant,
+        deadline: Instant,
+    ) -> Result<[u8; 6], NetError> {
         let mut last_seen = None;
         let mut poll = FIRST_POLL;
         loop {
-            let entry = self.neighbour(address, &egress).await?;
+            let entry = self.neighbour(address, egress).await?;
             if let Some(mac) = entry.and_then(|entry| entry.usable_mac()) {
-                return Ok(BackendPath {
-                    address,
-                    mac,
-                    egress,
-                });
+                return Ok(mac);
             }
             last_seen = entry.or(last_seen);
             let now = Instant::now();
             if now >= deadline {
                 return Err(NetError::Unresolved {
                     address,
-                    interface: egress.name,
+                    interface: egress.name.clone(),
                     waited: now - started,
                     state: last_seen.map_or_else(|| "absent".into(), |n| state_name(n.state)),
                     protocol: match address {
@@ -123,7 +137,7 @@ impl NetlinkHandle {
             // Absent, NONE or FAILED: start (or restart) resolution. INCOMPLETE is already under
             // way, so leave the kernel's retransmission timer alone.
             if entry.is_none_or(|entry| entry.needs_solicit()) {
-                self.solicit(address, &egress).await?;
+                self.solicit(address, egress).await?;
             }
             tokio::time::sleep(poll.min(deadline - now)).await;
             poll = (poll * 2).min(MAX_POLL);
@@ -252,7 +266,7 @@ pub(super) fn send_discard_datagram(address: IpAddr) -> io::Result<()> {
 }
 
 /// Rejects addresses that can never be a backend and unmaps IPv4-mapped IPv6 addresses.
-fn validate(address: IpAddr) -> Result<IpAddr, NetError> {
+pub(super) fn validate(address: IpAddr) -> Result<IpAddr, NetError> {
     let address = address.to_canonical();
     let reason = match address {
         _ if address.is_unspecified() => "it is the unspecified address",

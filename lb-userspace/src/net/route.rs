@@ -5,24 +5,60 @@ use std::net::IpAddr;
 use futures_util::TryStreamExt;
 use netlink_packet_route::AddressFamily;
 use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteMessage, RouteType, RouteVia,
+    RouteAddress, RouteAttribute, RouteMessage, RouteMetric, RouteType, RouteVia,
 };
 
 use super::{NetError, NetlinkHandle, errno};
+
+/// The kernel's route to an address, as far as forwarding to it cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Hop {
+    /// The output interface.
+    pub oif: u32,
+    /// The router the packet goes to, or `None` when the address is on a connected network.
+    pub gateway: Option<IpAddr>,
+    /// The source address the kernel would pick (`RTA_PREFSRC`).
+    pub source: Option<IpAddr>,
+    /// A route MTU (`ip route ... mtu N`), if the route has one.
+    pub mtu: Option<u32>,
+}
 
 impl NetlinkHandle {
     /// The index of the interface that directly reaches `address`, as the kernel's routing decides
     /// (policy rules and all). DSR forwards at L2, so the route must have no gateway: the backend has
     /// to be a neighbour on that interface.
     pub(super) async fn on_link_egress(&self, address: IpAddr) -> Result<u32, NetError> {
+        let hop = self.hop(address).await?;
+        if let Some(gateway) = hop.gateway {
+            return Err(NetError::NotOnLink {
+                address,
+                gateway,
+                interface: self.interface_label(hop.oif).await,
+            });
+        }
+        Ok(hop.oif)
+    }
+
+    /// The kernel's route to `address`: output interface, gateway (if any), preferred source
+    /// and route MTU. Errors for local, broadcast, multicast and unreachable addresses.
+    pub(super) async fn hop(&self, address: IpAddr) -> Result<Hop, NetError> {
         let route = self.route_get(address).await?;
         let mut oif = None;
         let mut gateway = None;
+        let mut source = None;
+        let mut mtu = None;
         for attribute in &route.attributes {
             match attribute {
                 RouteAttribute::Oif(index) => oif = Some(*index),
                 RouteAttribute::Gateway(gw) => gateway = gateway.or(route_address_ip(gw)),
                 RouteAttribute::Via(via) => gateway = gateway.or(via_ip(via)),
+                RouteAttribute::PrefSource(src) => source = route_address_ip(src),
+                RouteAttribute::Metrics(metrics) => {
+                    mtu = metrics.iter().find_map(|m| match m {
+                        RouteMetric::Mtu(value) => Some(*value),
+                        _ => None,
+                    });
+                }
                 // A lookup answers with the chosen next hop, but be safe with a multipath reply.
                 RouteAttribute::MultiPath(hops) => {
                     if let Some(hop) = hops.first() {
@@ -64,20 +100,18 @@ impl NetlinkHandle {
                 });
             }
         }
-        let Some(index) = oif else {
+        let Some(oif) = oif else {
             return Err(NetError::NoRoute {
                 address,
                 reason: "the kernel's route names no output interface".into(),
             });
         };
-        if let Some(gateway) = gateway {
-            return Err(NetError::NotOnLink {
-                address,
-                gateway,
-                interface: self.interface_label(index).await,
-            });
-        }
-        Ok(index)
+        Ok(Hop {
+            oif,
+            gateway,
+            source,
+            mtu,
+        })
     }
 
     /// `ip route get ADDRESS`.
