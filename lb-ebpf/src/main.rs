@@ -10,6 +10,7 @@
 
 mod balance;
 mod counters;
+mod decap;
 mod events;
 mod maps;
 mod parse;

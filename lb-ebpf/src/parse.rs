@@ -45,7 +45,7 @@ pub enum Parsed {
 /// reusing a length computed elsewhere: the verifier only accepts a packet access whose bound was
 /// checked on the packet pointer itself, not on an equivalent scalar.
 #[inline(always)]
-fn bounds(ctx: &XdpContext) -> (usize, usize) {
+pub(crate) fn bounds(ctx: &XdpContext) -> (usize, usize) {
     // SAFETY: `ctx.ctx` is the `xdp_md` the kernel passed to the program; reading its fields is
     // always allowed.
     unsafe {
@@ -65,7 +65,7 @@ pub fn frame_len(ctx: &XdpContext) -> u64 {
 
 /// A pointer to a `T` at `offset` bytes into the frame, if the whole `T` is inside it.
 #[inline(always)]
-fn header<T>(ctx: &XdpContext, offset: usize) -> Option<*const T> {
+pub(crate) fn header<T>(ctx: &XdpContext, offset: usize) -> Option<*const T> {
     let (start, end) = bounds(ctx);
     let at = start + offset;
     if at + size_of::<T>() > end {
@@ -86,7 +86,7 @@ fn header<T>(ctx: &XdpContext, offset: usize) -> Option<*const T> {
 ///
 /// `at..at + size_of::<T>()` must lie inside the frame.
 #[inline(always)]
-unsafe fn load<T: Copy>(at: usize) -> T {
+pub(crate) unsafe fn load<T: Copy>(at: usize) -> T {
     // SAFETY: in bounds per the caller; see above for alignment.
     unsafe { core::ptr::read_volatile(at as *const T) }
 }
