@@ -195,18 +195,18 @@ fn gue(ctx: &XdpContext, offset: usize, len: usize, fragment: bool) -> Result<In
     }
     let offset = offset + UDP_LEN;
     let len = len - UDP_LEN;
-    let first: *const u8 = header(ctx, offset).ok_or(DecapReason::PassMalformed)?;
-    // SAFETY: the byte is inside the frame (`header`).
-    let first: u8 = unsafe { load(first as usize) };
+    // Four bytes: a GUE version-0 header, or the start of an inner IP header (20 bytes or more).
+    // (A one-byte check compiles to a `>=` the verifier draws no packet range from.)
+    let gue: *const [u8; GUE_V0_LEN] = header(ctx, offset).ok_or(DecapReason::PassMalformed)?;
+    // SAFETY: the 4 bytes are inside the frame (`header`).
+    let first: u8 = unsafe { load(gue as usize) };
     let (offset, len, family) = match first >> 4 {
         // Direct IP (variant 1): the first nibble is the inner IP version.
         4 => (offset, len, FAMILY_V4),
         6 => (offset, len, FAMILY_V6),
         // Version 0, no flags, no options (hlen 0): 4 bytes, byte 1 the inner protocol.
         0 if first == 0 => {
-            let gue: *const [u8; GUE_V0_LEN] =
-                header(ctx, offset).ok_or(DecapReason::PassMalformed)?;
-            // SAFETY: the 4-byte header is inside the frame (`header`).
+            // SAFETY: as above.
             let (proto, flags): (u8, u16) =
                 unsafe { (load(gue as usize + 1), load(gue as usize + 2)) };
             let family = match proto {
