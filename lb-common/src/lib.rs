@@ -6,6 +6,7 @@
 //! no byte may be left undefined), and its size is asserted at compile time.
 #![no_std]
 
+pub mod decap;
 pub mod hash;
 pub mod maps;
 pub mod reason;

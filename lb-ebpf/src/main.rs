@@ -10,6 +10,7 @@
 
 mod balance;
 mod counters;
+mod decap;
 mod encap;
 mod events;
 mod maps;

@@ -65,7 +65,7 @@ pub fn frame_len(ctx: &XdpContext) -> u64 {
 
 /// A pointer to a `T` at `offset` bytes into the frame, if the whole `T` is inside it.
 #[inline(always)]
-fn header<T>(ctx: &XdpContext, offset: usize) -> Option<*const T> {
+pub(crate) fn header<T>(ctx: &XdpContext, offset: usize) -> Option<*const T> {
     let (start, end) = bounds(ctx);
     let at = start + offset;
     if at + size_of::<T>() > end {

@@ -6,6 +6,7 @@ pub mod balancer;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
+pub mod decap;
 pub mod health;
 pub mod http_server;
 pub mod maglev;

@@ -87,6 +87,9 @@ enum Command {
         #[arg(long)]
         orphans: bool,
     },
+    /// Decapsulate the balancer's IPIP/GUE packets for the given VIPs on a backend, with no
+    /// tunnel device (an XDP program, pinned); `--detach` removes it, `--status` shows it.
+    Decap(cli::decap::DecapArgs),
 }
 
 fn main() -> ExitCode {
@@ -105,6 +108,7 @@ fn main() -> ExitCode {
         Command::Detach {
             interface: None, ..
         } => cli::detach::detach_orphans(),
+        Command::Decap(args) => cli::decap::decap(&args),
         Command::Run { config } => {
             init_logging(cli.log_format);
             match run(&config) {

@@ -4,6 +4,7 @@
 pub mod bird;
 pub mod bpffs;
 pub mod daemon;
+pub mod decap_lab;
 pub mod ecmp;
 pub mod frames;
 pub mod keepalived;
@@ -15,6 +16,7 @@ pub mod packet_lab;
 pub mod prometheus;
 pub mod servers;
 pub mod topology;
+pub mod tunnel;
 pub mod vrrp;
 pub mod web_lab;
 pub mod xdp;

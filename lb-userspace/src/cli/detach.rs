@@ -80,7 +80,9 @@ pub fn detach_orphans() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let outcomes = orphans::detach_orphans(&root.join(location::TOP));
+    // `lb decap`'s instances are laid out like the balancer's, beside them.
+    let mut outcomes = orphans::detach_orphans(&root.join(location::TOP));
+    outcomes.extend(orphans::detach_orphans(&root.join(location::DECAP_TOP)));
     if outcomes.is_empty() {
         println!("no orphaned pinned state");
     }

@@ -32,7 +32,7 @@ pub enum ConfigError {
 
 impl ConfigError {
     /// An [`ConfigError::Invalid`] pointing at byte offset `span.start` of `text`.
-    pub(super) fn at(path: &Path, text: &str, span: Range<usize>, message: String) -> Self {
+    pub(crate) fn at(path: &Path, text: &str, span: Range<usize>, message: String) -> Self {
         let (line, column) = line_and_column(text, span.start);
         ConfigError::Invalid {
             path: path.to_path_buf(),
@@ -58,7 +58,7 @@ impl ConfigError {
 
     /// Wraps a `toml` deserialisation error. We keep toml's message and span but not its
     /// multi-line rendering (source excerpt and caret), so the result stays one line.
-    pub(super) fn from_toml(path: &Path, text: &str, error: &toml::de::Error) -> Self {
+    pub(crate) fn from_toml(path: &Path, text: &str, error: &toml::de::Error) -> Self {
         // toml reports "missing field" at the document root with the root's span, and every
         // other error with a span; 0 (line 1, column 1) is the honest fallback if one lacks it.
         let span = error.span().unwrap_or(0..0);

@@ -22,8 +22,10 @@ pub struct MapShape {
     pub flags: u32,
 }
 
-/// The maps this build's object creates with `capacity`, by name (aya's `.rodata`/`.bss`/`.data`
-/// maps for globals left out: they are created per load and never pinned).
+/// The balancer's maps in this build's object with `capacity`, by name (aya's
+/// `.rodata`/`.bss`/`.data` maps for globals left out: they are created per load and never
+/// pinned; so are the decapsulator's `DECAP_*` maps, which `lb decap` pins elsewhere, so a
+/// balancer pinned by a build without them stays adoptable).
 pub fn expected_maps(
     object: &[u8],
     capacity: Capacity,
@@ -35,7 +37,8 @@ pub fn expected_maps(
         if matches!(
             map.section_kind(),
             EbpfSectionKind::Bss | EbpfSectionKind::Data | EbpfSectionKind::Rodata
-        ) {
+        ) || lb_common::decap::is_decap_map(name)
+        {
             continue;
         }
         let max_entries = capacities

@@ -30,6 +30,8 @@ pub const BPFFS: &str = "/sys/fs/bpf";
 const BPFFS_THROUGH_PID1: &str = "/proc/1/root/sys/fs/bpf";
 /// Our top directory in a bpffs.
 pub const TOP: &str = "lb";
+/// `lb decap`'s top directory, beside [`TOP`] (its instances are laid out the same way).
+pub const DECAP_TOP: &str = "lb-decap";
 /// Where `ip netns add` keeps its named namespaces.
 const NAMED_NETNS: &str = "/run/netns";
 
@@ -73,8 +75,13 @@ impl PinLocation {
     /// The location of `interface`'s pins under the bpffs `root`, for the current network
     /// namespace.
     pub fn under(root: PathBuf, interface: &str) -> Result<Self, PinError> {
+        Self::under_top(root, TOP, interface)
+    }
+
+    /// [`Self::under`] in another top directory (`lb decap`'s [`DECAP_TOP`]).
+    pub fn under_top(root: PathBuf, top: &str, interface: &str) -> Result<Self, PinError> {
         check_interface_name(interface)?;
-        let mut dir = root.join(TOP);
+        let mut dir = root.join(top);
         if let Some(subdir) = netns_subdir()? {
             dir.push(subdir);
         }
@@ -82,9 +89,18 @@ impl PinLocation {
         Ok(Self { root, dir })
     }
 
-    /// `<root>/lb`: the highest directory that is ours.
+    /// `<root>/lb` (or `<root>/lb-decap`): the highest directory that is ours.
     pub fn top(&self) -> PathBuf {
-        self.root.join(TOP)
+        let top = self
+            .dir
+            .strip_prefix(&self.root)
+            .ok()
+            .and_then(|rest| rest.components().next())
+            .map_or_else(
+                || Path::new(TOP).to_path_buf(),
+                |c| PathBuf::from(c.as_os_str()),
+            );
+        self.root.join(top)
     }
 }
 

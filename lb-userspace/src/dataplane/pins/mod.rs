@@ -290,7 +290,11 @@ pub fn detach_at(location: &PinLocation, interface: &str) -> Result<DetachReport
 
 /// Removes the link, the maps and the directory `dir` (whose lock the caller holds), and its
 /// parents up to `top` when they are left empty.
-fn remove_pins(dir: &Path, top: &Path, interface: &str) -> Result<DetachReport, PinError> {
+pub(crate) fn remove_pins(
+    dir: &Path,
+    top: &Path,
+    interface: &str,
+) -> Result<DetachReport, PinError> {
     let mut report = DetachReport::nothing(interface);
     let link_path = dir.join(LINK_PIN);
     if link_path.exists() {
