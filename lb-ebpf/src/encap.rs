@@ -375,7 +375,9 @@ fn reshape_for_answer(ctx: &XdpContext, l2: usize, grow: usize, ether_type: u16)
             store::<u16>(start + 12, ether_type.to_be());
         }
     }
-    let cut = (end - start) as i32 - want as i32;
+    // `black_box`: LLVM would otherwise fold `want` into the pointer subtraction (scalar minus
+    // packet pointer, which the verifier refuses).
+    let cut = core::hint::black_box(end - start) as i32 - want as i32;
     // SAFETY: as above; `cut` > 0 because the packet was longer than the quote (it did not fit
     // an MTU of at least `TOO_BIG_QUOTE` + headers), and a negative delta only shrinks.
     cut > 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, -cut) } == 0

@@ -1,11 +1,17 @@
 //! Runs the real XDP program on hand-built frames through `BPF_PROG_TEST_RUN`, with real maps
 //! filled by the daemon's own `Balancer` from a config. No namespace or NIC involved.
 
-use std::{net::IpAddr, path::Path};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::Path,
+};
 
 use aya::{TestRun as _, TestRunOptions};
 use lb::{
-    balancer::{Adopted, Balancer, Change, L2Path, ReconcileError, capacity_of, ring_for, vip_key},
+    balancer::{
+        Adopted, Balancer, Change, L2Path, ReconcileError, TunnelEnd, capacity_of, ring_for,
+        vip_key,
+    },
     config::Config,
     dataplane::DataPlane,
     health::Health,
@@ -20,6 +26,12 @@ pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
 pub const XDP_TX: u32 = 3;
 pub const XDP_REDIRECT: u32 = 4;
+
+/// The tunnel source the lab gives encapsulated backends (as if the route to them said so).
+pub const LAB_TUNNEL_SOURCE_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+pub const LAB_TUNNEL_SOURCE_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
+/// The egress MTU the lab gives encapsulated backends.
+pub const LAB_MTU: u16 = 1500;
 
 /// The MAC the lab gives backend number `id`.
 pub fn backend_mac(id: u32) -> [u8; 6] {
@@ -87,13 +99,22 @@ impl PacketLab {
     fn bring_up_new_backends(&mut self) {
         let balancer = &mut self.balancer;
         for vip in &mut balancer.vips {
+            let encapsulates = vip.forward.encapsulates();
             for backend in vip.backends.iter_mut().filter(|b| b.path.is_none()) {
+                let tunnel = encapsulates.then(|| TunnelEnd {
+                    source: match backend.address {
+                        IpAddr::V4(_) => IpAddr::V4(LAB_TUNNEL_SOURCE_V4),
+                        IpAddr::V6(_) => IpAddr::V6(LAB_TUNNEL_SOURCE_V6),
+                    },
+                    mtu: LAB_MTU,
+                });
                 backend.health = Health::Up;
                 backend.path = Some(L2Path {
                     dst_mac: backend_mac(backend.id),
                     src_mac: LB_MAC,
                     ifindex: 1,
                     redirect: false,
+                    tunnel,
                 });
             }
         }

@@ -232,8 +232,16 @@ fn everything_else_is_passed_untouched_and_counted() {
         DecapReason::PassNotEncapsulated,
     ));
     // BPF_PROG_TEST_RUN wants at least an Ethernet header.
-    cases.push(("an Ethernet header alone", v4[..14].to_vec(), DecapReason::PassNotEncapsulated));
-    cases.push(("a cut IPv4 header", v4[..24].to_vec(), DecapReason::PassNotEncapsulated));
+    cases.push((
+        "an Ethernet header alone",
+        v4[..14].to_vec(),
+        DecapReason::PassNotEncapsulated,
+    ));
+    cases.push((
+        "a cut IPv4 header",
+        v4[..24].to_vec(),
+        DecapReason::PassNotEncapsulated,
+    ));
 
     // Not a VIP.
     let other = FrameSpec::tcp_syn(ip("198.51.100.7"), 40123, ip("10.100.0.2"), 80).build();

@@ -522,6 +522,7 @@ fn a_backend_behind_another_interface_is_redirected_with_that_interfaces_mac() {
             src_mac: EGRESS_MAC,
             ifindex: 1,
             redirect: true,
+            tunnel: None,
         };
         lab.balancer
             .set_path(WEB, b, Some(path))

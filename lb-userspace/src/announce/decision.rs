@@ -137,6 +137,7 @@ mod tests {
         src_mac: [2, 0, 0, 0, 0, 2],
         ifindex: 2,
         redirect: false,
+        tunnel: None,
     };
 
     fn backend(id: u32, health: Health, standby: bool) -> BackendState {
@@ -168,6 +169,9 @@ mod tests {
             active_ring: 0,
             min_healthy: 1,
             on_all_down,
+            forward: crate::config::Forward::L2,
+            encap_source: Vec::new(),
+            check_through_tunnel: false,
             active_pool: ActivePool::None,
             backends,
         };

@@ -61,6 +61,9 @@ mod tests {
             active_ring: 0,
             min_healthy: 1,
             on_all_down: OnAllDown::Drop,
+            forward: crate::config::Forward::L2,
+            encap_source: Vec::new(),
+            check_through_tunnel: false,
             active_pool: ActivePool::None,
             backends: backends
                 .iter()
@@ -76,6 +79,7 @@ mod tests {
                         src_mac: [2, 0, 0, 0, 0, 2],
                         ifindex: 2,
                         redirect: false,
+                        tunnel: None,
                     }),
                     admin: Admin::Enabled,
                     held_until: None,

@@ -125,6 +125,9 @@ protocol = "udp"
                 protocol: Protocol::Tcp,
                 min_healthy: 1,
                 on_all_down: OnAllDown::Drop,
+                forward: crate::config::Forward::L2,
+                encap_source: Vec::new(),
+                check_through_tunnel: false,
                 health: HealthConfig::defaults(80, Protocol::Tcp),
                 backends: vec![
                     BackendConfig {
@@ -148,6 +151,9 @@ protocol = "udp"
                 protocol: Protocol::Udp,
                 min_healthy: 1,
                 on_all_down: OnAllDown::Drop,
+                forward: crate::config::Forward::L2,
+                encap_source: Vec::new(),
+                check_through_tunnel: false,
                 health: HealthConfig::defaults(53, Protocol::Udp),
                 backends: vec![BackendConfig {
                     address: ip("2001:db8::1"),
@@ -163,6 +169,9 @@ protocol = "udp"
                 protocol: Protocol::Udp,
                 min_healthy: 1,
                 on_all_down: OnAllDown::Drop,
+                forward: crate::config::Forward::L2,
+                encap_source: Vec::new(),
+                check_through_tunnel: false,
                 health: HealthConfig::defaults(65535, Protocol::Udp),
                 backends: vec![],
             },

@@ -435,7 +435,7 @@ impl Validator<'_> {
                     ));
                 }
                 let backend =
-                    self.backend(raw_backend, name, address, (port, protocol), vip_health)?;
+                    self.backend(raw_backend, raw_vip, address, (port, protocol), vip_health)?;
                 let line = self.line_of(raw_backend.address.span());
                 if let Some(first_line) = seen_backends.insert(backend.address, line) {
                     return Err(self.error(
@@ -453,7 +453,7 @@ impl Validator<'_> {
                 forward,
                 encap_source,
                 check_through_tunnel,
-            } = self.forward(raw_vip, address, &backends)?;
+            } = self.forward(raw_vip)?;
 
             vips.push(VipConfig {
                 name: name.to_string(),
@@ -543,13 +543,29 @@ impl Validator<'_> {
     fn backend(
         &self,
         raw: &RawBackend,
-        vip_name: &str,
+        raw_vip: &RawVip,
         vip_address: IpAddr,
         vip_service: (u16, Protocol),
         vip_health: Option<&RawHealth>,
     ) -> Result<BackendConfig, ConfigError> {
+        let vip_name = raw_vip.name.get_ref().as_str();
         let address = self.address("backend", &raw.address)?;
-        if address.is_ipv4() != vip_address.is_ipv4() {
+        if let Some(kind) = forward::encapsulation(raw_vip)
+            && address.is_ipv4() != vip_address.is_ipv4()
+        {
+            // IPv4 in IPv6 is one of the wire formats; IPv6 in IPv4 is not (`lb decap` and the
+            // usual ip6tnl/fou set-ups take IPv4 in IPv4, IPv6 in IPv6 and IPv4 in IPv6).
+            if vip_address.is_ipv6() {
+                return Err(self.error(
+                    raw.address.span(),
+                    format!(
+                        "backend {address} of vip `{vip_name}` is IPv4, but an IPv6 VIP is \
+                         encapsulated in IPv6 only (forward = \"{kind}\"): give its backends IPv6 \
+                         addresses"
+                    ),
+                ));
+            }
+        } else if address.is_ipv4() != vip_address.is_ipv4() {
             return Err(self.error(
                 raw.address.span(),
                 format!(

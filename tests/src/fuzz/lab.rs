@@ -224,6 +224,7 @@ impl FuzzLab {
             src_mac: if redirect { EGRESS_MAC } else { LB_MAC },
             ifindex: 1,
             redirect,
+            tunnel: None,
         };
         match self.rng.below(5) {
             0 => {

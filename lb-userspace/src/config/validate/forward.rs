@@ -7,8 +7,17 @@ use std::net::IpAddr;
 use toml::Spanned;
 
 use super::super::raw::{ForwardKind, OneOrMany, RawVip};
-use super::super::{BackendConfig, ConfigError, DEFAULT_GUE_PORT, Forward};
+use super::super::{ConfigError, DEFAULT_GUE_PORT, Forward};
 use super::Validator;
+
+/// `forward` as written, when it encapsulates ("ipip" or "gue").
+pub(super) fn encapsulation(raw: &RawVip) -> Option<&'static str> {
+    match raw.forward.as_ref().map(|kind| *kind.get_ref()) {
+        Some(ForwardKind::Ipip) => Some("ipip"),
+        Some(ForwardKind::Gue) => Some("gue"),
+        Some(ForwardKind::L2) | None => None,
+    }
+}
 
 /// What the encapsulation keys of one VIP came to.
 pub(super) struct ForwardSettings {
@@ -18,12 +27,7 @@ pub(super) struct ForwardSettings {
 }
 
 impl Validator<'_> {
-    pub(super) fn forward(
-        &self,
-        raw: &RawVip,
-        vip_address: IpAddr,
-        backends: &[BackendConfig],
-    ) -> Result<ForwardSettings, ConfigError> {
+    pub(super) fn forward(&self, raw: &RawVip) -> Result<ForwardSettings, ConfigError> {
         let kind = raw
             .forward
             .as_ref()
@@ -74,25 +78,6 @@ impl Validator<'_> {
             Some(value) => *value.get_ref(),
             None => false,
         };
-        if forward.encapsulates() && vip_address.is_ipv6() {
-            // IPv6 in IPv4 is not among the wire formats (`lb decap` and the usual ip6tnl/fou
-            // set-ups take IPv4 in IPv4, IPv6 in IPv6 and IPv4 in IPv6).
-            if let Some((backend, raw_backend)) = backends
-                .iter()
-                .zip(&raw.backend)
-                .find(|(backend, _)| backend.address.is_ipv4())
-            {
-                return Err(self.error(
-                    raw_backend.get_ref().address.span(),
-                    format!(
-                        "backend {} of vip `{name}` is IPv4, but an IPv6 VIP is encapsulated in \
-                         IPv6 only (forward = \"{}\"): give its backends IPv6 addresses",
-                        backend.address,
-                        forward.as_str()
-                    ),
-                ));
-            }
-        }
         Ok(ForwardSettings {
             forward,
             encap_source,
