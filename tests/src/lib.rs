@@ -14,6 +14,7 @@ pub mod netns;
 pub mod orphan_lab;
 pub mod packet_lab;
 pub mod prometheus;
+pub mod routed;
 pub mod servers;
 pub mod topology;
 pub mod tunnel;
