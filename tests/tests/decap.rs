@@ -232,8 +232,16 @@ fn everything_else_is_passed_untouched_and_counted() {
         DecapReason::PassNotEncapsulated,
     ));
     // BPF_PROG_TEST_RUN wants at least an Ethernet header.
-    cases.push(("an Ethernet header alone", v4[..14].to_vec(), DecapReason::PassNotEncapsulated));
-    cases.push(("a cut IPv4 header", v4[..24].to_vec(), DecapReason::PassNotEncapsulated));
+    cases.push((
+        "an Ethernet header alone",
+        v4[..14].to_vec(),
+        DecapReason::PassNotEncapsulated,
+    ));
+    cases.push((
+        "a cut IPv4 header",
+        v4[..24].to_vec(),
+        DecapReason::PassNotEncapsulated,
+    ));
 
     // Not a VIP.
     let other = FrameSpec::tcp_syn(ip("198.51.100.7"), 40123, ip("10.100.0.2"), 80).build();
@@ -332,4 +340,236 @@ fn everything_else_is_passed_untouched_and_counted() {
     }
     assert_eq!(lab.count(DecapReason::DecapIpip), 0);
     assert_eq!(lab.count(DecapReason::DecapGue), 0);
+}
+
+mod end_to_end {
+    use std::{
+        net::{IpAddr, SocketAddr, TcpListener},
+        path::PathBuf,
+        time::Duration,
+    };
+
+    use lb_tests::{
+        bpffs_entries_under,
+        decap_lab::{
+            BACKEND_MAC, BACKEND_V4, BACKEND_V6, DecapHosts, SENDER_MAC, SENDER_V4, SENDER_V6,
+            tcp_of,
+        },
+        frames::FrameSpec,
+        tunnel::{Tunnel, encapsulate, ethernet},
+    };
+
+    use super::ip;
+
+    const TCP_SYN: u8 = 0x02;
+    const TCP_ACK: u8 = 0x10;
+
+    /// Where this test's backend namespace keeps its decap pins.
+    fn pin_dir(hosts: &DecapHosts) -> PathBuf {
+        PathBuf::from("/sys/fs/bpf/lb-decap/netns")
+            .join(hosts.backend.name())
+            .join("eth0")
+    }
+
+    /// Listens on port 80 of every address in the backend, both families (a dual-stack `[::]`
+    /// socket; the VIPs are on its lo).
+    fn serve(hosts: &DecapHosts) -> TcpListener {
+        hosts
+            .backend
+            .run(|| TcpListener::bind("[::]:80").expect("listening on [::]:80"))
+    }
+
+    /// Sends the client's SYN `client -> vip:80` encapsulated by `tunnel` from the sender, and
+    /// waits for the backend's SYN-ACK `vip:80 -> client` on the sender's wire.
+    fn syn_gets_syn_ack(hosts: &DecapHosts, client: SocketAddr, vip: IpAddr, tunnel: Tunnel) {
+        let socket = hosts.sender_socket().expect("AF_PACKET socket");
+        let inner = FrameSpec::tcp_syn(client.ip(), client.port(), vip, 80).build();
+        let (outer_src, outer_dst) = if vip.is_ipv4() {
+            (ip(SENDER_V4), ip(BACKEND_V4))
+        } else {
+            (ip(SENDER_V6), ip(BACKEND_V6))
+        };
+        let frame = ethernet(
+            BACKEND_MAC,
+            SENDER_MAC,
+            &encapsulate(&inner[14..], &tunnel, outer_src, outer_dst, 64, 0),
+        );
+        let want = (SocketAddr::new(vip, 80), client);
+        // The first frame may wait for the backend's neighbour resolution of the sender: send
+        // again (a new SYN of the same connection) until the answer comes.
+        for _ in 0..5 {
+            socket.send(&frame).expect("sending the encapsulated SYN");
+            let answer = socket.wait_for(Duration::from_secs(1), |frame| {
+                tcp_of(frame).is_some_and(|(src, dst, flags)| {
+                    (src, dst) == want && flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK
+                })
+            });
+            if let Some(answer) = answer {
+                let (src, dst, _) = tcp_of(&answer).expect("a TCP frame");
+                assert_eq!((src, dst), want, "{tunnel:?}");
+                assert_eq!(&answer[..6], &SENDER_MAC, "answered to the sender's MAC");
+                return;
+            }
+        }
+        panic!("no SYN-ACK from {vip}:80 to {client} for a SYN through {tunnel:?}");
+    }
+
+    fn counter(status: &serde_json::Value, name: &str) -> u64 {
+        status["counters"][name]["packets"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no counter {name} in {status}"))
+    }
+
+    #[test]
+    #[ignore = "needs root and network namespaces"]
+    fn encapsulated_syns_are_answered_from_the_vip() {
+        let hosts = DecapHosts::new().expect("namespaces");
+        let _servers = serve(&hosts);
+        let report = hosts
+            .lb_decap(&["--vip", super::VIP4, "--vip", super::VIP6])
+            .expect("lb decap");
+        assert!(
+            report.contains("lb decap attached to eth0 (skb XDP"),
+            "{report}"
+        );
+        let gue = Tunnel::Gue {
+            port: 6080,
+            source_port: 50001,
+        };
+        let gue_v0 = Tunnel::GueV0 {
+            port: 6080,
+            source_port: 50002,
+        };
+        let client4 = ip("198.51.100.7");
+        let client6 = ip("2001:db8:c::7");
+        syn_gets_syn_ack(
+            &hosts,
+            SocketAddr::new(client4, 41001),
+            ip(super::VIP4),
+            Tunnel::Ipip,
+        );
+        syn_gets_syn_ack(
+            &hosts,
+            SocketAddr::new(client4, 41002),
+            ip(super::VIP4),
+            gue,
+        );
+        syn_gets_syn_ack(
+            &hosts,
+            SocketAddr::new(client4, 41003),
+            ip(super::VIP4),
+            gue_v0,
+        );
+        syn_gets_syn_ack(
+            &hosts,
+            SocketAddr::new(client6, 41004),
+            ip(super::VIP6),
+            Tunnel::Ipip,
+        );
+        syn_gets_syn_ack(
+            &hosts,
+            SocketAddr::new(client6, 41005),
+            ip(super::VIP6),
+            gue,
+        );
+        let status = hosts.status().expect("lb decap --status --json");
+        assert_eq!(status["attached"], true);
+        assert!(counter(&status, "decapsulated_ipip") >= 2, "{status}");
+        assert!(counter(&status, "decapsulated_gue") >= 3, "{status}");
+        assert_eq!(counter(&status, "passed_not_a_vip"), 0, "{status}");
+        assert_eq!(counter(&status, "passed_malformed"), 0, "{status}");
+        let text = hosts.lb_decap(&["--status"]).expect("lb decap --status");
+        assert!(text.contains("decapsulated_gue"), "{text}");
+        hosts.lb_decap(&["--detach"]).expect("lb decap --detach");
+        assert!(bpffs_entries_under(pin_dir(&hosts)).is_empty());
+        assert!(!pin_dir(&hosts).exists());
+    }
+
+    #[test]
+    #[ignore = "needs root and network namespaces"]
+    fn rerun_updates_in_place_and_detach_undoes_exactly_its_changes() {
+        let hosts = DecapHosts::new().expect("namespaces");
+        let _servers = serve(&hosts);
+        let backend = &hosts.backend;
+        // Strict reverse-path filtering, and one VIP the operator had on lo already.
+        backend
+            .set_sysctl("net.ipv4.conf.all.rp_filter", "1")
+            .unwrap();
+        backend
+            .set_sysctl("net.ipv4.conf.eth0.rp_filter", "1")
+            .unwrap();
+        backend
+            .ip(["addr", "add", "10.100.0.2/32", "dev", "lo"])
+            .unwrap();
+        let lo_before = hosts.backend_lo_addresses().unwrap();
+
+        hosts
+            .lb_decap(&["--vip", "10.100.0.1", "--vip", "10.100.0.2"])
+            .expect("lb decap");
+        let first = hosts.status().unwrap();
+        assert_eq!(
+            first["vips"],
+            serde_json::json!(["10.100.0.1", "10.100.0.2"])
+        );
+        assert_eq!(first["gue_port"], 6080);
+        let mut lo = lo_before.clone();
+        lo.insert(ip("10.100.0.1"));
+        assert_eq!(hosts.backend_lo_addresses().unwrap(), lo);
+        assert_eq!(backend.sysctl("net.ipv4.conf.all.rp_filter").unwrap(), "2");
+        assert_eq!(backend.sysctl("net.ipv4.conf.eth0.rp_filter").unwrap(), "2");
+        // Idempotent: the same again changes nothing.
+        let again = hosts
+            .lb_decap(&["--vip", "10.100.0.1", "--vip", "10.100.0.2"])
+            .expect("lb decap again");
+        assert!(again.contains("updated in place"), "{again}");
+        assert_eq!(hosts.backend_lo_addresses().unwrap(), lo);
+
+        // Another VIP set and GUE port: same link and program, maps and lo updated.
+        let update = hosts
+            .lb_decap(&[
+                "--vip",
+                "10.100.0.2",
+                "--vip",
+                "10.100.0.3",
+                "--gue-port",
+                "7000",
+            ])
+            .expect("lb decap with new VIPs");
+        assert!(update.contains("updated in place"), "{update}");
+        let second = hosts.status().unwrap();
+        assert_eq!(second["link_id"], first["link_id"]);
+        assert_eq!(second["program_id"], first["program_id"]);
+        assert_eq!(
+            second["vips"],
+            serde_json::json!(["10.100.0.2", "10.100.0.3"])
+        );
+        assert_eq!(second["gue_port"], 7000);
+        let mut lo = lo_before.clone();
+        lo.insert(ip("10.100.0.3"));
+        assert_eq!(hosts.backend_lo_addresses().unwrap(), lo);
+        syn_gets_syn_ack(
+            &hosts,
+            SocketAddr::new(ip("198.51.100.9"), 42001),
+            ip("10.100.0.3"),
+            Tunnel::Gue {
+                port: 7000,
+                source_port: 50003,
+            },
+        );
+
+        let detached = hosts.lb_decap(&["--detach"]).expect("lb decap --detach");
+        assert!(detached.contains("XDP program detached"), "{detached}");
+        assert_eq!(hosts.backend_lo_addresses().unwrap(), lo_before);
+        assert_eq!(backend.sysctl("net.ipv4.conf.all.rp_filter").unwrap(), "1");
+        assert_eq!(backend.sysctl("net.ipv4.conf.eth0.rp_filter").unwrap(), "1");
+        assert!(!pin_dir(&hosts).exists());
+        let output = backend.ip(["link", "show", "eth0"]).unwrap();
+        assert!(
+            !String::from_utf8_lossy(&output.stdout).contains("xdp"),
+            "no XDP program left on eth0"
+        );
+        // Detaching again finds nothing and is no error.
+        let nothing = hosts.lb_decap(&["--detach"]).expect("a second --detach");
+        assert!(nothing.contains("not on eth0"), "{nothing}");
+    }
 }
