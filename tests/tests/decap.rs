@@ -573,3 +573,51 @@ mod end_to_end {
         assert!(nothing.contains("not on eth0"), "{nothing}");
     }
 }
+
+mod orphans {
+    use std::{
+        path::Path,
+        time::{Duration, Instant},
+    };
+
+    use lb::dataplane::pins::orphans::{self, Gone, OrphanOutcome};
+    use lb_tests::decap_lab::DecapHosts;
+
+    #[test]
+    #[ignore = "needs root and network namespaces"]
+    fn decap_pins_of_a_deleted_namespace_are_found_and_removed_as_orphans() {
+        let hosts = DecapHosts::new().expect("namespaces");
+        hosts.lb_decap(&["--vip", super::VIP4]).expect("lb decap");
+        let DecapHosts { sender, backend } = hosts;
+        let name = backend.name().to_owned();
+        let top = Path::new("/sys/fs/bpf/lb-decap");
+        let dir = top.join("netns").join(&name).join("eth0");
+        assert!(dir.is_dir());
+        drop(backend);
+        drop(sender);
+        // The kernel destroys a namespace (and its interfaces, making the link defunct) a moment
+        // after its last reference goes.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let orphan = loop {
+            let found = orphans::scan(top)
+                .into_iter()
+                .find(|o| Path::new(&o.dir) == dir);
+            if let Some(orphan) = found {
+                break orphan;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} never became an orphan",
+                dir.display()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert_eq!(orphan.namespace.as_deref(), Some(name.as_str()));
+        assert!(matches!(orphan.gone, Gone::Namespace | Gone::Interface));
+        match orphans::detach_orphan(top, orphan) {
+            OrphanOutcome::Removed { report, .. } => assert!(report.pins.len() >= 3, "{report:?}"),
+            other => panic!("not removed: {other:?}"),
+        }
+        assert!(!dir.exists());
+    }
+}
