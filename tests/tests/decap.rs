@@ -380,8 +380,14 @@ mod end_to_end {
     }
 
     /// Sends the client's SYN `client -> vip:80` encapsulated by `tunnel` from the sender, and
-    /// waits for the backend's SYN-ACK `vip:80 -> client` on the sender's wire.
-    fn syn_gets_syn_ack(hosts: &DecapHosts, client: SocketAddr, vip: IpAddr, tunnel: Tunnel) {
+    /// waits for the backend's SYN-ACK `vip:80 -> client` on the sender's wire. Returns how many
+    /// times the SYN was sent.
+    fn syn_gets_syn_ack(
+        hosts: &DecapHosts,
+        client: SocketAddr,
+        vip: IpAddr,
+        tunnel: Tunnel,
+    ) -> u64 {
         let socket = hosts.sender_socket().expect("AF_PACKET socket");
         let inner = FrameSpec::tcp_syn(client.ip(), client.port(), vip, 80).build();
         let (outer_src, outer_dst) = if vip.is_ipv4() {
@@ -397,7 +403,7 @@ mod end_to_end {
         let want = (SocketAddr::new(vip, 80), client);
         // The first frame may wait for the backend's neighbour resolution of the sender: send
         // again (a new SYN of the same connection) until the answer comes.
-        for _ in 0..5 {
+        for sent in 1..=5 {
             socket.send(&frame).expect("sending the encapsulated SYN");
             let answer = socket.wait_for(Duration::from_secs(1), |frame| {
                 tcp_of(frame).is_some_and(|(src, dst, flags)| {
@@ -408,7 +414,7 @@ mod end_to_end {
                 let (src, dst, _) = tcp_of(&answer).expect("a TCP frame");
                 assert_eq!((src, dst), want, "{tunnel:?}");
                 assert_eq!(&answer[..6], &SENDER_MAC, "answered to the sender's MAC");
-                return;
+                return sent;
             }
         }
         panic!("no SYN-ACK from {vip}:80 to {client} for a SYN through {tunnel:?}");
@@ -420,62 +426,58 @@ mod end_to_end {
             .unwrap_or_else(|| panic!("no counter {name} in {status}"))
     }
 
-    #[test]
-    #[ignore = "needs root and network namespaces"]
-    fn encapsulated_syns_are_answered_from_the_vip() {
+    /// Every wire form through `lb decap` attached in `mode`: each SYN answered from the VIP,
+    /// each counted once per time it was sent.
+    fn syns_are_answered(mode: &str, expect_mode: &str) {
         let hosts = DecapHosts::new().expect("namespaces");
-        let _servers = serve(&hosts);
+        let _server = serve(&hosts);
         let report = hosts
-            .lb_decap(&["--vip", super::VIP4, "--vip", super::VIP6])
+            .lb_decap(&[
+                "--vip",
+                super::VIP4,
+                "--vip",
+                super::VIP6,
+                "--xdp-mode",
+                mode,
+            ])
             .expect("lb decap");
         assert!(
-            report.contains("lb decap attached to eth0 (skb XDP"),
+            report.contains(&format!("lb decap attached to eth0 ({expect_mode} XDP")),
             "{report}"
         );
-        let gue = Tunnel::Gue {
+        let gue = |source_port| Tunnel::Gue {
             port: 6080,
-            source_port: 50001,
+            source_port,
         };
-        let gue_v0 = Tunnel::GueV0 {
+        let gue_v0 = |source_port| Tunnel::GueV0 {
             port: 6080,
-            source_port: 50002,
+            source_port,
         };
         let client4 = ip("198.51.100.7");
         let client6 = ip("2001:db8:c::7");
-        syn_gets_syn_ack(
-            &hosts,
-            SocketAddr::new(client4, 41001),
-            ip(super::VIP4),
-            Tunnel::Ipip,
-        );
-        syn_gets_syn_ack(
-            &hosts,
-            SocketAddr::new(client4, 41002),
-            ip(super::VIP4),
-            gue,
-        );
-        syn_gets_syn_ack(
-            &hosts,
-            SocketAddr::new(client4, 41003),
-            ip(super::VIP4),
-            gue_v0,
-        );
-        syn_gets_syn_ack(
-            &hosts,
-            SocketAddr::new(client6, 41004),
-            ip(super::VIP6),
-            Tunnel::Ipip,
-        );
-        syn_gets_syn_ack(
-            &hosts,
-            SocketAddr::new(client6, 41005),
-            ip(super::VIP6),
-            gue,
-        );
+        let vip4 = ip(super::VIP4);
+        let vip6 = ip(super::VIP6);
+        let cases = [
+            (SocketAddr::new(client4, 41001), vip4, Tunnel::Ipip),
+            (SocketAddr::new(client4, 41002), vip4, gue(50001)),
+            (SocketAddr::new(client4, 41003), vip4, gue_v0(50002)),
+            (SocketAddr::new(client6, 41004), vip6, Tunnel::Ipip),
+            (SocketAddr::new(client6, 41005), vip6, gue(50003)),
+            (SocketAddr::new(client6, 41006), vip6, gue_v0(50004)),
+        ];
+        let (mut ipip, mut gue_sent) = (0, 0);
+        for (client, vip, tunnel) in cases {
+            let sent = syn_gets_syn_ack(&hosts, client, vip, tunnel);
+            if tunnel == Tunnel::Ipip {
+                ipip += sent;
+            } else {
+                gue_sent += sent;
+            }
+        }
         let status = hosts.status().expect("lb decap --status --json");
         assert_eq!(status["attached"], true);
-        assert!(counter(&status, "decapsulated_ipip") >= 2, "{status}");
-        assert!(counter(&status, "decapsulated_gue") >= 3, "{status}");
+        assert_eq!(counter(&status, "decapsulated_ipip"), ipip, "{status}");
+        assert_eq!(counter(&status, "decapsulated_gue"), gue_sent, "{status}");
         assert_eq!(counter(&status, "passed_not_a_vip"), 0, "{status}");
         assert_eq!(counter(&status, "passed_malformed"), 0, "{status}");
         let text = hosts.lb_decap(&["--status"]).expect("lb decap --status");
@@ -483,6 +485,19 @@ mod end_to_end {
         hosts.lb_decap(&["--detach"]).expect("lb decap --detach");
         assert!(bpffs_entries_under(pin_dir(&hosts)).is_empty());
         assert!(!pin_dir(&hosts).exists());
+    }
+
+    #[test]
+    #[ignore = "needs root and network namespaces"]
+    fn encapsulated_syns_are_answered_from_the_vip() {
+        // `auto` takes generic XDP on a veth.
+        syns_are_answered("auto", "skb");
+    }
+
+    #[test]
+    #[ignore = "needs root and network namespaces"]
+    fn encapsulated_syns_are_answered_in_native_mode() {
+        syns_are_answered("native", "native");
     }
 
     #[test]
