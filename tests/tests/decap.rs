@@ -587,6 +587,38 @@ mod end_to_end {
         let nothing = hosts.lb_decap(&["--detach"]).expect("a second --detach");
         assert!(nothing.contains("not on eth0"), "{nothing}");
     }
+
+    #[test]
+    #[ignore = "needs root and network namespaces"]
+    fn a_failed_attach_leaves_the_host_and_bpffs_as_they_were() {
+        let hosts = DecapHosts::new().expect("namespaces");
+        let backend = &hosts.backend;
+        backend
+            .set_sysctl("net.ipv4.conf.eth0.rp_filter", "1")
+            .unwrap();
+        let lo_before = hosts.backend_lo_addresses().unwrap();
+        // Another XDP program holds the interface.
+        let _other = lb_tests::xdp::attach_xdp_program(
+            backend,
+            "eth0",
+            lb::bench_object(),
+            "bench_pass",
+            aya::programs::xdp::XdpMode::Skb,
+        )
+        .expect("attaching another program");
+        let error = hosts
+            .lb_decap(&["--vip", super::VIP4])
+            .expect_err("the interface is taken");
+        assert!(
+            error
+                .to_string()
+                .contains("another XDP program is attached to eth0"),
+            "{error:#}"
+        );
+        assert_eq!(hosts.backend_lo_addresses().unwrap(), lo_before);
+        assert_eq!(backend.sysctl("net.ipv4.conf.eth0.rp_filter").unwrap(), "1");
+        assert!(!pin_dir(&hosts).exists());
+    }
 }
 
 mod orphans {
