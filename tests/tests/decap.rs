@@ -24,13 +24,18 @@ fn lab() -> DecapLab {
     DecapLab::new(&[ip(VIP4), ip(VIP6)], GUE_PORT)
 }
 
-/// The client's SYN to the VIP of `family` as a whole frame (what the backend's stack must get).
-fn inner_frame(v6: bool) -> Vec<u8> {
+/// The client's SYN to the VIP of `family`.
+fn inner_spec(v6: bool) -> FrameSpec {
     if v6 {
-        FrameSpec::tcp_syn(ip("2001:db8:c::7"), 40123, ip(VIP6), 80).build()
+        FrameSpec::tcp_syn(ip("2001:db8:c::7"), 40123, ip(VIP6), 80)
     } else {
-        FrameSpec::tcp_syn(ip("198.51.100.7"), 40123, ip(VIP4), 80).build()
+        FrameSpec::tcp_syn(ip("198.51.100.7"), 40123, ip(VIP4), 80)
     }
+}
+
+/// The client's SYN as a whole frame (what the backend's stack must get).
+fn inner_frame(v6: bool) -> Vec<u8> {
+    inner_spec(v6).build()
 }
 
 fn outer(v6: bool) -> (IpAddr, IpAddr) {
@@ -141,7 +146,26 @@ fn every_wire_form_is_decapsulated_to_the_exact_inner_frame() {
             "{name}: the output is the inner frame, byte for byte"
         );
     }
-    let ipip = FORMS
+    // The same with an 802.1Q tag, which is kept.
+    for (name, tunnel, outer_v6, inner_v6, _) in FORMS {
+        let mut spec = inner_spec(inner_v6);
+        spec.vlan = Some(100);
+        let inner = spec.build();
+        let (src, dst) = outer(outer_v6);
+        let frame = lb_tests::tunnel::ethernet_vlan(
+            LB_MAC,
+            CLIENT_MAC,
+            100,
+            &encapsulate(&inner[18..], &tunnel, src, dst, 64, 0),
+        );
+        let (verdict, out) = lab.run(&frame);
+        assert_eq!(verdict, XDP_PASS, "{name} tagged");
+        assert_eq!(
+            out, inner,
+            "{name} tagged: the inner frame with the tag, byte for byte"
+        );
+    }
+    let ipip = 2 * FORMS
         .iter()
         .filter(|f| f.4 == DecapReason::DecapIpip)
         .count() as u64;
@@ -149,7 +173,7 @@ fn every_wire_form_is_decapsulated_to_the_exact_inner_frame() {
         lab.counts(),
         [
             (DecapReason::DecapIpip, ipip),
-            (DecapReason::DecapGue, FORMS.len() as u64 - ipip),
+            (DecapReason::DecapGue, 2 * FORMS.len() as u64 - ipip),
             (DecapReason::PassNotEncapsulated, 0),
             (DecapReason::PassNotVip, 0),
             (DecapReason::PassMalformed, 0),
@@ -225,6 +249,26 @@ fn everything_else_is_passed_untouched_and_counted() {
         "IPv6 outer with an extension header",
         hop_by_hop,
         DecapReason::PassNotEncapsulated,
+    ));
+    let mut tagged = inner_spec(false);
+    tagged.vlan = Some(7);
+    cases.push((
+        "a tagged plain SYN",
+        tagged.build(),
+        DecapReason::PassNotEncapsulated,
+    ));
+    let (src, dst) = outer(false);
+    let mut tagged_cut = lb_tests::tunnel::ethernet_vlan(
+        LB_MAC,
+        CLIENT_MAC,
+        7,
+        &encapsulate(&v4[14..], &Tunnel::Ipip, src, dst, 64, 0),
+    );
+    tagged_cut.truncate(tagged_cut.len() - 3);
+    cases.push((
+        "a tagged truncated IPIP",
+        tagged_cut,
+        DecapReason::PassMalformed,
     ));
     cases.push((
         "ARP",
