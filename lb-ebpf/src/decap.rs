@@ -8,8 +8,9 @@
 //!   ("direct IP", variant 1) or a 4-byte version-0 header (hlen 0, proto 4 or 41, flags 0). The
 //!   UDP checksum is not looked at (tunnels send zero, RFC 6935).
 //!
-//! The inner packet's length must be exactly what the outer carries. Every verdict is
-//! `XDP_PASS`; a packet that is not decapsulated is left byte for byte as it came.
+//! The inner packet's length must be exactly what the outer carries. Ethernet with at most one
+//! 802.1Q tag (kept, like the MACs). Every verdict is `XDP_PASS`; a packet that is not
+//! decapsulated is left byte for byte as it came.
 
 use aya_ebpf::{
     bindings::xdp_action,
@@ -36,8 +37,10 @@ pub static DECAP_STATS: PerCpuArray<Counters> =
     PerCpuArray::with_max_entries(DecapReason::COUNT, 0);
 
 const ETH_LEN: usize = 14;
+const VLAN_ETH_LEN: usize = 18;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
+const ETH_P_8021Q: u16 = 0x8100;
 const IPV4_LEN: usize = 20;
 const IPV6_LEN: usize = 40;
 const UDP_LEN: usize = 8;
@@ -78,10 +81,18 @@ fn decapsulate(ctx: &XdpContext) -> Result<DecapReason, DecapReason> {
     let eth: *const [u8; ETH_LEN] = header(ctx, 0).ok_or(DecapReason::PassNotEncapsulated)?;
     // SAFETY: the 14-byte Ethernet header is inside the frame (`header`); bytes 12..14 are the
     // ethertype.
-    let ether_type = u16::from_be(unsafe { load::<u16>(eth as usize + 12) });
+    let mut ether_type = u16::from_be(unsafe { load::<u16>(eth as usize + 12) });
+    let mut l2 = ETH_LEN;
+    if ether_type == ETH_P_8021Q {
+        let tagged: *const [u8; VLAN_ETH_LEN] =
+            header(ctx, 0).ok_or(DecapReason::PassNotEncapsulated)?;
+        // SAFETY: the tagged header is inside the frame; bytes 16..18 are the inner ethertype.
+        ether_type = u16::from_be(unsafe { load::<u16>(tagged as usize + 16) });
+        l2 = VLAN_ETH_LEN;
+    }
     let inner = match ether_type {
-        ETH_P_IP => outer_v4(ctx)?,
-        ETH_P_IPV6 => outer_v6(ctx)?,
+        ETH_P_IP => outer_v4(ctx, l2)?,
+        ETH_P_IPV6 => outer_v6(ctx, l2)?,
         _ => return Err(DecapReason::PassNotEncapsulated),
     };
     let vip = match inner.family {
@@ -92,13 +103,13 @@ fn decapsulate(ctx: &XdpContext) -> Result<DecapReason, DecapReason> {
     if unsafe { DECAP_VIPS.get(&vip) }.is_none() {
         return Err(DecapReason::PassNotVip);
     }
-    strip(ctx, &inner)?;
+    strip(ctx, &inner, l2)?;
     Ok(inner.kind)
 }
 
 #[inline(always)]
-fn outer_v4(ctx: &XdpContext) -> Result<Inner, DecapReason> {
-    let ip: *const [u8; IPV4_LEN] = header(ctx, ETH_LEN).ok_or(DecapReason::PassNotEncapsulated)?;
+fn outer_v4(ctx: &XdpContext, l2: usize) -> Result<Inner, DecapReason> {
+    let ip: *const [u8; IPV4_LEN] = header(ctx, l2).ok_or(DecapReason::PassNotEncapsulated)?;
     let at = ip as usize;
     // SAFETY (every `load` below): the fixed 20-byte header is inside the frame.
     let (vihl, proto): (u8, u8) = unsafe { (load(at), load(at + 9)) };
@@ -121,10 +132,10 @@ fn outer_v4(ctx: &XdpContext) -> Result<Inner, DecapReason> {
         });
     }
     let fragment = frags & IPV4_MF != 0;
-    if ETH_LEN + total_len > frame_len(ctx) as usize {
+    if l2 + total_len > frame_len(ctx) as usize {
         return Err(DecapReason::PassMalformed);
     }
-    let offset = ETH_LEN + header_len;
+    let offset = l2 + header_len;
     let len = total_len - header_len;
     if proto == PROTO_UDP {
         return gue(ctx, offset, len, fragment);
@@ -141,8 +152,8 @@ fn outer_v4(ctx: &XdpContext) -> Result<Inner, DecapReason> {
 }
 
 #[inline(always)]
-fn outer_v6(ctx: &XdpContext) -> Result<Inner, DecapReason> {
-    let ip: *const [u8; IPV6_LEN] = header(ctx, ETH_LEN).ok_or(DecapReason::PassNotEncapsulated)?;
+fn outer_v6(ctx: &XdpContext, l2: usize) -> Result<Inner, DecapReason> {
+    let ip: *const [u8; IPV6_LEN] = header(ctx, l2).ok_or(DecapReason::PassNotEncapsulated)?;
     let at = ip as usize;
     // SAFETY (every `load` below): the fixed 40-byte header is inside the frame.
     let (version, next_header): (u8, u8) = unsafe { (load(at), load(at + 6)) };
@@ -157,10 +168,10 @@ fn outer_v6(ctx: &XdpContext) -> Result<Inner, DecapReason> {
         _ => return Err(DecapReason::PassNotEncapsulated),
     };
     let len = usize::from(u16::from_be(unsafe { load::<u16>(at + 4) }));
-    if ETH_LEN + IPV6_LEN + len > frame_len(ctx) as usize {
+    if l2 + IPV6_LEN + len > frame_len(ctx) as usize {
         return Err(DecapReason::PassMalformed);
     }
-    let offset = ETH_LEN + IPV6_LEN;
+    let offset = l2 + IPV6_LEN;
     if family == 0 {
         return gue(ctx, offset, len, false);
     }
@@ -269,20 +280,22 @@ fn inner_v6(ctx: &XdpContext, inner: &Inner) -> Result<DecapVip, DecapReason> {
     Ok(vip)
 }
 
-/// Moves the frame's start to `inner.offset - 14` and writes the Ethernet header there again,
-/// with the inner family's ethertype.
+/// Moves the frame's start to `inner.offset - l2` and writes the L2 header (MACs, and the
+/// 802.1Q tag when `l2` is 18) there again, with the inner family's ethertype.
 #[inline(always)]
-fn strip(ctx: &XdpContext, inner: &Inner) -> Result<(), DecapReason> {
-    let eth: *const [u8; ETH_LEN] = header(ctx, 0).ok_or(DecapReason::PassMalformed)?;
-    // SAFETY: the header is inside the frame; the two MACs are bytes 0..12.
-    let macs: [u32; 3] = unsafe {
+fn strip(ctx: &XdpContext, inner: &Inner, l2: usize) -> Result<(), DecapReason> {
+    let eth: *const [u8; VLAN_ETH_LEN] = header(ctx, 0).ok_or(DecapReason::PassMalformed)?;
+    // SAFETY: 18 bytes are inside the frame (an outer IP header follows any L2 header); the two
+    // MACs are bytes 0..12, a tag bytes 12..16.
+    let words: [u32; 4] = unsafe {
         [
             load(eth as usize),
             load(eth as usize + 4),
             load(eth as usize + 8),
+            load(eth as usize + 12),
         ]
     };
-    let delta = (inner.offset - ETH_LEN) as i32;
+    let delta = (inner.offset - l2) as i32;
     // SAFETY: `ctx.ctx` is the kernel's `xdp_md`; the helper checks `delta` against the frame
     // itself and fails without changing anything.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, delta) } != 0 {
@@ -290,8 +303,9 @@ fn strip(ctx: &XdpContext, inner: &Inner) -> Result<(), DecapReason> {
     }
     // Every packet pointer is invalid after the helper: bounds are read and checked anew.
     let (start, end) = bounds(ctx);
-    if start + ETH_LEN > end {
-        // Cannot happen (the inner IP header follows), but the verifier wants to see it.
+    if start + VLAN_ETH_LEN > end {
+        // Cannot happen (an inner IP header of 20 bytes or more follows), but the verifier
+        // wants to see it.
         return Ok(());
     }
     let ether_type: u16 = if inner.family == FAMILY_V4 {
@@ -299,12 +313,17 @@ fn strip(ctx: &XdpContext, inner: &Inner) -> Result<(), DecapReason> {
     } else {
         ETH_P_IPV6.to_be()
     };
-    // SAFETY: the 14 bytes at `start` are inside the frame (checked just above).
+    // SAFETY: the 18 bytes at `start` are inside the frame (checked just above).
     unsafe {
-        core::ptr::write_volatile(start as *mut u32, macs[0]);
-        core::ptr::write_volatile((start + 4) as *mut u32, macs[1]);
-        core::ptr::write_volatile((start + 8) as *mut u32, macs[2]);
-        core::ptr::write_volatile((start + 12) as *mut u16, ether_type);
+        core::ptr::write_volatile(start as *mut u32, words[0]);
+        core::ptr::write_volatile((start + 4) as *mut u32, words[1]);
+        core::ptr::write_volatile((start + 8) as *mut u32, words[2]);
+        if l2 == VLAN_ETH_LEN {
+            core::ptr::write_volatile((start + 12) as *mut u32, words[3]);
+            core::ptr::write_volatile((start + 16) as *mut u16, ether_type);
+        } else {
+            core::ptr::write_volatile((start + 12) as *mut u16, ether_type);
+        }
     }
     Ok(())
 }

@@ -118,6 +118,19 @@ pub fn ethernet(dst_mac: [u8; 6], src_mac: [u8; 6], ip_packet: &[u8]) -> Vec<u8>
     frame
 }
 
+/// [`ethernet`] with one 802.1Q tag (priority 0) carrying `vlan_id`.
+pub fn ethernet_vlan(
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    vlan_id: u16,
+    ip_packet: &[u8],
+) -> Vec<u8> {
+    let mut frame = ethernet(dst_mac, src_mac, ip_packet);
+    let tag = [0x81, 0x00, (vlan_id >> 8) as u8 & 0x0f, vlan_id as u8];
+    frame.splice(12..12, tag);
+    frame
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,7 +3,7 @@
 
 use std::{collections::BTreeSet, path::PathBuf, process::ExitCode};
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use lb::{
     config::XdpModeSetting,
     decap::{self, DecapSpec},
@@ -41,7 +41,8 @@ pub fn decap(args: &DecapArgs) -> ExitCode {
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("lb decap: {e:#}");
+            // Every message already carries its cause: the chain would repeat it.
+            eprintln!("lb decap: {e}");
             ExitCode::FAILURE
         }
     }
@@ -89,8 +90,7 @@ fn run(args: &DecapArgs) -> anyhow::Result<()> {
         "skb" => XdpModeSetting::Skb,
         other => bail!("--xdp-mode {other:?}: expected auto, native or skb"),
     };
-    let report = decap::attach(&args.interface, &spec, mode)
-        .with_context(|| format!("on {}", args.interface))?;
+    let report = decap::attach(&args.interface, &spec, mode)?;
     println!("{report}");
     Ok(())
 }

@@ -132,7 +132,7 @@ mod tests {
         );
         assert_eq!(
             parse("vips = [\"10.0.0.1\", \"10.0.0.1\"]").unwrap_err(),
-            "decap.toml:1:22: VIP 10.0.0.1 is listed twice"
+            "decap.toml:1:21: VIP 10.0.0.1 is listed twice"
         );
         assert!(
             parse("vips = [\"10.0.0.1\"]\nport = 1\n")

@@ -1,4 +1,5 @@
-//! Why `lb decap` failed.
+//! Why `lb decap` failed. Each message carries its cause's text (callers print `{}`, not the
+//! source chain).
 
 use std::{io, path::PathBuf};
 
@@ -6,11 +7,11 @@ use crate::{config::ConfigError, dataplane::PinError, net::NetError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DecapError {
-    #[error("{0}")]
+    #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("{0}")]
+    #[error(transparent)]
     Pins(#[from] PinError),
-    #[error("{0}")]
+    #[error(transparent)]
     Net(#[from] NetError),
     #[error(
         "no bpffs to pin in (mount one: `mount -t bpf bpf /sys/fs/bpf`); `lb decap` must pin to outlive its command"

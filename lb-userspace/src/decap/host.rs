@@ -7,8 +7,9 @@
 //!   it arrived on (the kernel uses the larger of `all` and the interface's value).
 //!
 //! Every change is recorded in the instance's pin directory as a symlink (bpffs holds pins,
-//! directories and symlinks, no regular files): `host.lo.<address>` → `added`,
-//! `host.rp_filter.<if>` → the old value. `lb decap --detach` undoes what the records say and
+//! directories and symlinks, no regular files, and refuses names with a dot):
+//! `host_lo_<address, dots as _>` → the address, `host_rp_filter_if` / `host_rp_filter_all` →
+//! `<conf name>=<old value>`. `lb decap --detach` undoes what the records say and
 //! nothing else; an address that was on `lo` already, or a value that was not strict, is not
 //! recorded and so never touched.
 
@@ -22,9 +23,19 @@ use std::{
 
 use super::DecapError;
 
-const LO_PREFIX: &str = "host.lo.";
-const RP_FILTER_PREFIX: &str = "host.rp_filter.";
-const ADDED: &str = "added";
+const LO_PREFIX: &str = "host_lo_";
+const RP_FILTER_PREFIX: &str = "host_rp_filter_";
+
+/// The record's name for an address on lo (bpffs refuses dots in names).
+fn lo_record(address: IpAddr) -> String {
+    format!("{LO_PREFIX}{}", address.to_string().replace('.', "_"))
+}
+
+/// The record's name for the rp_filter of the interface (`if`) or `all`.
+fn rp_filter_record(conf: &str) -> String {
+    let which = if conf == "all" { "all" } else { "if" };
+    format!("{RP_FILTER_PREFIX}{which}")
+}
 
 /// What `lb decap` changed on the host, as recorded.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -46,16 +57,18 @@ pub fn recorded(dir: &Path) -> Result<HostChanges, DecapError> {
     for entry in entries {
         let entry = entry.map_err(|source| io_error("listing", dir, source))?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        if let Some(address) = name.strip_prefix(LO_PREFIX) {
-            if let Ok(address) = address.parse() {
+        if !name.starts_with(LO_PREFIX) && !name.starts_with(RP_FILTER_PREFIX) {
+            continue;
+        }
+        let target = fs::read_link(entry.path())
+            .map_err(|source| io_error("reading", &entry.path(), source))?;
+        let target = target.to_string_lossy();
+        if name.starts_with(LO_PREFIX) {
+            if let Ok(address) = target.parse() {
                 changes.lo_addresses.insert(address);
             }
-        } else if let Some(interface) = name.strip_prefix(RP_FILTER_PREFIX) {
-            let old = fs::read_link(entry.path())
-                .map_err(|source| io_error("reading", &entry.path(), source))?;
-            changes
-                .rp_filter
-                .push((interface.to_owned(), old.to_string_lossy().into_owned()));
+        } else if let Some((conf, old)) = target.rsplit_once('=') {
+            changes.rp_filter.push((conf.to_owned(), old.to_owned()));
         }
     }
     changes.rp_filter.sort();
@@ -105,7 +118,7 @@ pub fn sync_lo(
         // Record first: a crash between the two leaves a record for an address that is not
         // there, which `--detach` tolerates; the other order would leave an address nobody
         // removes.
-        record(dir, &format!("{LO_PREFIX}{vip}"), ADDED)?;
+        record(dir, &lo_record(vip), &vip.to_string())?;
         ip(&[
             "addr",
             "add",
@@ -119,7 +132,7 @@ pub fn sync_lo(
     let mut removed = Vec::new();
     for &address in ours.difference(vips) {
         remove_lo_address(address, &present)?;
-        forget(dir, &format!("{LO_PREFIX}{address}"))?;
+        forget(dir, &lo_record(address))?;
         removed.push(address);
     }
     Ok((added, removed))
@@ -171,7 +184,7 @@ pub fn loosen_rp_filter(dir: &Path, interface: &str) -> Result<Vec<String>, Deca
         if old != "1" {
             continue;
         }
-        record(dir, &format!("{RP_FILTER_PREFIX}{name}"), old)?;
+        record(dir, &rp_filter_record(name), &format!("{name}={old}"))?;
         fs::write(&path, "2").map_err(|source| io_error("writing", &path, source))?;
         changed.push(name.to_owned());
     }
@@ -184,7 +197,7 @@ pub fn undo(dir: &Path) -> Result<HostChanges, DecapError> {
     let present = lo_addresses()?;
     for &address in &changes.lo_addresses {
         remove_lo_address(address, &present)?;
-        forget(dir, &format!("{LO_PREFIX}{address}"))?;
+        forget(dir, &lo_record(address))?;
     }
     for (name, old) in &changes.rp_filter {
         let path = rp_filter_path(name);
@@ -192,7 +205,7 @@ pub fn undo(dir: &Path) -> Result<HostChanges, DecapError> {
         if path.exists() {
             fs::write(&path, old).map_err(|source| io_error("writing", &path, source))?;
         }
-        forget(dir, &format!("{RP_FILTER_PREFIX}{name}"))?;
+        forget(dir, &rp_filter_record(name))?;
     }
     Ok(changes)
 }

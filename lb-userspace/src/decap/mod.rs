@@ -199,41 +199,74 @@ pub fn attach(
     }
     let interface = interface(interface_name)?;
     let location = location(interface_name, true)?.ok_or(DecapError::NoBpffs)?;
+    let top = location.top();
     let pins = PinDir::open_at(location, interface_name)?;
     let dir = pins.path().to_path_buf();
-    let live = live_link(&pins.pin_path(LINK_PIN), interface.index)?;
-
-    // Host first: a packet decapsulated before its VIP is on lo would be dropped by the stack.
-    let (lo_added, lo_removed) = host::sync_lo(&dir, &spec.vips)?;
-    let rp_filter_loosened = host::loosen_rp_filter(&dir, interface_name)?;
-
-    let (attached, mode, vips_added, vips_removed) = if live {
-        let (added, removed) = write_maps(&dir, spec)?;
-        (false, None, added, removed)
-    } else {
+    if live_link(&pins.pin_path(LINK_PIN), interface.index)? {
+        return apply(&dir, interface_name, spec).map(|(lo_added, lo_removed, loosened, vips)| {
+            AttachReport {
+                interface: interface_name.to_owned(),
+                dir: dir.clone(),
+                attached: false,
+                mode: None,
+                gue_port: spec.gue_port,
+                vips_added: vips.0,
+                vips_removed: vips.1,
+                lo_added,
+                lo_removed,
+                rp_filter_loosened: loosened,
+            }
+        });
+    }
+    let fresh = || -> Result<AttachReport, DecapError> {
         let mut ebpf = load(Some(&dir))?;
-        // The maps are ready before the first packet meets the program.
-        let (added, removed) = write_maps(&dir, spec)?;
+        // Host and maps are ready before the first packet meets the program.
+        let (lo_added, lo_removed, rp_filter_loosened, (vips_added, vips_removed)) =
+            apply(&dir, interface_name, spec)?;
         let program: &mut Xdp = ebpf
             .program_mut(PROGRAM_NAME)
             .ok_or(DecapError::MissingProgram(PROGRAM_NAME))?
             .try_into()
             .map_err(DecapError::Program)?;
         let mode = attach_pinned(program, &interface, mode, &pins.pin_path(LINK_PIN))?;
-        (true, Some(mode), added, removed)
+        Ok(AttachReport {
+            interface: interface_name.to_owned(),
+            dir: dir.clone(),
+            attached: true,
+            mode: Some(mode),
+            gue_port: spec.gue_port,
+            vips_added,
+            vips_removed,
+            lo_added,
+            lo_removed,
+            rp_filter_loosened,
+        })
     };
-    Ok(AttachReport {
-        interface: interface_name.to_owned(),
-        dir,
-        attached,
-        mode,
-        gue_port: spec.gue_port,
-        vips_added,
-        vips_removed,
-        lo_added,
-        lo_removed,
-        rp_filter_loosened,
+    fresh().inspect_err(|_| {
+        // Nothing attached: leave the host and bpffs as they were.
+        if let Err(e) = host::undo(&dir) {
+            tracing::warn!("undoing the host changes after a failed attach: {e}");
+        }
+        if let Err(e) = pins::remove_pins(&dir, &top, interface_name) {
+            tracing::warn!("removing {} after a failed attach: {e}", dir.display());
+        }
     })
+}
+
+type Applied = (
+    Vec<IpAddr>,
+    Vec<IpAddr>,
+    Vec<String>,
+    (Vec<IpAddr>, Vec<IpAddr>),
+);
+
+/// The host set-up, then the maps: (lo added, lo removed, rp_filter loosened, (VIPs added, VIPs
+/// removed)). Host first: a packet decapsulated before its VIP is on lo would be dropped.
+fn apply(dir: &Path, interface: &str, spec: &DecapSpec) -> Result<Applied, DecapError> {
+    let (lo_added, lo_removed) = host::sync_lo(dir, &spec.vips)?;
+    let loosened = host::loosen_rp_filter(dir, interface)?;
+    let vips = write_maps(dir, spec)?;
+    Ok((lo_added, lo_removed, loosened, vips))
 }
 
 /// Whether a link pinned at `path` is attached to `ifindex`; a defunct one (its interface gone,

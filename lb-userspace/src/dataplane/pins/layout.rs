@@ -359,6 +359,17 @@ mod tests {
     }
 
     #[test]
+    fn the_decap_maps_in_the_object_are_not_the_balancers() {
+        // A balancer pinned by a build without `lb decap` must stay adoptable: the object has
+        // the decap maps, the balancer's expected layout does not.
+        let object = aya_obj::Object::parse(crate::ebpf_object()).expect("object parses");
+        for name in lb_common::decap::DECAP_MAPS {
+            assert!(object.maps.contains_key(name), "{name} in the object");
+            assert!(!expected().contains_key(name), "{name} not the balancer's");
+        }
+    }
+
+    #[test]
     fn pinned_state_from_before_flow_events_is_refused() {
         let expected = expected();
         let mut pinned = pinned_as(&expected);
