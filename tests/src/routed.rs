@@ -145,8 +145,22 @@ impl RoutedTopology {
             backends.push(backend);
         }
         // r2 sends everything else (client, lb, answers from the VIPs) back to r1.
-        r2.ip(["-4", "route", "add", "default", "via", &v4(3, 1).to_string()])?;
-        r2.ip(["-6", "route", "add", "default", "via", &v6(3, 1).to_string()])?;
+        r2.ip([
+            "-4",
+            "route",
+            "add",
+            "default",
+            "via",
+            &v4(3, 1).to_string(),
+        ])?;
+        r2.ip([
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &v6(3, 1).to_string(),
+        ])?;
         for vip in vips {
             let (family, prefix, via) = match vip {
                 IpAddr::V4(_) => ("-4", 32, IpAddr::from(v4(2, 2))),

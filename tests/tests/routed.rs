@@ -122,8 +122,12 @@ impl Lab {
     /// A dual-stack server on port 80 answering with the backend's name.
     fn server(topology: &RoutedTopology, index: usize) -> TcpIdentityServer {
         let bind = SocketAddr::from(([0u16; 8], PORT));
-        TcpIdentityServer::start(topology.backend(index).namespace(), bind, format!("b{index}"))
-            .unwrap_or_else(|e| panic!("server on backend {index}: {e:#}"))
+        TcpIdentityServer::start(
+            topology.backend(index).namespace(),
+            bind,
+            format!("b{index}"),
+        )
+        .unwrap_or_else(|e| panic!("server on backend {index}: {e:#}"))
     }
 
     fn socket(&self) -> std::path::PathBuf {
@@ -138,7 +142,11 @@ impl Lab {
             let mut wrong = Vec::new();
             for vip in status["vips"].as_array().expect("vips") {
                 let name = vip["name"].as_str().expect("name");
-                for (i, backend) in vip["backends"].as_array().expect("backends").iter().enumerate()
+                for (i, backend) in vip["backends"]
+                    .as_array()
+                    .expect("backends")
+                    .iter()
+                    .enumerate()
                 {
                     let state = backend["state"].as_str().expect("state");
                     if state != want(name, i) {
@@ -180,7 +188,11 @@ impl Lab {
     }
 
     fn stop(&mut self) -> FinalCounters {
-        self.daemon.take().expect("running daemon").stop().expect("lb stops")
+        self.daemon
+            .take()
+            .expect("running daemon")
+            .stop()
+            .expect("lb stops")
     }
 }
 
@@ -210,7 +222,10 @@ fn three_hundred_connections_per_mode_are_answered_by_every_routed_backend() {
     // Every backend decapsulated exactly what lb encapsulated to it, per wire form (health
     // checks go to the backend's own address, outside the tunnel).
     for (i, backend) in lab.topology.backends().iter().enumerate() {
-        let status = lb_decap(backend.namespace(), &["--interface", "eth0", "--status", "--json"]);
+        let status = lb_decap(
+            backend.namespace(),
+            &["--interface", "eth0", "--status", "--json"],
+        );
         let status: serde_json::Value =
             serde_json::from_str(&status).unwrap_or_else(|e| panic!("decap status: {e}: {status}"));
         for (reason, forward) in [("decapsulated_ipip", "ipip"), ("decapsulated_gue", "gue")] {
@@ -314,7 +329,11 @@ fn a_routed_backend_that_dies_is_dropped_within_the_bound_and_returns() {
     lab.wait_for_states(|_, _| "up");
     for (name, address, _) in VIPS {
         let outcome = lab.connections(address, 60);
-        assert!(outcome.failures.is_empty(), "{name}: {:?}", outcome.failures);
+        assert!(
+            outcome.failures.is_empty(),
+            "{name}: {:?}",
+            outcome.failures
+        );
         assert!(
             outcome.per_identity.contains_key(&format!("b{killed}")),
             "{name}: the restarted backend gets new connections again: {:?}",
@@ -343,5 +362,9 @@ fn lb_decap_detach_leaves_nothing_behind() {
     }
     // Without decapsulation nothing answers: the test above cannot pass by accident.
     let outcome = lab.connections(VIPS[0].1, 3);
-    assert_eq!(outcome.answered(), 0, "answers without lb decap: {outcome:?}");
+    assert_eq!(
+        outcome.answered(),
+        0,
+        "answers without lb decap: {outcome:?}"
+    );
 }
