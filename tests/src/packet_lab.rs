@@ -101,7 +101,7 @@ impl PacketLab {
         for vip in &mut balancer.vips {
             let encapsulates = vip.forward.encapsulates();
             for backend in vip.backends.iter_mut().filter(|b| b.path.is_none()) {
-                let tunnel = encapsulates.then(|| TunnelEnd {
+                let tunnel = encapsulates.then_some(TunnelEnd {
                     source: match backend.address {
                         IpAddr::V4(_) => IpAddr::V4(LAB_TUNNEL_SOURCE_V4),
                         IpAddr::V6(_) => IpAddr::V6(LAB_TUNNEL_SOURCE_V6),

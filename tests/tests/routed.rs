@@ -5,6 +5,7 @@
 use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr},
+    path::Path,
     sync::Mutex,
     time::{Duration, Instant},
 };
@@ -54,7 +55,7 @@ fn lb_decap(namespace: &NetNs, args: &[&str]) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-fn config(topology: &RoutedTopology) -> String {
+fn config(topology: &RoutedTopology, through_tunnel: bool) -> String {
     let mut text = format!(
         "interface = \"eth0\"\nxdp_mode = \"skb\"\nmax_vips = 8\napi = \"{}\"\n",
         api_socket_for(topology.lb().namespace()).display()
@@ -67,6 +68,9 @@ fn config(topology: &RoutedTopology) -> String {
         ));
         if forward == "gue" {
             text.push_str(&format!("gue_port = {GUE_PORT}\n"));
+        }
+        if through_tunnel {
+            text.push_str("check_through_tunnel = true\n");
         }
         text.push_str(&format!(
             "[vip.health]\ncheck = \"tcp\"\ninterval = \"{}ms\"\ntimeout = \"{}ms\"\nrise = 1\nfall = {FALL}\n",
@@ -92,6 +96,10 @@ struct Lab {
 
 impl Lab {
     fn new() -> Self {
+        Self::with_checks_through_tunnel(false)
+    }
+
+    fn with_checks_through_tunnel(through_tunnel: bool) -> Self {
         let topology = RoutedTopology::new(BACKENDS, &vip_addresses()).expect("routed topology");
         let mut decap_args = vec!["--interface", "eth0", "--gue-port", "6080"];
         let vips: Vec<String> = VIPS.iter().map(|(_, a, _)| a.to_string()).collect();
@@ -106,7 +114,7 @@ impl Lab {
             .collect();
         let daemon = LbDaemon::start(
             topology.lb().namespace(),
-            &config(&topology),
+            &config(&topology, through_tunnel),
             Launch::Nsenter,
         )
         .expect("lb run");
@@ -187,12 +195,31 @@ impl Lab {
         .expect("client requests")
     }
 
+    /// Detaches `lb decap` from every backend still running it (its pins would outlive the
+    /// namespaces otherwise).
+    fn detach_decap(&self) {
+        for backend in self.topology.backends() {
+            let pins = Path::new("/sys/fs/bpf/lb-decap/netns")
+                .join(backend.namespace().name())
+                .join("eth0");
+            if pins.exists() {
+                lb_decap(backend.namespace(), &["--interface", "eth0", "--detach"]);
+            }
+        }
+    }
+
     fn stop(&mut self) -> FinalCounters {
         self.daemon
             .take()
             .expect("running daemon")
             .stop()
             .expect("lb stops")
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.detach_decap();
     }
 }
 
@@ -255,6 +282,11 @@ fn three_hundred_connections_per_mode_are_answered_by_every_routed_backend() {
     );
     drop(lab);
     assert_eq!(leftovers(&prefix), Vec::<String>::new(), "namespaces left");
+    let pins = lb_tests::bpffs_entries_under(Path::new("/sys/fs/bpf/lb-decap/netns"));
+    assert!(
+        !pins.iter().any(|p| p.to_string_lossy().contains(&prefix)),
+        "lb decap pins left: {pins:?}"
+    );
 }
 
 #[test]
@@ -367,4 +399,54 @@ fn lb_decap_detach_leaves_nothing_behind() {
         0,
         "answers without lb decap: {outcome:?}"
     );
+}
+
+#[test]
+fn check_through_tunnel_takes_down_a_backend_whose_decapsulation_stopped() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let broken = 1;
+    for through_tunnel in [false, true] {
+        let mut lab = Lab::with_checks_through_tunnel(through_tunnel);
+        // Its server still listens, so a check of the backend's own address passes; but it no
+        // longer decapsulates, so every connection lb sends it is lost.
+        let started = Instant::now();
+        lb_decap(
+            lab.topology.backend(broken).namespace(),
+            &["--interface", "eth0", "--detach"],
+        );
+        if through_tunnel {
+            let detected = lab.wait_for_states(|_, i| if i == broken { "down" } else { "up" });
+            assert!(
+                detected <= BOUND + Duration::from_millis(300),
+                "backend {broken} down after {detected:?} (bound {BOUND:?})\n{}",
+                lab.log_tail()
+            );
+            for (name, address, _) in VIPS {
+                let outcome = lab.connections(address, 30);
+                assert!(
+                    outcome.failures.is_empty(),
+                    "{name}: connections failed with the broken backend out: {:?}",
+                    outcome.failures
+                );
+                assert!(!outcome.per_identity.contains_key(&format!("b{broken}")));
+            }
+        } else {
+            // Without the tunnel check the backend stays up and its share of connections fails:
+            // what the check is for.
+            std::thread::sleep(BOUND * 3);
+            let status = lb_status(&lab.socket()).expect("lb status");
+            let state = &status["vips"][0]["backends"][broken]["state"];
+            assert_eq!(state, "up", "plain checks still pass");
+            let outcome = lab.connections(VIPS[0].1, 15);
+            assert!(
+                !outcome.failures.is_empty(),
+                "connections hashed to the broken backend must fail: {outcome:?}"
+            );
+        }
+        eprintln!(
+            "through_tunnel = {through_tunnel}: step took {:?}",
+            started.elapsed()
+        );
+        lab.stop();
+    }
 }

@@ -368,6 +368,10 @@ fn wanted_checks(balancer: &Balancer, config: &Config) -> Vec<(u32, CheckSpec, H
                         vip: vip.name.clone(),
                         address: backend.address,
                         settings: backend.health.clone(),
+                        through_tunnel: vip.check_through_tunnel.then_some((
+                            std::net::SocketAddr::new(vip.address, vip.port),
+                            vip.forward,
+                        )),
                     };
                     (state.id, spec, state.health)
                 })

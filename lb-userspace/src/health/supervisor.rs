@@ -7,7 +7,7 @@ use std::{collections::HashMap, net::IpAddr, sync::Arc};
 use tokio::{sync::mpsc, task::JoinHandle};
 
 use super::{
-    check::{CheckOutcome, CheckTarget, HealthCheck},
+    check::{CheckOutcome, CheckTarget, HealthCheck, TunnelCheck},
     checker_for,
     schedule::{CheckReport, CheckerKey, DEFAULT_JITTER, Schedule, spawn_checker},
     state::{Health, HealthTracker, Transition},
@@ -20,6 +20,9 @@ pub struct CheckSpec {
     pub vip: String,
     pub address: IpAddr,
     pub settings: HealthConfig,
+    /// `check_through_tunnel`: the VIP's address and port and its encapsulation; the backend
+    /// must also answer a SYN to it sent through the tunnel.
+    pub through_tunnel: Option<(std::net::SocketAddr, crate::config::Forward)>,
 }
 
 /// What [`Supervisor::sync`] did to one backend's checker.
@@ -94,7 +97,14 @@ impl Supervisor {
     fn start(&mut self, id: u32, spec: CheckSpec, state: Health) {
         let generation = self.next_generation;
         self.next_generation += 1;
-        let check: Arc<dyn HealthCheck> = checker_for(&spec.settings, &spec.vip);
+        let mut check: Arc<dyn HealthCheck> = checker_for(&spec.settings, &spec.vip);
+        if let Some((vip, forward)) = spec.through_tunnel {
+            check = Arc::new(TunnelCheck {
+                inner: check,
+                vip,
+                forward,
+            });
+        }
         let target = CheckTarget {
             address: spec.address,
             port: spec.settings.port,
@@ -199,6 +209,7 @@ mod tests {
             vip: "web".to_owned(),
             address: address.parse().unwrap(),
             settings,
+            through_tunnel: None,
         }
     }
 

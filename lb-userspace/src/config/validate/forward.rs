@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use toml::Spanned;
 
 use super::super::raw::{ForwardKind, OneOrMany, RawVip};
-use super::super::{ConfigError, DEFAULT_GUE_PORT, Forward};
+use super::super::{ConfigError, DEFAULT_GUE_PORT, Forward, Protocol};
 use super::Validator;
 
 /// `forward` as written, when it encapsulates ("ipip" or "gue").
@@ -74,6 +74,16 @@ impl Validator<'_> {
         let check_through_tunnel = match &raw.check_through_tunnel {
             Some(value) if *value.get_ref() && !forward.encapsulates() => {
                 return Err(not_encapsulating("check_through_tunnel", value.span()));
+            }
+            Some(value) if *value.get_ref() && *raw.protocol.get_ref() != Protocol::Tcp => {
+                return Err(self.error(
+                    value.span(),
+                    format!(
+                        "check_through_tunnel needs a TCP VIP (its probe is a TCP handshake with \
+                         the VIP); vip `{name}` is {}",
+                        raw.protocol.get_ref()
+                    ),
+                ));
             }
             Some(value) => *value.get_ref(),
             None => false,

@@ -11,6 +11,9 @@
 //! | `exec` | [`ExecCheck`] | a command exits 0                                                  |
 //! | `none` | [`NoneCheck`] | always                                                             |
 //!
+//! [`TunnelCheck`] wraps any of them for `check_through_tunnel = true`: the backend must also
+//! answer a SYN to the VIP sent through the tunnel.
+//!
 //! Every check finishes within its timeout (plus the few milliseconds an exec check needs to kill
 //! and reap its command), never panics and never hangs. Dropping a check's future cancels it; an
 //! exec check then still kills its command's process group.
@@ -25,6 +28,7 @@ mod exec;
 mod http;
 mod none;
 mod tcp;
+mod tunnel;
 mod udp;
 
 #[cfg(test)]
@@ -40,6 +44,7 @@ pub use exec::ExecCheck;
 pub use http::HttpCheck;
 pub use none::NoneCheck;
 pub use tcp::TcpCheck;
+pub use tunnel::TunnelCheck;
 pub use udp::UdpCheck;
 
 /// What to check.
