@@ -11,6 +11,7 @@ mod demo;
 mod fuzz;
 mod setup;
 mod toolchain;
+mod vm;
 
 use std::process::ExitCode;
 
