@@ -6,6 +6,7 @@ pub mod bpffs;
 pub mod daemon;
 pub mod ecmp;
 pub mod frames;
+pub mod guest;
 pub mod keepalived;
 pub mod links;
 pub mod load;
