@@ -281,6 +281,11 @@ impl Guest {
         self.boot_time
     }
 
+    /// qemu's process id (while it runs).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The tap device in the namespace (the guest's link).
     pub fn tap(&self) -> &str {
         &self.tap
