@@ -281,6 +281,24 @@ impl Guest {
         self.boot_time
     }
 
+    /// How the boot went, for test logs: the guest's uptime when its init started the wrapper
+    /// and when the script was done, and the wall time from qemu's start.
+    pub fn boot_report(&self) -> String {
+        let uptime = |marker: &str| {
+            self.lines_from(0)
+                .iter()
+                .find_map(|l| l.split_once(marker).map(|(_, rest)| rest.trim().to_owned()))
+                .unwrap_or_else(|| "?".to_owned())
+        };
+        format!(
+            "guest {}: kernel and init done at {}, script done at {}, {:.1} s wall from qemu's start",
+            self.name,
+            uptime(STARTED_MARKER),
+            uptime(READY_MARKER),
+            self.boot_time.as_secs_f64()
+        )
+    }
+
     /// qemu's process id (while it runs).
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)

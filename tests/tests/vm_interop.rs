@@ -88,7 +88,8 @@ impl Lab {
         let guest = Guest::boot(&namespace, &GuestConfig::new(name, backend_script()))
             .unwrap_or_else(|e| panic!("guest {name} did not boot: {e}"));
         eprintln!(
-            "guest {name}: ready {:.1} s after qemu started",
+            "{} ({:.1} s with the tap)",
+            guest.boot_report(),
             started.elapsed().as_secs_f64()
         );
         let ifindex = interface_index(&namespace, guest.tap()).expect("tap ifindex");
@@ -280,8 +281,21 @@ fn kernel_decapsulates_every_form_and_answers_directly() {
             Err(error) => failures.push(format!("{error:#}")),
         }
     }
-    if !failures.is_empty() {
-        let mut guest = lab.guest;
+    let mut lab = lab;
+    if failures.is_empty() {
+        // The console command channel, and the guest's own view of its fou listeners.
+        let listeners = lab
+            .guest
+            .exec("ip fou show; ip -6 fou show", Duration::from_secs(20))
+            .expect("ip fou show in the guest");
+        for port in [GUE_PORT, FOU_IPIP_PORT, FOU_IP6_PORT] {
+            assert!(
+                listeners.contains(&format!("port {port}")),
+                "the guest lists no fou port {port}:\n{listeners}"
+            );
+        }
+    } else {
+        let guest = &mut lab.guest;
         let state = guest
             .exec(
                 "ip -d link show; ip fou show; ip -6 fou show; nstat -az | grep -iE 'tunnel|ipip|udp|InNoRoutes|Discard' ",
