@@ -183,7 +183,7 @@ impl PacketSocket {
             let Ok(length) = usize::try_from(length) else {
                 continue;
             };
-            if from.sll_pkttype == libc::PACKET_OUTGOING as u8 {
+            if from.sll_pkttype == libc::PACKET_OUTGOING {
                 continue;
             }
             buffer.truncate(length);
