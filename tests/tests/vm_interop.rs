@@ -409,6 +409,14 @@ fn lb_ipip_and_gue_to_a_kernel_backend() {
     let guest = Guest::boot(&router, &GuestConfig::new("lb-backend", backend_script()))
         .unwrap_or_else(|e| panic!("guest did not boot: {e}"));
     let backend = guest.network().guest_v4;
+    // The routed path without the balancer: client → router → guest and back.
+    let direct = SocketAddr::new(IpAddr::V4(backend), VIP_PORT);
+    let answer = tcp_requests(&client, direct, 1, Duration::from_secs(5)).expect("client");
+    assert_eq!(
+        answer.per_identity.get(IDENTITY),
+        Some(&1),
+        "the client cannot reach the guest's server directly: {answer:?}"
+    );
     lb.ip([
         "route",
         "add",
