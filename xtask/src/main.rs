@@ -32,7 +32,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install what is missing, idempotently: Debian packages, the eBPF Rust toolchain
-    /// (rustup `distro` or `nightly`), bpf-linker 0.13, bpffs on /sys/fs/bpf.
+    /// (rustup `distro` or `nightly`), bpf-linker 0.13, bpffs on /sys/fs/bpf, and the VM tests'
+    /// guest kernel (Debian's linux-image, unpacked in /var/cache/lb-vm).
     Setup,
     /// Run setup, then `cargo fmt --check`, `cargo clippy -D warnings` and every test,
     /// including the ones that need root (run as root).
