@@ -477,7 +477,18 @@ address = "{backend}"
             assert_eq!(answer, IDENTITY, "{target} answered by {answer}");
         }
     }
-    drop(daemon);
+    // Every answer went through the balancer: it counted the connections' packets per VIP.
+    let counters = daemon.stop().expect("lb run stops with its counters");
+    for vip in ["ipip", "gue"] {
+        let packets = counters
+            .backends
+            .get(&(vip.to_owned(), backend.to_string()))
+            .map_or(0, |c| c.0);
+        assert!(
+            packets >= 5,
+            "lb forwarded {packets} packets of vip {vip} to {backend}, expected at least the 5 SYNs: {counters:?}"
+        );
+    }
     drop(guest);
 }
 
