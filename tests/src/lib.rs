@@ -7,6 +7,7 @@ pub mod daemon;
 pub mod decap_lab;
 pub mod ecmp;
 pub mod frames;
+pub mod guest;
 pub mod keepalived;
 pub mod links;
 pub mod load;

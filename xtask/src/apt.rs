@@ -46,6 +46,17 @@ const TOOLS: &[Package] = &[
     },
 ];
 
+/// The guest kernel under qemu (the interop tests with a real kernel's ipip and fou, issue 13):
+/// the emulator, a static busybox for the initramfs, depmod/modprobe, cpio, and xz to extract
+/// `vmlinux` from the bzImage.
+const VM: &[Package] = &[
+    pkg("qemu-system-x86"),
+    pkg("busybox-static"),
+    pkg("kmod"),
+    pkg("cpio"),
+    pkg("xz-utils"),
+];
+
 /// What `cargo install bpf-linker --features llvm-22` builds against.
 const LLVM: &[Package] = &[
     pkg("llvm-22-dev"),
@@ -76,7 +87,7 @@ pub fn is_debian_like() -> bool {
 /// The packages needed; the Rust ones only when the eBPF toolchain is Debian's.
 pub fn wanted(distro_toolchain: bool) -> Vec<&'static Package> {
     let rust = if distro_toolchain { RUST } else { &[] };
-    TOOLS.iter().chain(LLVM).chain(rust).collect()
+    TOOLS.iter().chain(VM).chain(LLVM).chain(rust).collect()
 }
 
 /// Installs whichever of `packages` are missing or too old.

@@ -11,6 +11,7 @@ mod demo;
 mod fuzz;
 mod setup;
 mod toolchain;
+mod vm;
 
 use std::process::ExitCode;
 
@@ -31,11 +32,16 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install what is missing, idempotently: Debian packages, the eBPF Rust toolchain
-    /// (rustup `distro` or `nightly`), bpf-linker 0.13, bpffs on /sys/fs/bpf.
+    /// (rustup `distro` or `nightly`), bpf-linker 0.13, bpffs on /sys/fs/bpf, and the VM tests'
+    /// guest kernel (Debian's linux-image, unpacked in /var/cache/lb-vm).
     Setup,
     /// Run setup, then `cargo fmt --check`, `cargo clippy -D warnings` and every test,
     /// including the ones that need root (run as root).
     Test {
+        /// Run only the VM tests (tests/tests/vm_interop.rs: Debian's kernel under qemu as a
+        /// backend host, decapsulating ipip/ip6tnl/fou), after building `lb`.
+        #[arg(long)]
+        vm: bool,
         /// Extra `cargo test` arguments (e.g. a filter); after a further `--`, test-harness
         /// arguments: `cargo xtask test -- maglev -- --nocapture`.
         #[arg(
@@ -101,10 +107,10 @@ fn main() -> ExitCode {
 fn run(task: Task) -> Result<ExitCode> {
     match task {
         Task::Setup => setup::run().map(|_| ExitCode::SUCCESS),
-        Task::Test { args } => {
+        Task::Test { vm, args } => {
             require_root_for("test")?;
             let toolchain = setup::run()?;
-            checks::run(&toolchain, &args).map(|()| ExitCode::SUCCESS)
+            checks::run(&toolchain, &args, vm).map(|()| ExitCode::SUCCESS)
         }
         Task::Demo { args } => {
             require_root_for("demo")?;
@@ -145,7 +151,7 @@ mod tests {
 
     fn test_args(argv: &[&str]) -> Vec<String> {
         match Cli::try_parse_from(argv).expect("parses").task {
-            Task::Test { args } => args,
+            Task::Test { args, .. } => args,
             _ => panic!("not the test task"),
         }
     }
@@ -159,6 +165,12 @@ mod tests {
             ["maglev", "--exact"]
         );
         assert!(test_args(&["xtask", "test"]).is_empty());
+        assert!(matches!(
+            Cli::try_parse_from(["xtask", "test", "--vm"])
+                .expect("parses")
+                .task,
+            Task::Test { vm: true, .. }
+        ));
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 
 use crate::cmd::{self, EBPF_TOOLCHAIN_ENV};
-use crate::{apt, toolchain};
+use crate::{apt, toolchain, vm};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPF_LINKER_SERIES: &str = "0.13.";
@@ -40,6 +40,14 @@ pub fn run() -> Result<String> {
     toolchain::verify(&toolchain)?;
     ensure_bpf_linker()?;
     ensure_bpffs()?;
+    if apt::is_debian_like() {
+        vm::ensure_guest()?;
+    } else {
+        println!(
+            "skip: the VM tests' guest kernel (Debian's linux-image, DESIGN §9) is prepared only \
+             on Debian-like systems; `cargo xtask test --vm` will say it is missing"
+        );
+    }
     println!(
         "ok: set-up complete; cargo commands run by xtask get {EBPF_TOOLCHAIN_ENV}={toolchain} \
          (export it for plain cargo builds)"
