@@ -9,11 +9,13 @@ use etherparse::{
     Icmpv4Header, Icmpv4Type, Icmpv6Header, Icmpv6Type, IpNumber, Ipv4Header, Ipv6FlowLabel,
     Ipv6Header, icmpv4::DestUnreachableHeader,
 };
+use lb_common::decap::DecapReason;
 use lb_common::{
     PROTO_TCP, PROTO_UDP, Reason, TOO_BIG_PER_CPU_PER_SEC, TOO_BIG_QUOTE, encap_flow_label,
     flow_hash, gue_source_port,
 };
 use lb_tests::{
+    decap_lab::DecapLab,
     frames::{FrameSpec, LB_MAC},
     packet_lab::{
         LAB_MTU, LAB_TUNNEL_SOURCE_V4, LAB_TUNNEL_SOURCE_V6, PacketLab, XDP_DROP, XDP_PASS, XDP_TX,
@@ -206,6 +208,7 @@ fn assert_encapsulated(lab: &mut PacketLab, vip: &str, frame: &[u8], spec: &Fram
 }
 
 #[test]
+#[ignore = "needs root: run with cargo xtask test"]
 fn every_mode_and_family_is_encapsulated_byte_for_byte() {
     let mut lab = PacketLab::new(CONFIG);
     let cases: [(&str, &str, u16); 7] = [
@@ -267,6 +270,7 @@ fn every_mode_and_family_is_encapsulated_byte_for_byte() {
 }
 
 #[test]
+#[ignore = "needs root: run with cargo xtask test"]
 fn ethernet_padding_is_not_carried_and_a_vlan_tag_is_kept() {
     let mut lab = PacketLab::new(CONFIG);
     // A 54-byte SYN padded to the 60-byte Ethernet minimum: the outer lengths are the
@@ -300,6 +304,7 @@ fn ethernet_padding_is_not_carried_and_a_vlan_tag_is_kept() {
 }
 
 #[test]
+#[ignore = "needs root: run with cargo xtask test"]
 fn truncated_frames_to_an_encapsulating_vip_pass_untouched() {
     let mut lab = PacketLab::new(CONFIG);
     for (vip, port) in [("10.0.0.100", 80u16), ("2001:db8:100::1", 443)] {
@@ -392,6 +397,7 @@ fn expected_too_big(frame: &[u8], room: u16) -> Vec<u8> {
 }
 
 #[test]
+#[ignore = "needs root: run with cargo xtask test"]
 fn a_packet_too_big_once_encapsulated_gets_the_icmp_answer_a_router_sends() {
     let mut lab = PacketLab::new(CONFIG);
     let mtu = usize::from(LAB_MTU);
@@ -449,6 +455,7 @@ fn a_packet_too_big_once_encapsulated_gets_the_icmp_answer_a_router_sends() {
 }
 
 #[test]
+#[ignore = "needs root: run with cargo xtask test"]
 fn too_big_answers_are_rate_limited_per_cpu() {
     // Pin to one CPU: the budget is per CPU.
     let mut cpus = nix::sched::CpuSet::new();
@@ -505,4 +512,40 @@ address = "172.16.1.11"
         "lb.toml:10:11: backend 172.16.1.11 of vip `v6` is IPv4, but an IPv6 VIP is encapsulated \
          in IPv6 only (forward = \"gue\"): give its backends IPv6 addresses"
     );
+}
+
+/// Interop: what the balancer sends, fed to `lb_decap`, gives back the client's IP packet byte
+/// for byte (every mode and family).
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn the_balancers_tunnels_are_undone_by_lb_decap() {
+    let mut lab = PacketLab::new(CONFIG);
+    let mut decap = DecapLab::new(
+        &[ip("10.0.0.100"), ip("10.0.0.101"), ip("2001:db8:100::1")],
+        7000,
+    );
+    let cases = [
+        FrameSpec::tcp_syn(ip("198.51.100.7"), 40001, ip("10.0.0.100"), 80),
+        FrameSpec::tcp_syn(ip("2001:db8:c::7"), 40002, ip("2001:db8:100::1"), 80),
+        FrameSpec::tcp_syn(ip("198.51.100.7"), 40003, ip("10.0.0.101"), 80),
+        FrameSpec::tcp_syn(ip("198.51.100.7"), 40004, ip("10.0.0.100"), 443),
+        FrameSpec::tcp_syn(ip("2001:db8:c::7"), 40005, ip("2001:db8:100::1"), 443),
+        FrameSpec::tcp_syn(ip("198.51.100.7"), 40006, ip("10.0.0.101"), 443),
+        FrameSpec::udp(ip("198.51.100.7"), 40007, ip("10.0.0.100"), 53, b"query"),
+    ];
+    for spec in &cases {
+        let frame = spec.build();
+        let (verdict, encapsulated) = lab.run(&frame);
+        assert_eq!(verdict, XDP_TX, "{spec:?}");
+        let (verdict, out) = decap.run(&encapsulated);
+        assert_eq!(verdict, XDP_PASS);
+        assert_eq!(&out[..12], &encapsulated[..12], "the balancer's MACs kept");
+        assert_eq!(
+            &out[14..],
+            &frame[14..],
+            "{spec:?}: the client's packet, byte for byte"
+        );
+    }
+    assert_eq!(decap.count(DecapReason::DecapIpip), 3);
+    assert_eq!(decap.count(DecapReason::DecapGue), 4);
 }

@@ -224,6 +224,7 @@ impl Drop for Lab {
 }
 
 #[test]
+#[ignore = "needs root: run with cargo xtask test"]
 fn three_hundred_connections_per_mode_are_answered_by_every_routed_backend() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let mut lab = Lab::new();
@@ -290,6 +291,7 @@ fn three_hundred_connections_per_mode_are_answered_by_every_routed_backend() {
 }
 
 #[test]
+#[ignore = "needs root: run with cargo xtask test"]
 fn path_mtu_discovery_works_through_the_tunnel() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let mut lab = Lab::new();
@@ -331,6 +333,7 @@ fn path_mtu_discovery_works_through_the_tunnel() {
 }
 
 #[test]
+#[ignore = "needs root: run with cargo xtask test"]
 fn a_routed_backend_that_dies_is_dropped_within_the_bound_and_returns() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let mut lab = Lab::new();
@@ -378,6 +381,7 @@ fn a_routed_backend_that_dies_is_dropped_within_the_bound_and_returns() {
 }
 
 #[test]
+#[ignore = "needs root: run with cargo xtask test"]
 fn lb_decap_detach_leaves_nothing_behind() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let lab = Lab::new();
@@ -402,6 +406,7 @@ fn lb_decap_detach_leaves_nothing_behind() {
 }
 
 #[test]
+#[ignore = "needs root: run with cargo xtask test"]
 fn check_through_tunnel_takes_down_a_backend_whose_decapsulation_stopped() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let broken = 1;

@@ -397,7 +397,7 @@ const LB: Ipv4Addr = Ipv4Addr::new(10, 202, 0, 2);
 /// Client → router → lb (XDP: encapsulate, outer source 10.202.0.2, next hop the router) →
 /// router → guest (decapsulate) → answer from the VIP → router → client.
 #[test]
-#[ignore = "needs forward = ipip|gue in the balancer (issue 13)"]
+#[ignore = "needs root and the guest kernel: run with cargo xtask test (or --vm)"]
 fn lb_ipip_and_gue_to_a_kernel_backend() {
     let base = unique_name("lbvmlb");
     let namespace = |role: &str| {

@@ -19,13 +19,6 @@ enum Outcome {
     Skipped,
 }
 
-/// Tests written ahead of a feature another branch is adding: `#[ignore]`d, so plain
-/// `--include-ignored` would run them; skipped by name until that branch is merged.
-const PENDING: &[&str] = &[
-    // needs `forward = "ipip" | "gue"` in the balancer (issue 13)
-    "lb_ipip_and_gue_to_a_kernel_backend",
-];
-
 /// The test binary of the VM tests (`cargo xtask test --vm`).
 const VM_TESTS: &str = "vm_interop";
 
@@ -115,7 +108,6 @@ fn test_command(ebpf_toolchain: &str, extra: &[String]) -> Command {
     test.arg("test")
         .args(cargo_args)
         .args(["--", "--include-ignored"])
-        .args(PENDING.iter().flat_map(|name| ["--skip", name]))
         .args(harness_args);
     test
 }
@@ -178,15 +170,12 @@ mod tests {
     fn extra_args_split_at_double_dash() {
         let extra: Vec<String> = ["maglev", "--", "--nocapture"].map(String::from).into();
         let test = test_command("distro", &extra);
-        let skips: Vec<String> = PENDING
-            .iter()
-            .flat_map(|name| ["--skip".to_owned(), (*name).to_owned()])
-            .collect();
         let with = |before: &[&str], after: &[&str]| -> Vec<String> {
-            let mut all: Vec<String> = before.iter().map(|s| (*s).to_owned()).collect();
-            all.extend(skips.iter().cloned());
-            all.extend(after.iter().map(|s| (*s).to_owned()));
-            all
+            before
+                .iter()
+                .chain(after)
+                .map(|s| (*s).to_owned())
+                .collect()
         };
         assert_eq!(
             args(&test),
