@@ -60,6 +60,10 @@ fn expected_names() -> Vec<String> {
             per_packet::CHANGED_VIP_BACKENDS,
             f,
         ));
+        // Issue 13: the same ACK through encapsulating VIPs.
+        for path in [names::CALL_ACK_V4_IPIP, names::CALL_ACK_V4_GUE] {
+            expected.push(names::point(path, rep_b, f));
+        }
         // Issue 12: new UDP flows with flow events on and off.
         for path in [
             names::NEW_FLOW_UDP_EVENTS_ON,
@@ -139,8 +143,23 @@ fn quick_per_packet_and_control_plane_write_a_complete_report() {
         }
     }
     let targets = report["targets"].as_array().expect("targets array");
-    // Issues 4 and 11, the flow-event row, and four sync rows (not measured here).
-    assert_eq!(targets.len(), 17, "{targets:?}");
+    // Issues 4 and 11, the two encapsulation rows (issue 13), the flow-event row, and four sync
+    // rows (not measured here).
+    assert_eq!(targets.len(), 19, "{targets:?}");
+    for mode in ["ipip", "gue"] {
+        let row = targets
+            .iter()
+            .find(|t| {
+                t["name"]
+                    .as_str()
+                    .is_some_and(|n| n.contains(&format!("forward = {mode}")))
+            })
+            .unwrap_or_else(|| panic!("no {mode} row in {targets:?}"));
+        assert!(
+            row["value"].as_f64().is_some_and(|v| v > 1.0),
+            "{mode}: measured beside the MAC-swap program: {row}"
+        );
+    }
     // Per-packet and control plane ran: every target of theirs has a verdict.
     for target in targets {
         let name = target["name"].as_str().unwrap_or_default();

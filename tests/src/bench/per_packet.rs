@@ -168,6 +168,10 @@ pub mod names {
     pub const CALL_NON_VIP: &str = "non_vip_v4_tcp";
     /// IPv4 TCP ACK in a changed slot, its flow in the table (a flow-table hit).
     pub const CALL_ACK_V4_CHANGED: &str = "tcp_ack_v4_changed_hit";
+    /// IPv4 TCP ACK in an unchanged slot of a `forward = "ipip"` VIP (issue 13: encapsulated).
+    pub const CALL_ACK_V4_IPIP: &str = "tcp_ack_v4_ipip";
+    /// The same through a `forward = "gue"` VIP.
+    pub const CALL_ACK_V4_GUE: &str = "tcp_ack_v4_gue";
 
     /// The call-method VIP paths measured over the whole backends × flows grid.
     pub const CALL_GRID_PATHS: [&str; 3] = [CALL_ACK_V4, CALL_ACK_V6, CALL_SYN_V4];
@@ -203,6 +207,8 @@ struct VipSpec {
     port: u16,
     protocol: u8,
     backends: u32,
+    /// The VIP's `forward` key.
+    forward: &'static str,
 }
 
 fn vip_specs() -> Vec<VipSpec> {
@@ -233,6 +239,7 @@ fn vip_specs() -> Vec<VipSpec> {
                         port,
                         protocol,
                         backends,
+                        forward: "l2",
                     }
                 })
         })
@@ -248,7 +255,26 @@ fn changed_vip_spec() -> VipSpec {
         port: 80,
         protocol: PROTO_TCP,
         backends: CHANGED_VIP_BACKENDS,
+        forward: "l2",
     }
+}
+
+/// The encapsulating VIPs (config index: after the changed-slot VIP): IPv4 TCP with
+/// [`REPRESENTATIVE_BACKENDS`] backends, `forward = "ipip"` and `"gue"`. Not pre-filled: their
+/// TCP flows in unchanged slots need no table.
+fn encap_vip_specs() -> [VipSpec; 2] {
+    let spec = |name, d, forward| VipSpec {
+        name,
+        address: IpAddr::V4(Ipv4Addr::new(10, 200, 0, d)),
+        port: 80,
+        protocol: PROTO_TCP,
+        backends: REPRESENTATIVE_BACKENDS,
+        forward,
+    };
+    [
+        spec("v4_tcp_ipip", 30, "ipip"),
+        spec("v4_tcp_gue", 31, "gue"),
+    ]
 }
 
 /// An address that is no VIP (same port and protocol as the TCP VIPs).
@@ -283,7 +309,8 @@ fn lab_config(specs: &[VipSpec], flow_table_size: u32) -> String {
          flow_table_size = {flow_table_size}\n"
     );
     let changed = changed_vip_spec();
-    for (v, spec) in specs.iter().chain([&changed]).enumerate() {
+    let encap = encap_vip_specs();
+    for (v, spec) in specs.iter().chain([&changed]).chain(&encap).enumerate() {
         let protocol = if spec.protocol == PROTO_UDP {
             "udp"
         } else {
@@ -291,8 +318,8 @@ fn lab_config(specs: &[VipSpec], flow_table_size: u32) -> String {
         };
         toml.push_str(&format!(
             "\n[[vip]]\nname = \"{}\"\naddress = \"{}\"\nport = {}\nprotocol = \"{protocol}\"\n\
-             [vip.health]\ncheck = \"none\"\n",
-            spec.name, spec.address, spec.port
+             forward = \"{}\"\n[vip.health]\ncheck = \"none\"\n",
+            spec.name, spec.address, spec.port, spec.forward
         ));
         for j in 0..spec.backends {
             toml.push_str(&format!(
@@ -477,6 +504,11 @@ impl Lab {
     /// Index of the changed-slot VIP in the balancer (after the grid's VIPs).
     fn changed_vip(&self) -> usize {
         self.specs.len()
+    }
+
+    /// Index of encapsulating VIP `k` of [`encap_vip_specs`] in the balancer.
+    fn encap_vip(&self, k: usize) -> usize {
+        self.specs.len() + 1 + k
     }
 
     /// One ring change on the changed-slot VIP after the lab is up: its first backend's weight
@@ -995,7 +1027,7 @@ fn spread_frames(lab: &Lab, v: usize, calls: usize, working_set: usize) -> Vec<V
 }
 
 /// The order of the paths in the report (cases are sorted by it, then by backends and flows).
-const PATH_ORDER: [&str; 16] = [
+const PATH_ORDER: [&str; 18] = [
     names::ESTABLISHED_V4,
     names::ESTABLISHED_V4_SPREAD,
     names::ESTABLISHED_V4_LOOP,
@@ -1012,6 +1044,8 @@ const PATH_ORDER: [&str; 16] = [
     names::CALL_SYN_V4,
     names::CALL_NON_VIP,
     names::CALL_ACK_V4_CHANGED,
+    names::CALL_ACK_V4_IPIP,
+    names::CALL_ACK_V4_GUE,
 ];
 
 fn build_cases(opts: &PerPacketOptions, labs: &[Lab]) -> Vec<Case> {
@@ -1276,6 +1310,42 @@ fn build_cases(opts: &PerPacketOptions, labs: &[Lab]) -> Vec<Case> {
             PROTO_TCP,
         ));
         lb_cases.push(changed_hit);
+
+        // Issue 13: the same ACK through encapsulating VIPs (outer headers written in XDP).
+        for (k, (spec, path, note)) in encap_vip_specs()
+            .iter()
+            .zip([
+                (
+                    names::CALL_ACK_V4_IPIP,
+                    "54-byte IPv4 TCP ACK in an unchanged slot of a forward = \"ipip\" VIP: \
+                     leaves as a 74-byte IPv4-in-IPv4 frame; repeat=1 calls on the same frame, \
+                     gross",
+                ),
+                (
+                    names::CALL_ACK_V4_GUE,
+                    "the same through a forward = \"gue\" VIP: an 82-byte IPv4/UDP/IPv4 \
+                     frame; repeat=1 calls, gross",
+                ),
+            ])
+            .map(|(spec, (path, note))| (spec, path, note))
+            .enumerate()
+        {
+            let mut c = case(
+                path,
+                Method::Call,
+                Program::Lb(l),
+                vec![frame(spec, hot, 40_000, TCP_ACK)],
+                Expect::Unchanged {
+                    vip: lab.encap_vip(k),
+                    syn: false,
+                },
+                Some(REPRESENTATIVE_BACKENDS),
+                Some(f),
+                note,
+            );
+            c.probe = Some(flow_key(hot, 40_000, spec.address, spec.port, PROTO_TCP));
+            lb_cases.push(c);
+        }
 
         // Issue 12: what telling the daemon about each insert costs. New UDP flows (every one
         // is recorded) to the representative UDP VIP, flow events on and off, a fresh flow per

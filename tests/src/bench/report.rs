@@ -499,9 +499,63 @@ pub fn targets(figures: &[Figure]) -> Vec<Target> {
         },
         info: true,
     });
+    out.extend(encap_targets(figures));
     out.push(flow_events_target(figures));
     out.extend(sync_targets(figures));
     out
+}
+
+/// Issue 13 (information rows): the ipip and gue paths per call, beside the MAC-swap program and
+/// the L2 path of the same frame at the same point.
+fn encap_targets(figures: &[Figure]) -> Vec<Target> {
+    [
+        ("ipip", names::CALL_ACK_V4_IPIP),
+        ("gue", names::CALL_ACK_V4_GUE),
+    ]
+    .into_iter()
+    .map(|(mode, path)| {
+        let figs = points(figures, path);
+        let worst = worst_ratio(figures, &figs);
+        let beside_l2: Vec<String> = figs
+            .iter()
+            .filter_map(|c| {
+                let flows = param(c, "flows")?;
+                let l2 = find(
+                    figures,
+                    &names::point(
+                        names::CALL_ACK_V4,
+                        per_packet::REPRESENTATIVE_BACKENDS,
+                        flows as u32,
+                    ),
+                )?;
+                Some(format!(
+                    "f={flows}: {} ns vs {} ns l2 ({}x, +{} ns)",
+                    fmt_num(c.median()),
+                    fmt_num(l2.median()),
+                    fmt_num(c.median() / l2.median()),
+                    fmt_num(c.median() - l2.median())
+                ))
+            })
+            .collect();
+        Target {
+            name: format!("IPv4 TCP ACK, forward = {mode}, unchanged slot, vs MAC-swap per call"),
+            goal: "info".to_owned(),
+            value: worst.map(|w| w.0),
+            unit: "x".to_owned(),
+            reached: None,
+            detail: if beside_l2.is_empty() {
+                "per-call figures not measured".to_owned()
+            } else {
+                format!(
+                    "call method, gross, {} backends, beside the l2 path of the same frame: {}",
+                    per_packet::REPRESENTATIVE_BACKENDS,
+                    beside_l2.join("; ")
+                )
+            },
+            info: true,
+        }
+    })
+    .collect()
 }
 
 /// "1k", "50k" (rates in the sync rows' names).
