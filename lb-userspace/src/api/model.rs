@@ -111,6 +111,9 @@ pub struct VipStatus {
     pub address: String,
     pub port: u16,
     pub protocol: String,
+    /// `l2`, `ipip` or `gue:PORT` (the VIP's `forward`, with its `gue_port`).
+    #[serde(default)]
+    pub forward: String,
     /// `primary`, `standby` or `none`.
     pub active_pool: String,
     /// This VIP can serve new flows on this node (a backend in its ring, or `on_all_down =

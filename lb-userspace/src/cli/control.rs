@@ -286,8 +286,13 @@ fn vip_line(vip: &VipStatus) -> String {
     } else {
         "withdrawn"
     };
+    // L2 is the default and says nothing; an encapsulating VIP names its tunnel.
+    let forward = match vip.forward.as_str() {
+        "" | "l2" => String::new(),
+        other => format!(" forward={other}"),
+    };
     format!(
-        "{} {host}:{}/{} pool={} {announced} ring={} changed_slots={} table_flows={} packets={} bytes={} flows={}",
+        "{} {host}:{}/{}{forward} pool={} {announced} ring={} changed_slots={} table_flows={} packets={} bytes={} flows={}",
         vip.name,
         vip.port,
         vip.protocol,
@@ -379,6 +384,7 @@ mod tests {
                     address: "10.0.0.100".into(),
                     port: 80,
                     protocol: "tcp".into(),
+                    forward: "l2".into(),
                     active_pool: "primary".into(),
                     can_serve: true,
                     announced: true,
@@ -400,6 +406,7 @@ mod tests {
                     address: "2001:db8::100".into(),
                     port: 53,
                     protocol: "udp".into(),
+                    forward: "gue:6080".into(),
                     active_pool: "none".into(),
                     can_serve: false,
                     announced: false,
@@ -420,7 +427,7 @@ mod tests {
              \x20 10.0.0.11 primary up weight=100 last=ok (0.4ms) packets=7 bytes=700 flows=2\n\
              \x20 10.0.0.12 primary draining weight=0/100 last=ok (0.4ms) packets=7 bytes=700 flows=2\n\
              \x20 10.0.0.13 standby down weight=100 last=connection refused packets=7 bytes=700 flows=2\n\
-             v6 [2001:db8::100]:53/udp pool=none withdrawn ring=89abcdef01234567 changed_slots=0 table_flows=0 packets=0 bytes=0 flows=0\n\
+             v6 [2001:db8::100]:53/udp forward=gue:6080 pool=none withdrawn ring=89abcdef01234567 changed_slots=0 table_flows=0 packets=0 bytes=0 flows=0\n\
              \x20 2001:db8::11 primary unknown weight=100 last=- packets=7 bytes=700 flows=2\n\
              announce: route_table=200 health_file=/run/lb/health (1)\n\
              \x20 10.0.0.100 announced: vip web: 2 backends take new flows (pool primary)\n\

@@ -1711,3 +1711,103 @@ fn sync_errors_point_at_the_value() {
         "unknown field `port`",
     );
 }
+
+/// A one-VIP config with `extra` keys in the `[[vip]]` table and one backend at `backend`.
+fn forwarding_vip(address: &str, protocol: &str, extra: &str, backend: &str) -> String {
+    format!(
+        "interface = \"eth0\"\n[[vip]]\nname = \"web\"\naddress = \"{address}\"\nport = 80\n\
+         protocol = \"{protocol}\"\n{extra}\n[[vip.backend]]\naddress = \"{backend}\"\n"
+    )
+}
+
+#[test]
+fn forward_defaults_to_l2_and_gue_to_port_6080() {
+    let plain = parse_ok(&forwarding_vip("10.0.0.100", "tcp", "", "10.0.0.11"));
+    assert_eq!(plain.vips[0].forward, Forward::L2);
+    assert!(plain.vips[0].encap_source.is_empty());
+    assert!(!plain.vips[0].check_through_tunnel);
+    let gue = parse_ok(&forwarding_vip(
+        "10.0.0.100",
+        "tcp",
+        "forward = \"gue\"\ncheck_through_tunnel = true",
+        "172.16.0.11",
+    ));
+    assert_eq!(gue.vips[0].forward, Forward::Gue { port: 6080 });
+    assert!(gue.vips[0].check_through_tunnel);
+    let ipip = parse_ok(&forwarding_vip(
+        "10.0.0.100",
+        "udp",
+        "forward = \"ipip\"\nencap_source = [\"10.1.0.2\", \"2001:db8::2\"]",
+        "2001:db8:5::11",
+    ));
+    assert_eq!(ipip.vips[0].forward, Forward::Ipip);
+    assert_eq!(
+        ipip.vips[0].encap_source,
+        vec![
+            "10.1.0.2".parse::<IpAddr>().unwrap(),
+            "2001:db8::2".parse().unwrap()
+        ]
+    );
+}
+
+#[test]
+fn encapsulation_keys_are_refused_where_they_do_not_apply() {
+    assert_error(
+        &forwarding_vip("10.0.0.100", "tcp", "gue_port = 7000", "10.0.0.11"),
+        7,
+        12,
+        "gue_port is only for forward = \"gue\"; vip `web` forwards with l2",
+    );
+    assert_error(
+        &forwarding_vip(
+            "10.0.0.100",
+            "tcp",
+            "encap_source = \"10.1.0.2\"",
+            "10.0.0.11",
+        ),
+        7,
+        16,
+        "encap_source is only for encapsulating VIPs",
+    );
+    assert_error(
+        &forwarding_vip(
+            "10.0.0.100",
+            "udp",
+            "forward = \"ipip\"\ncheck_through_tunnel = true",
+            "10.0.0.11",
+        ),
+        8,
+        24,
+        "check_through_tunnel needs a TCP VIP",
+    );
+    assert_error(
+        &forwarding_vip(
+            "10.0.0.100",
+            "tcp",
+            "forward = \"ipip\"\nencap_source = [\"10.1.0.2\", \"10.1.0.3\"]",
+            "10.0.0.11",
+        ),
+        8,
+        16,
+        "encap_source has two IPv4 addresses",
+    );
+    assert_error(
+        &forwarding_vip("10.0.0.100", "tcp", "forward = \"vxlan\"", "10.0.0.11"),
+        7,
+        11,
+        "unknown variant `vxlan`",
+    );
+    // IPv4 in IPv6 is a wire format; L2 still wants one family.
+    parse_ok(&forwarding_vip(
+        "10.0.0.100",
+        "tcp",
+        "forward = \"ipip\"",
+        "2001:db8::11",
+    ));
+    assert_error(
+        &forwarding_vip("10.0.0.100", "tcp", "", "2001:db8::11"),
+        9,
+        11,
+        "backend 2001:db8::11 is IPv6 but vip `web` is IPv4",
+    );
+}

@@ -112,6 +112,10 @@ pub(super) fn status(
                 address: vip.address.to_string(),
                 port: vip.port,
                 protocol: vip.protocol.as_str().to_owned(),
+                forward: match vip.forward {
+                    crate::config::Forward::Gue { port } => format!("gue:{port}"),
+                    other => other.as_str().to_owned(),
+                },
                 active_pool: vip.active_pool.as_str().to_owned(),
                 can_serve: serves.is_some_and(|d| d.can_serve),
                 announced: decision.announces(vip.address),

@@ -344,6 +344,7 @@ mod tests {
                 "FLOW_EVENTS_ON",
                 "REASONS",
                 "RINGS",
+                "TOO_BIG_BUDGET",
                 "TX_PORTS",
                 "VIPS",
                 "VIP_INDEX",
