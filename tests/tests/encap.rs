@@ -549,3 +549,44 @@ fn the_balancers_tunnels_are_undone_by_lb_decap() {
     assert_eq!(decap.count(DecapReason::DecapIpip), 3);
     assert_eq!(decap.count(DecapReason::DecapGue), 4);
 }
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn a_restarted_daemon_adopts_the_tunnels_and_every_flow_keeps_its_frame() {
+    let mut lab = PacketLab::new(CONFIG);
+    let specs: Vec<FrameSpec> = (0..64u16)
+        .map(|i| {
+            if i % 2 == 0 {
+                FrameSpec::tcp_ack(ip("198.51.100.7"), 41000 + i, ip("10.0.0.100"), 443)
+            } else {
+                FrameSpec::tcp_ack(ip("2001:db8:c::7"), 41000 + i, ip("2001:db8:100::1"), 80)
+            }
+        })
+        .collect();
+    let before: Vec<Vec<u8>> = specs.iter().map(|s| lab.run(&s.build()).1).collect();
+    let (mut lab, adopted, changes) = lab.restart(CONFIG);
+    assert_eq!(adopted.vips, 7, "{adopted:?}");
+    assert_eq!(adopted.backends, 10, "{adopted:?}");
+    assert_eq!(adopted.up, 10, "{adopted:?}");
+    assert!(changes.is_empty(), "nothing to reconcile: {changes:?}");
+    // The adopted paths are the tunnels' (source, MTU), not re-resolved: no backend lost its path.
+    for vip in &lab.balancer.vips {
+        for backend in &vip.backends {
+            let tunnel = backend.path.and_then(|p| p.tunnel);
+            assert!(
+                tunnel.is_some(),
+                "{}: {} lost its tunnel",
+                vip.name,
+                backend.address
+            );
+        }
+    }
+    for (spec, want) in specs.iter().zip(&before) {
+        let (verdict, out) = lab.run(&spec.build());
+        assert_eq!(verdict, XDP_TX);
+        assert_eq!(
+            &out, want,
+            "{spec:?}: the same encapsulated frame after the restart"
+        );
+    }
+}
