@@ -46,15 +46,10 @@ pub struct DecapVip {
 
 impl DecapVip {
     pub const fn v4(addr: [u8; 4]) -> Self {
-        let mut a = [0u8; 16];
-        a[0] = addr[0];
-        a[1] = addr[1];
-        a[2] = addr[2];
-        a[3] = addr[3];
         Self {
             family: FAMILY_V4,
             _pad: [0; 3],
-            addr: a,
+            addr: crate::maps::ipv4_in_16(addr),
         }
     }
 

@@ -356,16 +356,21 @@ mod user {
     );
 }
 
+/// An IPv4 address as the maps hold it: in the first 4 of 16 bytes, the rest zero.
+pub const fn ipv4_in_16(addr: [u8; 4]) -> [u8; 16] {
+    let mut a = [0u8; 16];
+    a[0] = addr[0];
+    a[1] = addr[1];
+    a[2] = addr[2];
+    a[3] = addr[3];
+    a
+}
+
 impl VipKey {
     /// Key for an IPv4 VIP; `port` in host byte order.
     pub const fn v4(addr: [u8; 4], port: u16, proto: u8) -> Self {
-        let mut a = [0u8; 16];
-        a[0] = addr[0];
-        a[1] = addr[1];
-        a[2] = addr[2];
-        a[3] = addr[3];
         Self {
-            addr: a,
+            addr: ipv4_in_16(addr),
             port_be: port.to_be(),
             proto,
             family: FAMILY_V4,

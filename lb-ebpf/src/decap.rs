@@ -25,6 +25,10 @@ use lb_common::{
 };
 
 use crate::parse::{bounds, frame_len, header, load};
+use crate::wire::{
+    ETH_LEN, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPV4_LEN, IPV4_MF, IPV4_OFFSET_MASK, IPV6_LEN,
+    UDP_LEN,
+};
 
 #[map]
 pub static DECAP_VIPS: HashMap<DecapVip, u32> = HashMap::with_max_entries(DECAP_MAX_VIPS, 0);
@@ -36,17 +40,8 @@ pub static DECAP_CONFIG: Array<DecapConfig> = Array::with_max_entries(1, 0);
 pub static DECAP_STATS: PerCpuArray<Counters> =
     PerCpuArray::with_max_entries(DecapReason::COUNT, 0);
 
-const ETH_LEN: usize = 14;
 const VLAN_ETH_LEN: usize = 18;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86DD;
-const ETH_P_8021Q: u16 = 0x8100;
-const IPV4_LEN: usize = 20;
-const IPV6_LEN: usize = 40;
-const UDP_LEN: usize = 8;
 const GUE_V0_LEN: usize = 4;
-const IPV4_MF: u16 = 0x2000;
-const IPV4_OFFSET_MASK: u16 = 0x1fff;
 
 /// Where the inner packet is and what it is.
 struct Inner {

@@ -30,26 +30,18 @@ use lb_common::{
     gue_source_port,
 };
 
+use crate::wire::{
+    ETH_LEN, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_UDP, IPV4_DF,
+    IPV4_LEN, IPV6_LEN, UDP_LEN, VLAN_LEN,
+};
 use crate::{
     maps::TOO_BIG_BUDGET,
     parse::{bounds, load},
 };
 
-const ETH_LEN: usize = 14;
-const VLAN_LEN: usize = 4;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86DD;
-const ETH_P_8021Q: u16 = 0x8100;
-const IPV4_LEN: usize = 20;
-const IPV6_LEN: usize = 40;
-const UDP_LEN: usize = 8;
 const ICMP_LEN: usize = 8;
-const IPPROTO_IPIP: u8 = 4;
-const IPPROTO_IPV6: u8 = 41;
-const IPPROTO_UDP: u8 = 17;
 const IPPROTO_ICMP: u8 = 1;
 const IPPROTO_ICMPV6: u8 = 58;
-const IPV4_DF: u16 = 0x4000;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_FRAG_NEEDED: u8 = 4;
 const ICMPV6_PACKET_TOO_BIG: u8 = 2;
@@ -204,13 +196,7 @@ fn write_ipv4<const GUE: bool>(
     if at + IPV4_LEN + UDP_LEN > end {
         return false;
     }
-    let proto = if GUE {
-        IPPROTO_UDP
-    } else if inner.v6 {
-        IPPROTO_IPV6
-    } else {
-        IPPROTO_IPIP
-    };
+    let proto = outer_protocol::<GUE>(inner);
     let word0 = 0x4500u16 | u16::from(inner.tos);
     let ttl_proto = (u16::from(inner.ttl) << 8) | u16::from(proto);
     let src = read_be_u32(&backend.encap_src, 0);
@@ -250,13 +236,7 @@ fn write_ipv6<const GUE: bool>(
     if at + IPV6_LEN + UDP_LEN > end {
         return false;
     }
-    let next_header = if GUE {
-        IPPROTO_UDP
-    } else if inner.v6 {
-        IPPROTO_IPV6
-    } else {
-        IPPROTO_IPIP
-    };
+    let next_header = outer_protocol::<GUE>(inner);
     let word0 = (6u32 << 28) | (u32::from(inner.tos) << 20) | encap_flow_label(hash);
     let len_next_hop = (((outer_len - IPV6_LEN) as u32) << 16)
         | (u32::from(next_header) << 8)
@@ -277,6 +257,18 @@ fn write_ipv6<const GUE: bool>(
         }
     }
     true
+}
+
+/// What the outer header says it carries: UDP (GUE), or the inner packet's IP version.
+#[inline(always)]
+fn outer_protocol<const GUE: bool>(inner: &Inner) -> u8 {
+    if GUE {
+        IPPROTO_UDP
+    } else if inner.v6 {
+        IPPROTO_IPV6
+    } else {
+        IPPROTO_IPIP
+    }
 }
 
 /// The GUE UDP header at `at` (`udp_len` = 8 + the inner datagram).

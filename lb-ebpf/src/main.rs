@@ -17,6 +17,7 @@ mod maps;
 mod parse;
 mod rewrite;
 mod vips;
+mod wire;
 
 use crate::parse::Parsed;
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};

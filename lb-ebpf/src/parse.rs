@@ -4,6 +4,7 @@
 
 use core::mem::size_of;
 
+use crate::wire::{ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPV4_MF, IPV4_OFFSET_MASK};
 use aya_ebpf::programs::XdpContext;
 use lb_common::{FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP, Reason};
 use network_types::{
@@ -13,14 +14,6 @@ use network_types::{
     udp::UdpHdr,
     vlan::VlanHdr,
 };
-
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86DD;
-const ETH_P_8021Q: u16 = 0x8100;
-
-/// IPv4 "more fragments" flag and fragment offset mask, in the host-order `frags` word.
-const IPV4_MF: u16 = 0x2000;
-const IPV4_OFFSET_MASK: u16 = 0x1fff;
 
 /// TCP flag bits, in byte 13 of the header.
 const TCP_FLAGS_OFFSET: usize = 13;
