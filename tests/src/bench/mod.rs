@@ -3,6 +3,7 @@
 //! worth quoting).
 
 pub mod control_plane;
+pub mod next_hop;
 pub mod per_packet;
 pub mod report;
 pub mod sync;

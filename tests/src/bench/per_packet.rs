@@ -1437,6 +1437,7 @@ pub fn run(opts: &PerPacketOptions) -> Result<Vec<Figure>> {
     let result = measure(opts, &mut bench, &mut labs, measure_cpu);
     sched_setaffinity(Pid::from_raw(0), &previous).context("restoring the CPU affinity")?;
     let cases = result?;
+    let next_hop = super::next_hop::run(opts.trials, opts.quick, measure_cpu)?;
     for lab in &labs {
         let count = lab.count();
         if count.abs_diff(lab.filled) > lab.filled / 100 + 16 {
@@ -1446,7 +1447,9 @@ pub fn run(opts: &PerPacketOptions) -> Result<Vec<Figure>> {
             );
         }
     }
-    Ok(figures(&cases, &labs, opts, measure_cpu))
+    let mut figures = figures(&cases, &labs, opts, measure_cpu);
+    figures.extend(next_hop);
+    Ok(figures)
 }
 
 fn measure(

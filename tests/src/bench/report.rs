@@ -500,6 +500,7 @@ pub fn targets(figures: &[Figure]) -> Vec<Target> {
         info: true,
     });
     out.extend(encap_targets(figures));
+    out.push(next_hop_target(figures));
     out.push(flow_events_target(figures));
     out.extend(sync_targets(figures));
     out
@@ -1398,6 +1399,33 @@ pub fn write(
         }
     }
     Ok((text_table(machine, figures, &targets), written))
+}
+
+/// Issue 13 (information row): what a `bpf_fib_lookup` per packet would cost, beside the MAC
+/// swap: the next hop the daemon resolves instead costs the data plane nothing.
+fn next_hop_target(figures: &[Figure]) -> Target {
+    let fib = find(figures, super::next_hop::FIB_LOOKUP).map(Figure::median);
+    let reflector = find(figures, super::next_hop::REFLECTOR).map(Figure::median);
+    let value = fib.zip(reflector).map(|(f, r)| f / r);
+    Target {
+        name: "bpf_fib_lookup per packet (the next hop not chosen) vs MAC-swap per call".to_owned(),
+        goal: "info".to_owned(),
+        value,
+        unit: "x".to_owned(),
+        reached: None,
+        detail: match fib.zip(reflector) {
+            Some((f, r)) => format!(
+                "next_hop/fib_lookup {} ns vs next_hop/reflector {} ns (+{} ns per packet, \
+                 BPF_FIB_LKUP_RET_SUCCESS); encapsulating VIPs read the next hop's MAC from the \
+                 backend record instead, at no extra cost",
+                fmt_num(f),
+                fmt_num(r),
+                fmt_num(f - r)
+            ),
+            None => "not measured".to_owned(),
+        },
+        info: true,
+    }
 }
 
 #[cfg(test)]
