@@ -30,7 +30,7 @@ const CAPACITY: Capacity = Capacity {
     flow_table_size: 1024,
 };
 
-const MAP_NAMES: [&str; 12] = [
+const MAP_NAMES: [&str; 13] = [
     "BACKENDS",
     "BACKEND_STATS",
     "FLOWS",
@@ -39,6 +39,7 @@ const MAP_NAMES: [&str; 12] = [
     "FLOW_EVENTS_ON",
     "REASONS",
     "RINGS",
+    "TOO_BIG_BUDGET",
     "TX_PORTS",
     "VIPS",
     "VIP_INDEX",
