@@ -200,6 +200,9 @@ pub fn format_status(report: &StatusReport) -> String {
     if let Some(sync) = &report.sync {
         out.push_str(&sync_lines(sync));
     }
+    if let Some(dns) = &report.dns {
+        out.push_str(&dns_lines(dns));
+    }
     for orphan in &report.orphans {
         let _ = writeln!(out, "warning: {orphan}");
     }
@@ -239,6 +242,37 @@ fn counts(map: &std::collections::BTreeMap<String, u64>) -> String {
     } else {
         nonzero.join(",")
     }
+}
+
+/// `dns: zone=svc.example. listen=10.0.0.2:53 ttl=5s queries=A/NOERROR=10,...`, then per name
+/// `  www.svc.example. -> 10.0.0.100, 192.0.2.100` and per address its state and why.
+fn dns_lines(dns: &crate::api::model::DnsStatus) -> String {
+    let queries: std::collections::BTreeMap<String, u64> = dns
+        .queries
+        .iter()
+        .map(|q| (format!("{}/{}", q.qtype, q.rcode), q.count))
+        .collect();
+    let mut out = format!(
+        "dns: zone={} listen={} ttl={}s queries={} truncated={}\n",
+        dns.zone,
+        dns.listen.join(","),
+        dns.ttl_seconds,
+        counts(&queries),
+        dns.truncated
+    );
+    for name in &dns.names {
+        let answer = if name.answer.is_empty() {
+            "(empty)".to_owned()
+        } else {
+            name.answer.join(", ")
+        };
+        let _ = writeln!(out, "  {} -> {answer}", name.name);
+        for address in &name.addresses {
+            let state = if address.up { "up" } else { "down" };
+            let _ = writeln!(out, "    {} {state}: {}", address.address, address.reason);
+        }
+    }
+    out
 }
 
 fn sync_lines(sync: &SyncStatus) -> String {
@@ -355,6 +389,7 @@ mod tests {
         let report = StatusReport {
             orphans: Vec::new(),
             sync: None,
+            dns: None,
             announce: AnnounceStatus {
                 route_table: Some(200),
                 health_file: Some("/run/lb/health".into()),
@@ -432,6 +467,7 @@ mod tests {
                 vips: vec![],
                 orphans: Vec::new(),
                 sync: None,
+                dns: None,
             }),
             "no VIPs configured\nannounce: route_table=none health_file=none\n"
         );

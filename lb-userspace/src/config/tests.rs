@@ -117,6 +117,7 @@ protocol = "udp"
             health_file: Some("/run/lb/health".into()),
         },
         sync: None,
+        dns: None,
         vips: vec![
             VipConfig {
                 name: "web".into(),
