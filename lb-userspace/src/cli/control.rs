@@ -246,7 +246,7 @@ fn counts(map: &std::collections::BTreeMap<String, u64>) -> String {
 
 /// `dns: zone=svc.example. listen=10.0.0.2:53 ttl=5s queries=A/NOERROR=10,...`, then per name
 /// `  www.svc.example. -> 10.0.0.100, 192.0.2.100` and per address its state and why.
-fn dns_lines(dns: &crate::api::model::DnsStatus) -> String {
+fn dns_lines(dns: &lb::api::model::DnsStatus) -> String {
     let queries: std::collections::BTreeMap<String, u64> = dns
         .queries
         .iter()
