@@ -514,7 +514,7 @@ mod tests {
     use crate::stats::{BackendCounters, VipCounters};
 
     /// Every family, with its type, as `# TYPE` names it.
-    const FAMILIES: [(&str, &str); 20] = [
+    const FAMILIES: [(&str, &str); 23] = [
         ("lb_vip_packets_total", "counter"),
         ("lb_vip_bytes_total", "counter"),
         ("lb_backend_packets_total", "counter"),
@@ -535,7 +535,50 @@ mod tests {
         ("lb_sync_flows_skipped_total", "counter"),
         ("lb_sync_flows_installed_total", "counter"),
         ("lb_sync_events_lost_total", "counter"),
+        ("lb_dns_queries_total", "counter"),
+        ("lb_dns_truncated_total", "counter"),
+        ("lb_dns_name_up_addresses", "gauge"),
     ];
+
+    #[test]
+    fn dns_families_print_queries_by_type_and_rcode() {
+        let metrics = Metrics::new();
+        let query = |qtype: &str, rcode: &str, count| crate::api::model::DnsQueryCount {
+            qtype: qtype.into(),
+            rcode: rcode.into(),
+            count,
+        };
+        metrics.set_dns(Some(crate::api::model::DnsStatus {
+            zone: "svc.example.".into(),
+            listen: vec!["10.0.0.2:53".into()],
+            ttl_seconds: 5,
+            names: vec![crate::api::model::DnsNameStatus {
+                name: "www.svc.example.".into(),
+                answer: vec!["10.0.0.100".into(), "192.0.2.1".into()],
+                ..Default::default()
+            }],
+            queries: vec![query("A", "NOERROR", 10), query("A", "NXDOMAIN", 2)],
+            truncated: 3,
+        }));
+        let text = metrics.encode();
+        for line in [
+            "lb_dns_queries_total{qtype=\"A\",rcode=\"NOERROR\"} 10",
+            "lb_dns_queries_total{qtype=\"A\",rcode=\"NXDOMAIN\"} 2",
+            "lb_dns_truncated_total 3",
+            "lb_dns_name_up_addresses{name=\"www.svc.example.\"} 2",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "no line {line:?} in:\n{text}"
+            );
+        }
+        parse_strict(&text);
+        metrics.set_dns(None);
+        assert!(
+            !metrics.encode().contains("qtype=\""),
+            "no dns samples without [dns]"
+        );
+    }
 
     #[test]
     fn sync_families_print_each_peer_and_reason() {

@@ -1718,7 +1718,8 @@ fn dns_section(listen: &str, zone: &str, names: &str) -> String {
     format!("{BASE}[dns]\nlisten = [{listen}]\nzone = \"{zone}\"\n{names}")
 }
 
-const WWW: &str = "[[dns.name]]\nname = \"www\"\naddresses = [\"10.0.0.100\", \"192.0.2.1\", \"2001:db8::1\"]\n";
+const WWW: &str =
+    "[[dns.name]]\nname = \"www\"\naddresses = [\"10.0.0.100\", \"192.0.2.1\", \"2001:db8::1\"]\n";
 
 #[test]
 fn dns_is_off_by_default_and_reads_names() {
@@ -1726,7 +1727,9 @@ fn dns_is_off_by_default_and_reads_names() {
     let config = parse_ok(&dns_section(
         "\"10.0.0.2:53\", \"[fd00::2]:53\"",
         "Svc.Example.",
-        &format!("{WWW}on_all_down = \"none\"\nhealth = {{ check = \"tcp\", port = 443, rise = 1 }}\n"),
+        &format!(
+            "{WWW}on_all_down = \"none\"\nhealth = {{ check = \"tcp\", port = 443, rise = 1 }}\n"
+        ),
     ));
     let dns = config.dns.expect("[dns] is on");
     assert_eq!(dns.listen.len(), 2);
@@ -1737,9 +1740,15 @@ fn dns_is_off_by_default_and_reads_names() {
     assert_eq!(www.addresses[2], ip("2001:db8::1"));
     assert_eq!(www.on_all_down, super::DnsAllDown::None);
     let health = www.health.as_ref().expect("health");
-    assert_eq!((health.check, health.port, health.rise), (CheckKind::Tcp, 443, 1));
+    assert_eq!(
+        (health.check, health.port, health.rise),
+        (CheckKind::Tcp, 443, 1)
+    );
     let plain = parse_ok(&dns_section("\"10.0.0.2:53\"", "svc.example.", WWW));
-    assert_eq!(plain.dns.unwrap().names[0].on_all_down, super::DnsAllDown::All);
+    assert_eq!(
+        plain.dns.unwrap().names[0].on_all_down,
+        super::DnsAllDown::All
+    );
 }
 
 #[test]
@@ -1837,7 +1846,7 @@ fn dns_errors_point_at_the_value() {
             &format!("{WWW}health = {{ port = 443, colour = 1 }}\n"),
         ),
         16,
-        21,
+        24,
         "unknown field `colour`",
     );
 }

@@ -193,9 +193,9 @@ pub async fn run(config: Config, path: &Path) -> Result<Snapshot, RunError> {
 
     // After the announcements are ready: a VIP address is answered once it can serve.
     let dns = match &config.dns {
-        Some(settings) => Some(
-            crate::dns::DnsService::start(settings, &config.vips, announcer.decision()).await?,
-        ),
+        Some(settings) => {
+            Some(crate::dns::DnsService::start(settings, &config.vips, announcer.decision()).await?)
+        }
         None => None,
     };
 

@@ -155,17 +155,17 @@ async fn apply(
     // The new DNS sockets next, for the same reason; the old ones close only once the new
     // config is in.
     let new_dns = match (&running.dns, &new.dns) {
-        (Some(service), Some(config)) => Some(DnsStep::Reconfigure(
+        (Some(service), Some(config)) => Some(DnsStep::Reconfigure(Box::new(
             service
                 .prepare(config)
                 .await
                 .map_err(|e| format!("{}: {e}", path.display()))?,
-        )),
-        (None, Some(config)) => Some(DnsStep::Start(
+        ))),
+        (None, Some(config)) => Some(DnsStep::Start(Box::new(
             crate::dns::DnsService::start(config, &new.vips, running.announcer.decision())
                 .await
                 .map_err(|e| format!("{}: {e}", path.display()))?,
-        )),
+        ))),
         (Some(_), None) => Some(DnsStep::Stop),
         (None, None) => None,
     };
@@ -214,12 +214,12 @@ async fn apply(
     match new_dns {
         Some(DnsStep::Reconfigure(prepared)) => {
             if let Some(service) = running.dns.as_mut() {
-                changes.extend(service.commit(prepared, &new.vips, decision));
+                changes.extend(service.commit(*prepared, &new.vips, decision));
             }
         }
         Some(DnsStep::Start(mut service)) => {
             service.update(decision);
-            running.dns = Some(service);
+            running.dns = Some(*service);
             changes.push("dns: responder started".to_owned());
         }
         Some(DnsStep::Stop) => {
@@ -238,8 +238,8 @@ async fn apply(
 /// What a reload does to the DNS responder, decided (and its sockets bound) before anything
 /// else changes.
 enum DnsStep {
-    Reconfigure(crate::dns::Prepared),
-    Start(crate::dns::DnsService),
+    Reconfigure(Box<crate::dns::Prepared>),
+    Start(Box<crate::dns::DnsService>),
     Stop,
 }
 

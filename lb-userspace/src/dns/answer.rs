@@ -209,7 +209,11 @@ impl Zone {
     }
 
     fn apex(&self, qtype: RecordType) -> Vec<Record> {
-        let ns = Record::from_rdata(self.origin.clone(), self.ttl, RData::NS(NS(self.ns.clone())));
+        let ns = Record::from_rdata(
+            self.origin.clone(),
+            self.ttl,
+            RData::NS(NS(self.ns.clone())),
+        );
         match qtype {
             RecordType::SOA => vec![self.soa_record()],
             RecordType::NS => vec![ns],

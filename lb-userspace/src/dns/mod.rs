@@ -89,9 +89,11 @@ impl DnsService {
         let stats = Arc::new(QueryStats::default());
         let mut listeners = Vec::with_capacity(config.listen.len());
         for &address in &config.listen {
-            let listener =
-                server::listen(address, Arc::clone(&zone), Arc::clone(&stats)).await?;
-            info!("dns: answering for {} on {address} (udp and tcp)", config.zone);
+            let listener = server::listen(address, Arc::clone(&zone), Arc::clone(&stats)).await?;
+            info!(
+                "dns: answering for {} on {address} (udp and tcp)",
+                config.zone
+            );
             listeners.push((address, listener));
         }
         let (report_tx, reports) = mpsc::channel(256);

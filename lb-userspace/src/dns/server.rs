@@ -176,5 +176,6 @@ async fn serve_connection(
 /// The zone for reading; a writer that panicked left a whole zone behind (every update is one
 /// assignment), so a poisoned lock is still usable.
 fn read_zone(zone: &RwLock<Zone>) -> std::sync::RwLockReadGuard<'_, Zone> {
-    zone.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    zone.read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }

@@ -9,7 +9,10 @@ use super::answer::{Outcome, Transport, Zone};
 
 fn zone() -> Zone {
     let mut zone = Zone::new("svc.example.", 5, 42, ["www", "v6", "a.b", "big", "empty"]).unwrap();
-    zone.set_addresses("www", addrs(&["10.0.0.1", "10.0.0.2", "10.0.0.3", "2001:db8::1"]));
+    zone.set_addresses(
+        "www",
+        addrs(&["10.0.0.1", "10.0.0.2", "10.0.0.3", "2001:db8::1"]),
+    );
     zone.set_addresses("v6", addrs(&["2001:db8::6"]));
     zone.set_addresses("a.b", addrs(&["10.0.0.9"]));
     zone.set_addresses(
@@ -84,7 +87,10 @@ fn a_answers_rotate_through_every_up_address() {
 fn a_changed_answer_set_is_answered_at_once() {
     let mut zone = zone();
     assert!(zone.set_addresses("www", addrs(&["10.0.0.2"])));
-    assert!(!zone.set_addresses("www", addrs(&["10.0.0.2"])), "no change");
+    assert!(
+        !zone.set_addresses("www", addrs(&["10.0.0.2"])),
+        "no change"
+    );
     let (reply, _) = ask(&zone, "www.svc.example.", RecordType::A, Transport::Udp);
     assert_eq!(answered(&reply), addrs(&["10.0.0.2"]));
 }
@@ -111,7 +117,11 @@ fn nxdomain_refused_and_nodata_carry_the_right_rcode_and_soa() {
         ("svc.example.", RecordType::A),
     ] {
         let (reply, _) = ask(&zone, name, qtype, Transport::Udp);
-        assert_eq!(reply.response_code(), ResponseCode::NoError, "{name} {qtype}");
+        assert_eq!(
+            reply.response_code(),
+            ResponseCode::NoError,
+            "{name} {qtype}"
+        );
         assert!(reply.answers().is_empty(), "{name} {qtype}");
         assert_eq!(reply.name_servers().len(), 1, "{name} {qtype}");
         assert_eq!(reply.name_servers()[0].record_type(), RecordType::SOA);

@@ -41,10 +41,7 @@ impl Validator<'_> {
         for value in listen.get_ref() {
             let address = self.dns_listen(value)?;
             if !seen.insert(address) {
-                return Err(self.error(
-                    value.span(),
-                    format!("listen {address} is listed twice"),
-                ));
+                return Err(self.error(value.span(), format!("listen {address} is listed twice")));
             }
             listen_addresses.push(address);
         }
@@ -159,7 +156,9 @@ impl Validator<'_> {
         if text.len() + 1 + zone.len() > MAX_NAME_CHARS + 1 {
             return Err(self.error(
                 name.span(),
-                format!("dns name `{text}` is longer than {MAX_NAME_CHARS} characters with the zone"),
+                format!(
+                    "dns name `{text}` is longer than {MAX_NAME_CHARS} characters with the zone"
+                ),
             ));
         }
         let lower = text.to_ascii_lowercase();
@@ -222,7 +221,9 @@ impl Validator<'_> {
         Ok(DnsNameConfig {
             name: lower,
             addresses: parsed,
-            on_all_down: on_all_down.as_ref().map_or(DnsAllDown::All, |v| *v.get_ref()),
+            on_all_down: on_all_down
+                .as_ref()
+                .map_or(DnsAllDown::All, |v| *v.get_ref()),
             health,
         })
     }
