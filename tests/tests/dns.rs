@@ -17,8 +17,9 @@ use lb_tests::{
 };
 
 /// The detection bound of [`lb_tests::dns_lab::HEALTH`] (fall 2 x interval 100 ms, plus the
-/// timeout) with slack for two shared cores; measured times are printed.
-const BOUND: Duration = Duration::from_millis(1500);
+/// 100 ms timeout: 300 ms) with slack for two shared cores and dig's own start-up, like the
+/// announce test's; measured times (160-230 ms here) are printed.
+const BOUND: Duration = Duration::from_millis(1000);
 
 fn names(lab: &DnsLab) -> String {
     let big: Vec<String> = (1..=60).map(|i| format!("\"198.18.0.{i}\"")).collect();

@@ -515,4 +515,52 @@ mod tests {
              \x20 peer 10.0.0.4:7946 down last_heard=never flows_sent=0 flows_received=0 queued=0 drops=none\n"
         );
     }
+
+    #[test]
+    fn dns_lines_show_each_name_its_answer_and_why() {
+        use lb::api::model::{DnsAddressStatus, DnsNameStatus, DnsQueryCount, DnsStatus};
+        let dns = DnsStatus {
+            zone: "svc.example.".into(),
+            listen: vec!["10.0.0.2:53".into()],
+            ttl_seconds: 5,
+            names: vec![
+                DnsNameStatus {
+                    name: "www.svc.example.".into(),
+                    answer: vec!["10.0.0.100".into()],
+                    on_all_down: "all".into(),
+                    addresses: vec![
+                        DnsAddressStatus {
+                            address: "10.0.0.100".into(),
+                            up: true,
+                            reason: "vip web: 1 backend takes new flows (pool primary)".into(),
+                        },
+                        DnsAddressStatus {
+                            address: "192.0.2.1".into(),
+                            up: false,
+                            reason: "tcp check: down (connection refused)".into(),
+                        },
+                    ],
+                },
+                DnsNameStatus {
+                    name: "none.svc.example.".into(),
+                    on_all_down: "none".into(),
+                    ..Default::default()
+                },
+            ],
+            queries: vec![DnsQueryCount {
+                qtype: "A".into(),
+                rcode: "NOERROR".into(),
+                count: 7,
+            }],
+            truncated: 1,
+        };
+        assert_eq!(
+            dns_lines(&dns),
+            "dns: zone=svc.example. listen=10.0.0.2:53 ttl=5s queries=A/NOERROR=7 truncated=1\n\
+             \x20 www.svc.example. -> 10.0.0.100\n\
+             \x20   10.0.0.100 up: vip web: 1 backend takes new flows (pool primary)\n\
+             \x20   192.0.2.1 down: tcp check: down (connection refused)\n\
+             \x20 none.svc.example. -> (empty)\n"
+        );
+    }
 }
