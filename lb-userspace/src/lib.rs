@@ -7,6 +7,7 @@ pub mod config;
 pub mod daemon;
 pub mod dataplane;
 pub mod decap;
+pub mod dns;
 pub mod health;
 pub mod http_server;
 pub mod maglev;

@@ -24,6 +24,9 @@
 //! | `lb_sync_flows_skipped_total` | counter | `reason` | received flows not installed: `unknown_vip`, `unknown_backend`, `local_newer` |
 //! | `lb_sync_flows_installed_total` | counter | | received flows written into the flow table |
 //! | `lb_sync_events_lost_total` | counter | | flow inserts the data plane could not report (event ring full) |
+//! | `lb_dns_queries_total` | counter | `qtype`, `rcode` | DNS queries answered (`[dns]`): qtype `A`, `AAAA`, `SOA`, `NS`, `ANY`, `other`, `none`; rcode `NOERROR`, `NXDOMAIN`, `REFUSED`, `FORMERR`, `NOTIMP`, `SERVFAIL`, `dropped` (no reply) |
+//! | `lb_dns_truncated_total` | counter | | UDP answers sent with TC set |
+//! | `lb_dns_name_up_addresses` | gauge | `name` | addresses each DNS name answers with now |
 //!
 //! `backend` is the backend's address as the config spells it (`10.0.0.11`, `2001:db8::11`),
 //! `vip` the VIP's name.
@@ -38,6 +41,7 @@
 //! [`serve`] answers `GET /metrics` (and `HEAD`) with [`CONTENT_TYPE`], 405 for other methods on
 //! that path and 404 elsewhere.
 
+mod dns;
 mod sync;
 
 use std::collections::{BTreeMap, HashSet};
@@ -104,6 +108,8 @@ struct State {
     checks: BTreeMap<(String, String), Histogram>,
     /// `[sync]` at the last update; `None` when off.
     sync: Option<crate::api::model::SyncStatus>,
+    /// `[dns]` at the last update; `None` when off.
+    dns: Option<crate::api::model::DnsStatus>,
 }
 
 #[derive(Debug)]
@@ -167,6 +173,11 @@ impl Metrics {
     /// Takes each VIP's changed ring slots and flow-table entries: (vip, slots, entries).
     pub fn set_flow_tables(&self, per_vip: Vec<(String, u64, u64)>) {
         self.lock().flow_tables = per_vip;
+    }
+
+    /// Takes the DNS responder's status (`None`: `[dns]` is off).
+    pub fn set_dns(&self, status: Option<crate::api::model::DnsStatus>) {
+        self.lock().dns = status;
     }
 
     /// Takes the sync service's status (`None`: replication is off).
@@ -410,6 +421,7 @@ impl Collector for Exposition {
             ConstGauge::new(entries).encode(flow_entries)?;
         }
         sync::encode(state.sync.as_ref(), &mut encoder)?;
+        dns::encode(state.dns.as_ref(), &mut encoder)?;
         Ok(())
     }
 }
@@ -502,7 +514,7 @@ mod tests {
     use crate::stats::{BackendCounters, VipCounters};
 
     /// Every family, with its type, as `# TYPE` names it.
-    const FAMILIES: [(&str, &str); 20] = [
+    const FAMILIES: [(&str, &str); 23] = [
         ("lb_vip_packets_total", "counter"),
         ("lb_vip_bytes_total", "counter"),
         ("lb_backend_packets_total", "counter"),
@@ -523,7 +535,50 @@ mod tests {
         ("lb_sync_flows_skipped_total", "counter"),
         ("lb_sync_flows_installed_total", "counter"),
         ("lb_sync_events_lost_total", "counter"),
+        ("lb_dns_queries_total", "counter"),
+        ("lb_dns_truncated_total", "counter"),
+        ("lb_dns_name_up_addresses", "gauge"),
     ];
+
+    #[test]
+    fn dns_families_print_queries_by_type_and_rcode() {
+        let metrics = Metrics::new();
+        let query = |qtype: &str, rcode: &str, count| crate::api::model::DnsQueryCount {
+            qtype: qtype.into(),
+            rcode: rcode.into(),
+            count,
+        };
+        metrics.set_dns(Some(crate::api::model::DnsStatus {
+            zone: "svc.example.".into(),
+            listen: vec!["10.0.0.2:53".into()],
+            ttl_seconds: 5,
+            names: vec![crate::api::model::DnsNameStatus {
+                name: "www.svc.example.".into(),
+                answer: vec!["10.0.0.100".into(), "192.0.2.1".into()],
+                ..Default::default()
+            }],
+            queries: vec![query("A", "NOERROR", 10), query("A", "NXDOMAIN", 2)],
+            truncated: 3,
+        }));
+        let text = metrics.encode();
+        for line in [
+            "lb_dns_queries_total{qtype=\"A\",rcode=\"NOERROR\"} 10",
+            "lb_dns_queries_total{qtype=\"A\",rcode=\"NXDOMAIN\"} 2",
+            "lb_dns_truncated_total 3",
+            "lb_dns_name_up_addresses{name=\"www.svc.example.\"} 2",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "no line {line:?} in:\n{text}"
+            );
+        }
+        parse_strict(&text);
+        metrics.set_dns(None);
+        assert!(
+            !metrics.encode().contains("qtype=\""),
+            "no dns samples without [dns]"
+        );
+    }
 
     #[test]
     fn sync_families_print_each_peer_and_reason() {

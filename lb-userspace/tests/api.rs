@@ -58,6 +58,7 @@ fn fixed_report() -> StatusReport {
     StatusReport {
         orphans: Vec::new(),
         sync: None,
+        dns: None,
         announce: AnnounceStatus {
             route_table: Some(200),
             health_file: Some("/run/lb/health".into()),

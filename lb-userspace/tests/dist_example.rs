@@ -22,6 +22,9 @@ fn the_example_config_loads() {
         config.announce.health_file.as_deref(),
         Some(Path::new("/run/lb/health"))
     );
+    let dns = config.dns.as_ref().expect("the example has [dns]");
+    assert_eq!(dns.zone, "svc.example.");
+    assert!(dns.names[0].health.is_some());
     assert!(config.vips.iter().any(|v| v.address.is_ipv6()));
     assert!(config.vips.iter().any(|v| v.protocol == Protocol::Udp));
     assert!(
@@ -71,6 +74,11 @@ fn the_example_config_shows_every_key() {
         // [announce]
         "route_table",
         "health_file",
+        // [dns] and [[dns.name]]
+        "listen",
+        "zone",
+        "ttl",
+        "addresses",
         // [[vip]]
         "name",
         "address",

@@ -5,6 +5,7 @@ pub mod bird;
 pub mod bpffs;
 pub mod daemon;
 pub mod decap_lab;
+pub mod dns_lab;
 pub mod ecmp;
 pub mod frames;
 pub mod guest;

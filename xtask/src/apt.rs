@@ -39,6 +39,8 @@ const TOOLS: &[Package] = &[
     // The multi-node tests and demo: BGP (with BFD) and VRRP engines.
     pkg("bird2"),
     pkg("keepalived"),
+    // The DNS tests (issue 14) query lb's responder with a real resolver tool, `dig`.
+    pkg("bind9-dnsutils"),
     Package {
         name: "bpftool",
         optional: true,

@@ -23,6 +23,7 @@ const TOOL_COMMANDS: &[&str] = &[
     "bird",
     "birdc",
     "keepalived",
+    "dig",
 ];
 
 /// Runs every set-up step and returns the eBPF toolchain to build with.
@@ -68,6 +69,7 @@ fn check_non_debian() -> Result<()> {
          install for you{}. Install with your package manager:\n\
          \x20 - iproute2 (ip), ethtool, nftables (nft), iputils ping, procps (ps, sysctl), and bpftool if available\n\
          \x20 - BIRD 2 (bird, birdc) and keepalived, for the multi-node tests and the demo\n\
+         \x20 - dig (bind9-dnsutils or bind-utils), for the DNS tests\n\
          \x20 - LLVM 22 development files (llvm-config, libLLVM, Polly) and zstd development files\n\
          \x20 - a Rust toolchain built on LLVM 22 with rust-src, reachable through rustup: a nightly \
          (`rustup component add rust-src --toolchain nightly`), or rustc >= 1.96 from your distribution \

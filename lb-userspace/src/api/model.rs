@@ -31,6 +31,50 @@ pub struct StatusReport {
     /// Flow-state replication (`[sync]`); `null` when off.
     #[serde(default)]
     pub sync: Option<SyncStatus>,
+    /// The DNS responder (`[dns]`); `null` when off.
+    #[serde(default)]
+    pub dns: Option<DnsStatus>,
+}
+
+/// `[dns]` as it runs: each name's addresses and which are answered, and the queries so far.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DnsStatus {
+    /// `svc.example.`
+    pub zone: String,
+    pub listen: Vec<String>,
+    pub ttl_seconds: u32,
+    /// In config order.
+    pub names: Vec<DnsNameStatus>,
+    /// Queries answered, by query type and rcode (`dropped`: no reply was sent).
+    pub queries: Vec<DnsQueryCount>,
+    /// UDP answers sent with TC set (too large; the client retries over TCP).
+    pub truncated: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DnsNameStatus {
+    /// Fully qualified: `www.svc.example.`
+    pub name: String,
+    /// What the name answers with now, in config order (before rotation).
+    pub answer: Vec<String>,
+    /// `all` or `none`: what it answers when no address is up.
+    pub on_all_down: String,
+    pub addresses: Vec<DnsAddressStatus>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DnsAddressStatus {
+    pub address: String,
+    pub up: bool,
+    /// Why: "vip web: 2 backends take new flows (pool primary)", "tcp check: up", "not checked".
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DnsQueryCount {
+    pub qtype: String,
+    pub rcode: String,
+    pub count: u64,
 }
 
 /// `[sync]` as it runs: what this node sent and received, and each peer.

@@ -200,6 +200,9 @@ pub fn format_status(report: &StatusReport) -> String {
     if let Some(sync) = &report.sync {
         out.push_str(&sync_lines(sync));
     }
+    if let Some(dns) = &report.dns {
+        out.push_str(&dns_lines(dns));
+    }
     for orphan in &report.orphans {
         let _ = writeln!(out, "warning: {orphan}");
     }
@@ -239,6 +242,37 @@ fn counts(map: &std::collections::BTreeMap<String, u64>) -> String {
     } else {
         nonzero.join(",")
     }
+}
+
+/// `dns: zone=svc.example. listen=10.0.0.2:53 ttl=5s queries=A/NOERROR=10,...`, then per name
+/// `  www.svc.example. -> 10.0.0.100, 192.0.2.100` and per address its state and why.
+fn dns_lines(dns: &lb::api::model::DnsStatus) -> String {
+    let queries: std::collections::BTreeMap<String, u64> = dns
+        .queries
+        .iter()
+        .map(|q| (format!("{}/{}", q.qtype, q.rcode), q.count))
+        .collect();
+    let mut out = format!(
+        "dns: zone={} listen={} ttl={}s queries={} truncated={}\n",
+        dns.zone,
+        dns.listen.join(","),
+        dns.ttl_seconds,
+        counts(&queries),
+        dns.truncated
+    );
+    for name in &dns.names {
+        let answer = if name.answer.is_empty() {
+            "(empty)".to_owned()
+        } else {
+            name.answer.join(", ")
+        };
+        let _ = writeln!(out, "  {} -> {answer}", name.name);
+        for address in &name.addresses {
+            let state = if address.up { "up" } else { "down" };
+            let _ = writeln!(out, "    {} {state}: {}", address.address, address.reason);
+        }
+    }
+    out
 }
 
 fn sync_lines(sync: &SyncStatus) -> String {
@@ -360,6 +394,7 @@ mod tests {
         let report = StatusReport {
             orphans: Vec::new(),
             sync: None,
+            dns: None,
             announce: AnnounceStatus {
                 route_table: Some(200),
                 health_file: Some("/run/lb/health".into()),
@@ -439,6 +474,7 @@ mod tests {
                 vips: vec![],
                 orphans: Vec::new(),
                 sync: None,
+                dns: None,
             }),
             "no VIPs configured\nannounce: route_table=none health_file=none\n"
         );
@@ -484,6 +520,54 @@ mod tests {
              skipped=local_newer=2 drops=replayed=1 events_lost=0\n\
              \x20 peer 10.0.0.3:7946 up last_heard=0.4s ago flows_sent=40 flows_received=30 queued=0 drops=replayed=1\n\
              \x20 peer 10.0.0.4:7946 down last_heard=never flows_sent=0 flows_received=0 queued=0 drops=none\n"
+        );
+    }
+
+    #[test]
+    fn dns_lines_show_each_name_its_answer_and_why() {
+        use lb::api::model::{DnsAddressStatus, DnsNameStatus, DnsQueryCount, DnsStatus};
+        let dns = DnsStatus {
+            zone: "svc.example.".into(),
+            listen: vec!["10.0.0.2:53".into()],
+            ttl_seconds: 5,
+            names: vec![
+                DnsNameStatus {
+                    name: "www.svc.example.".into(),
+                    answer: vec!["10.0.0.100".into()],
+                    on_all_down: "all".into(),
+                    addresses: vec![
+                        DnsAddressStatus {
+                            address: "10.0.0.100".into(),
+                            up: true,
+                            reason: "vip web: 1 backend takes new flows (pool primary)".into(),
+                        },
+                        DnsAddressStatus {
+                            address: "192.0.2.1".into(),
+                            up: false,
+                            reason: "tcp check: down (connection refused)".into(),
+                        },
+                    ],
+                },
+                DnsNameStatus {
+                    name: "none.svc.example.".into(),
+                    on_all_down: "none".into(),
+                    ..Default::default()
+                },
+            ],
+            queries: vec![DnsQueryCount {
+                qtype: "A".into(),
+                rcode: "NOERROR".into(),
+                count: 7,
+            }],
+            truncated: 1,
+        };
+        assert_eq!(
+            dns_lines(&dns),
+            "dns: zone=svc.example. listen=10.0.0.2:53 ttl=5s queries=A/NOERROR=7 truncated=1\n\
+             \x20 www.svc.example. -> 10.0.0.100\n\
+             \x20   10.0.0.100 up: vip web: 1 backend takes new flows (pool primary)\n\
+             \x20   192.0.2.1 down: tcp check: down (connection refused)\n\
+             \x20 none.svc.example. -> (empty)\n"
         );
     }
 }

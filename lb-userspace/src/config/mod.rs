@@ -23,6 +23,17 @@
 //! peers = ["10.0.0.3:7946"]    # the other nodes' listen addresses, same address family
 //! key_file = "/etc/lb/sync.key"    # shared secret: 64 hex characters (`openssl rand -hex 32`)
 //!
+//! [dns]                        # optional: authoritative DNS for names over VIPs and other addresses
+//! listen = ["10.0.0.2:53"]     # UDP and TCP on each
+//! zone = "svc.example."        # SOA and NS answered at the apex
+//! ttl = "5s"                   # TTL of every answer; 0s..=1d
+//!
+//! [[dns.name]]
+//! name = "www"                 # www.svc.example.
+//! addresses = ["10.0.0.100", "192.0.2.100"]   # a VIP of this node is up while it can serve
+//! on_all_down = "all"          # all | none: what to answer when no address is up
+//! health = { check = "tcp", port = 443 }   # for addresses that are not VIPs; unset: always up
+//!
 //! [[vip]]
 //! name = "web"                 # unique, [A-Za-z0-9_.-]+
 //! address = "10.0.0.100"       # IPv4 or IPv6
@@ -149,8 +160,63 @@ pub struct Config {
     pub announce: AnnounceConfig,
     /// `[sync]`: flow-state replication; `None` (the default): off.
     pub sync: Option<SyncConfig>,
+    /// `[dns]`: the authoritative DNS responder; `None` (the default): off.
+    pub dns: Option<DnsConfig>,
     /// In file order.
     pub vips: Vec<VipConfig>,
+}
+
+/// The authoritative DNS responder (`[dns]`, see [`crate::dns`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DnsConfig {
+    /// Each address is served over UDP and TCP; unique, in file order.
+    pub listen: Vec<SocketAddr>,
+    /// The zone lb is authoritative for: lower case, ends with `.` (`svc.example.`).
+    pub zone: String,
+    /// TTL of every record lb answers with.
+    pub ttl: Duration,
+    /// In file order; names unique.
+    pub names: Vec<DnsNameConfig>,
+}
+
+/// TTL of the answers when `[dns]` does not say.
+pub const DEFAULT_DNS_TTL: Duration = Duration::from_secs(5);
+/// Longest accepted `ttl` (a day; answers should follow health).
+pub const MAX_DNS_TTL: Duration = Duration::from_secs(86_400);
+
+/// One `[[dns.name]]`: a name in the zone and the addresses it answers with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DnsNameConfig {
+    /// Relative to the zone, lower case (`www`, or `a.b`); `@` is not allowed (the apex holds
+    /// SOA and NS only).
+    pub name: String,
+    /// Unique, in file order.
+    pub addresses: Vec<IpAddr>,
+    pub on_all_down: DnsAllDown,
+    /// How addresses that are not VIPs of this node are checked: `None` when `health` is not
+    /// given (they are then always up). VIP addresses follow their VIPs.
+    pub health: Option<HealthConfig>,
+}
+
+/// What a name answers when none of its addresses is up.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DnsAllDown {
+    /// Every configured address (clients may still reach one; better than nothing).
+    #[default]
+    All,
+    /// An empty answer (NOERROR, no records).
+    None,
+}
+
+impl DnsAllDown {
+    /// The spelling used in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DnsAllDown::All => "all",
+            DnsAllDown::None => "none",
+        }
+    }
 }
 
 /// How this node tells others which VIP addresses it can serve (`[announce]`).

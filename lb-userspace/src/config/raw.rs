@@ -15,7 +15,7 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, Visitor};
 use toml::Spanned;
 
-use super::{CheckKind, OnAllDown, Protocol, XdpModeSetting};
+use super::{CheckKind, DnsAllDown, OnAllDown, Protocol, XdpModeSetting};
 
 /// The document root.
 #[derive(Debug, Deserialize)]
@@ -48,6 +48,9 @@ pub(super) struct RawConfig {
     /// `[sync]`: flow-state replication with other lb nodes.
     #[serde(default)]
     pub sync: Option<RawSync>,
+    /// `[dns]`: the authoritative DNS responder.
+    #[serde(default)]
+    pub dns: Option<Spanned<RawDns>>,
     /// `[[vip]]` tables; the span of each is its `[[vip]]` header through its last key.
     #[serde(default)]
     pub vip: Vec<Spanned<RawVip>>,
@@ -77,6 +80,34 @@ pub(super) struct RawSync {
     #[serde(default)]
     pub peers: Vec<Spanned<String>>,
     pub key_file: Spanned<String>,
+}
+
+/// The `[dns]` table. Addresses and names are parsed in validation, so a bad one gets our message.
+#[derive(Debug, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a table with listen, zone, ttl and [[dns.name]] tables"
+)]
+pub(super) struct RawDns {
+    pub listen: Spanned<Vec<Spanned<String>>>,
+    pub zone: Spanned<String>,
+    #[serde(default)]
+    pub ttl: Option<Spanned<RawDuration>>,
+    #[serde(default)]
+    pub name: Vec<Spanned<RawDnsName>>,
+}
+
+/// One `[[dns.name]]` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDnsName {
+    pub name: Spanned<String>,
+    pub addresses: Spanned<Vec<Spanned<String>>>,
+    #[serde(default)]
+    pub on_all_down: Option<Spanned<DnsAllDown>>,
+    /// Not `Spanned`, like a backend's `health` (see [`RawVip::health`]).
+    #[serde(default)]
+    pub health: Option<RawHealth>,
 }
 
 /// One `[[vip]]` table.

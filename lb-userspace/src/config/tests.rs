@@ -117,6 +117,7 @@ protocol = "udp"
             health_file: Some("/run/lb/health".into()),
         },
         sync: None,
+        dns: None,
         vips: vec![
             VipConfig {
                 name: "web".into(),
@@ -1709,6 +1710,144 @@ fn sync_errors_point_at_the_value() {
         line + 4,
         1,
         "unknown field `port`",
+    );
+}
+
+/// `[dns]` after BASE: `[dns]` on line 10, listen on 11, zone on 12, `names` from line 13.
+fn dns_section(listen: &str, zone: &str, names: &str) -> String {
+    format!("{BASE}[dns]\nlisten = [{listen}]\nzone = \"{zone}\"\n{names}")
+}
+
+const WWW: &str =
+    "[[dns.name]]\nname = \"www\"\naddresses = [\"10.0.0.100\", \"192.0.2.1\", \"2001:db8::1\"]\n";
+
+#[test]
+fn dns_is_off_by_default_and_reads_names() {
+    assert_eq!(parse_ok(BASE).dns, None);
+    let config = parse_ok(&dns_section(
+        "\"10.0.0.2:53\", \"[fd00::2]:53\"",
+        "Svc.Example.",
+        &format!(
+            "{WWW}on_all_down = \"none\"\nhealth = {{ check = \"tcp\", port = 443, rise = 1 }}\n"
+        ),
+    ));
+    let dns = config.dns.expect("[dns] is on");
+    assert_eq!(dns.listen.len(), 2);
+    assert_eq!(dns.zone, "svc.example.", "lower case");
+    assert_eq!(dns.ttl, super::DEFAULT_DNS_TTL);
+    let www = &dns.names[0];
+    assert_eq!(www.name, "www");
+    assert_eq!(www.addresses[2], ip("2001:db8::1"));
+    assert_eq!(www.on_all_down, super::DnsAllDown::None);
+    let health = www.health.as_ref().expect("health");
+    assert_eq!(
+        (health.check, health.port, health.rise),
+        (CheckKind::Tcp, 443, 1)
+    );
+    let plain = parse_ok(&dns_section("\"10.0.0.2:53\"", "svc.example.", WWW));
+    assert_eq!(
+        plain.dns.unwrap().names[0].on_all_down,
+        super::DnsAllDown::All
+    );
+}
+
+#[test]
+fn dns_errors_point_at_the_value() {
+    assert_error(
+        &dns_section("\"10.0.0.2\"", "svc.example.", WWW),
+        11,
+        11,
+        "listen `10.0.0.2` is not an address and port",
+    );
+    assert_error(
+        &dns_section("", "svc.example.", WWW),
+        11,
+        10,
+        "listen is empty",
+    );
+    assert_error(
+        &dns_section("\"10.0.0.2:53\", \"10.0.0.2:53\"", "svc.example.", WWW),
+        11,
+        26,
+        "listed twice",
+    );
+    assert_error(
+        &dns_section("\"10.0.0.2:53\"", "svc.example", WWW),
+        12,
+        8,
+        "does not end in `.`",
+    );
+    assert_error(
+        &dns_section("\"10.0.0.2:53\"", "svc..example.", WWW),
+        12,
+        8,
+        "empty label",
+    );
+    let named = |name: &str| WWW.replace("name = \"www\"", &format!("name = \"{name}\""));
+    assert_error(
+        &dns_section("\"10.0.0.2:53\"", "svc.example.", &named("w w")),
+        14,
+        8,
+        "dns name `w w` has label `w w`",
+    );
+    assert_error(
+        &dns_section("\"10.0.0.2:53\"", "svc.example.", &named("-www")),
+        14,
+        8,
+        "starts or ends with `-`",
+    );
+    assert_error(
+        &dns_section("\"10.0.0.2:53\"", "svc.example.", &named("www.")),
+        14,
+        8,
+        "names are relative to the zone",
+    );
+    assert_error(
+        &dns_section(
+            "\"10.0.0.2:53\"",
+            "svc.example.",
+            &WWW.replace("\"192.0.2.1\"", "\"192.0.2.300\""),
+        ),
+        15,
+        28,
+        "dns address `192.0.2.300` is not an IPv4 or IPv6 address",
+    );
+    assert_error(
+        &dns_section("\"10.0.0.2:53\"", "svc.example.", &format!("{WWW}{WWW}")),
+        17,
+        8,
+        "duplicate dns name `www`: the name on line 13 has it",
+    );
+    // Health for a name whose only address is a VIP of this node.
+    assert_error(
+        &dns_section(
+            "\"10.0.0.2:53\"",
+            "svc.example.",
+            "[[dns.name]]\nname = \"web\"\naddresses = [\"10.0.0.100\"]\nhealth = { check = \"tcp\", port = 80 }\n",
+        ),
+        14,
+        8,
+        "every address of it is a VIP of this node",
+    );
+    assert_error(
+        &dns_section(
+            "\"10.0.0.2:53\"",
+            "svc.example.",
+            &format!("{WWW}health = {{ check = \"tcp\" }}\n"),
+        ),
+        14,
+        8,
+        "a tcp check needs `port`",
+    );
+    assert_error(
+        &dns_section(
+            "\"10.0.0.2:53\"",
+            "svc.example.",
+            &format!("{WWW}health = {{ port = 443, colour = 1 }}\n"),
+        ),
+        16,
+        24,
+        "unknown field `colour`",
     );
 }
 

@@ -9,6 +9,7 @@
 //! valid on its own), else at the key the rule is about.
 
 mod announce;
+mod dns;
 mod forward;
 mod sync;
 
@@ -140,6 +141,11 @@ impl Validator<'_> {
         let announce = self.announce(raw.announce.as_ref())?;
         let sync = raw.sync.as_ref().map(|raw| self.sync(raw)).transpose()?;
         let vips = self.vips(&raw.vip, &max_vips, &max_backends)?;
+        let dns = raw
+            .dns
+            .as_ref()
+            .map(|raw| self.dns(raw, &vips))
+            .transpose()?;
         Ok(Config {
             interface,
             xdp_mode,
@@ -153,6 +159,7 @@ impl Validator<'_> {
             metrics,
             announce,
             sync,
+            dns,
             vips,
         })
     }
@@ -989,6 +996,7 @@ impl<'r> Layers<'r> {
 /// Whose health settings are being checked, for messages.
 enum Owner<'a> {
     Vip(&'a str),
+    DnsName(&'a str),
     Backend { vip: &'a str, address: IpAddr },
 }
 
@@ -996,6 +1004,7 @@ impl fmt::Display for Owner<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Owner::Vip(name) => write!(f, "vip `{name}`"),
+            Owner::DnsName(name) => write!(f, "dns name `{name}`"),
             Owner::Backend { vip, address } => write!(f, "backend {address} of vip `{vip}`"),
         }
     }

@@ -26,11 +26,14 @@ pub(super) fn handle(
     supervisor: &Supervisor,
     announcer: &Announcer,
     sync: Option<&crate::sync::SyncHandle>,
+    dns: Option<&crate::dns::DnsService>,
     command: Command,
 ) -> Option<ReloadReply> {
     match command {
         Command::Status(reply) => {
-            let _ = reply.send(status(balancer, supervisor, announcer, sync));
+            let mut report = status(balancer, supervisor, announcer, sync);
+            report.dns = dns.map(crate::dns::DnsService::status);
+            let _ = reply.send(report);
         }
         Command::SetAdmin {
             vip,
@@ -159,6 +162,7 @@ pub(super) fn status(
         vips,
         orphans,
         sync: sync.map(|s| s.status(balancer.dataplane.flow_events_lost().unwrap_or(0))),
+        dns: None,
     }
 }
 

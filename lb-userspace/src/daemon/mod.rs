@@ -68,6 +68,8 @@ pub enum RunError {
     Reconcile(Box<ReconcileError>),
     #[error(transparent)]
     Telemetry(#[from] telemetry::TelemetryError),
+    #[error(transparent)]
+    Dns(#[from] crate::dns::DnsError),
     #[error("installing the signal handler: {0}")]
     Signal(#[source] std::io::Error),
 }
@@ -189,6 +191,14 @@ pub async fn run(config: Config, path: &Path) -> Result<Snapshot, RunError> {
         );
     }
 
+    // After the announcements are ready: a VIP address is answered once it can serve.
+    let dns = match &config.dns {
+        Some(settings) => {
+            Some(crate::dns::DnsService::start(settings, &config.vips, announcer.decision()).await?)
+        }
+        None => None,
+    };
+
     let mut running = Running {
         path: path.to_path_buf(),
         config,
@@ -196,6 +206,7 @@ pub async fn run(config: Config, path: &Path) -> Result<Snapshot, RunError> {
         announcer,
         sync: sync_handle,
         parked_events: None,
+        dns,
     };
     let mut refresh = tokio::time::interval(REFRESH_INTERVAL);
     refresh.tick().await; // the first tick is immediate; paths were just resolved
@@ -242,6 +253,7 @@ pub async fn run(config: Config, path: &Path) -> Result<Snapshot, RunError> {
             _ = metrics_tick.tick(), if running.telemetry.is_some() => {
                 if let Some(telemetry) = &running.telemetry {
                     telemetry.refresh(&balancer, running.announcer.decision(), running.sync.as_ref());
+                    telemetry.set_dns(running.dns.as_ref());
                 }
             }
             _ = sweep_tick.tick(), if last_sweep.elapsed() >= balancer.idle.sweep_interval() => {
@@ -261,11 +273,16 @@ pub async fn run(config: Config, path: &Path) -> Result<Snapshot, RunError> {
                 reload_then_resolve(&mut running, &mut balancer, &mut supervisor, &netlink, &interface, None).await;
             }
             Some(command) = commands.recv() => {
-                if let Some(reply) = control::handle(&mut balancer, &supervisor, &running.announcer, running.sync.as_ref(), command) {
+                if let Some(reply) = control::handle(&mut balancer, &supervisor, &running.announcer, running.sync.as_ref(), running.dns.as_ref(), command) {
                     reload_then_resolve(&mut running, &mut balancer, &mut supervisor, &netlink, &interface, Some(reply)).await;
                 }
             }
             _ = announce_tick.tick() => running.announcer.resync().await,
+            Some(report) = next_dns_report(&mut running.dns) => {
+                if let Some(dns) = running.dns.as_mut() {
+                    dns.record(&report);
+                }
+            }
             _ = hold_tick.tick(), if balancer.holds_flows() => {
                 match balancer.end_flow_holds(std::time::Instant::now()) {
                     Ok(released) => events::log_released(&balancer, &released),
@@ -281,11 +298,15 @@ pub async fn run(config: Config, path: &Path) -> Result<Snapshot, RunError> {
         // Whatever happened may have changed what this node can serve: the announcements
         // follow at once (a cheap comparison when nothing changed).
         running.announcer.update(&balancer).await;
+        if let Some(dns) = running.dns.as_mut() {
+            dns.update(running.announcer.decision());
+        }
         if let Some(handle) = &running.sync {
             handle.update_view(&balancer);
         }
     }
     drop(supervisor);
+    running.dns = None;
     if let Some(handle) = running.sync.take() {
         handle.stop().await;
     }
@@ -322,6 +343,14 @@ pub async fn run(config: Config, path: &Path) -> Result<Snapshot, RunError> {
         }
     }
     Ok(snapshot)
+}
+
+/// The DNS responder's next check report; pending forever without `[dns]`.
+async fn next_dns_report(dns: &mut Option<crate::dns::DnsService>) -> Option<CheckReport> {
+    match dns {
+        Some(service) => service.next_report().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// What the supervisor should be checking for `config`: every backend, by its data-plane id,

@@ -31,6 +31,8 @@ pub(super) struct Running {
     pub sync: Option<crate::sync::SyncHandle>,
     /// The data plane's event reader while `[sync]` is off after a reload removed it.
     pub parked_events: Option<crate::dataplane::FlowEvents>,
+    /// The DNS responder, while `[dns]` is set.
+    pub dns: Option<crate::dns::DnsService>,
 }
 
 /// Why a setting cannot change on a reload, or `None` when none of them did.
@@ -49,6 +51,7 @@ fn fixed_setting_changed(path: &Path, old: &Config, new: &Config) -> Option<Stri
         metrics: _,
         announce: _,
         sync: _,
+        dns: _,
         vips: _,
     } = new;
     let file = path.display();
@@ -149,12 +152,30 @@ async fn apply(
     } else {
         None
     };
+    // The new DNS sockets next, for the same reason; the old ones close only once the new
+    // config is in.
+    let new_dns = match (&running.dns, &new.dns) {
+        (Some(service), Some(config)) => Some(DnsStep::Reconfigure(Box::new(
+            service
+                .prepare(config)
+                .await
+                .map_err(|e| format!("{}: {e}", path.display()))?,
+        ))),
+        (None, Some(config)) => Some(DnsStep::Start(Box::new(
+            crate::dns::DnsService::start(config, &new.vips, running.announcer.decision())
+                .await
+                .map_err(|e| format!("{}: {e}", path.display()))?,
+        ))),
+        (Some(_), None) => Some(DnsStep::Stop),
+        (None, None) => None,
+    };
     let mut changes: Vec<String> = match balancer.reconcile(&new) {
         Ok(changes) => changes.iter().map(ToString::to_string).collect(),
         Err(e) => {
             if let Some(Some(started)) = new_telemetry {
                 started.stop().await;
             }
+            drop(new_dns);
             // The error says whether the maps went back to the old config.
             return Err(format!("{}: applying it failed: {e}", path.display()));
         }
@@ -188,11 +209,38 @@ async fn apply(
             .reconfigure(new.announce.clone(), balancer)
             .await,
     );
+    // After the announcements: VIP addresses answer by the decision for the new VIPs.
+    let decision = running.announcer.decision();
+    match new_dns {
+        Some(DnsStep::Reconfigure(prepared)) => {
+            if let Some(service) = running.dns.as_mut() {
+                changes.extend(service.commit(*prepared, &new.vips, decision));
+            }
+        }
+        Some(DnsStep::Start(mut service)) => {
+            service.update(decision);
+            running.dns = Some(*service);
+            changes.push("dns: responder started".to_owned());
+        }
+        Some(DnsStep::Stop) => {
+            running.dns = None;
+            changes.push("dns: responder stopped".to_owned());
+        }
+        None => {}
+    }
     running.config = new;
     Ok(ReloadReport {
         config: path.display().to_string(),
         changes,
     })
+}
+
+/// What a reload does to the DNS responder, decided (and its sockets bound) before anything
+/// else changes.
+enum DnsStep {
+    Reconfigure(Box<crate::dns::Prepared>),
+    Start(Box<crate::dns::DnsService>),
+    Stop,
 }
 
 #[cfg(test)]

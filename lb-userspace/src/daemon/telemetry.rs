@@ -94,6 +94,12 @@ impl Telemetry {
         }
     }
 
+    /// Takes the DNS responder's query counts (`None`: `[dns]` is off).
+    pub(super) fn set_dns(&self, dns: Option<&crate::dns::DnsService>) {
+        self.metrics
+            .set_dns(dns.map(crate::dns::DnsService::status));
+    }
+
     /// Records the latency of each check.
     pub(super) fn observe(&self, balancer: &Balancer, reports: &[CheckReport]) {
         for report in reports {
