@@ -194,6 +194,16 @@ impl PacketLab {
             .unwrap_or_else(|e| panic!("reading FLOWS: {e}"))
     }
 
+    /// Packets counted for `reason` so far, summed over the CPUs.
+    pub fn reason_packets(&self, reason: lb_common::Reason) -> u64 {
+        self.balancer
+            .dataplane
+            .maps
+            .reason_counters(reason)
+            .unwrap_or_else(|e| panic!("reading REASONS[{}]: {e}", reason.name()))
+            .packets
+    }
+
     /// The data-plane id of `vip`'s backend at `address`.
     pub fn id(&self, vip: &str, address: &str) -> u32 {
         let address: IpAddr = address.parse().expect("backend address");

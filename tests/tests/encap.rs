@@ -256,17 +256,8 @@ fn every_mode_and_family_is_encapsulated_byte_for_byte() {
             .len();
         assert_eq!(seen.len(), backends, "{vip}: flows reached {seen:?}");
     }
-    let tx = lab
-        .balancer
-        .dataplane
-        .maps
-        .reason_counters(Reason::Tx)
-        .expect("REASONS");
-    assert_eq!(
-        tx.packets,
-        7 * 32 * 2,
-        "every encapsulated frame counted as tx"
-    );
+    let tx = lab.reason_packets(Reason::Tx);
+    assert_eq!(tx, 7 * 32 * 2, "every encapsulated frame counted as tx");
 }
 
 #[test]
@@ -434,24 +425,14 @@ fn a_packet_too_big_once_encapsulated_gets_the_icmp_answer_a_router_sends() {
             "{vip}:{port}: ICMP too-big answer"
         );
     }
-    let answered = lab
-        .balancer
-        .dataplane
-        .maps
-        .reason_counters(Reason::IcmpTooBig)
-        .expect("REASONS");
-    assert_eq!(answered.packets, cases.len() as u64);
+    let answered = lab.reason_packets(Reason::IcmpTooBig);
+    assert_eq!(answered, cases.len() as u64);
 
     // IPv4 without DF would be fragmented by a router; we cannot, so it is dropped.
     let no_df = big_segment(ip("198.51.100.7"), ip("10.0.0.100"), 80, 1481, false);
     assert_eq!(lab.run(&no_df).0, XDP_DROP, "IPv4 without DF");
-    let dropped = lab
-        .balancer
-        .dataplane
-        .maps
-        .reason_counters(Reason::DropTooBig)
-        .expect("REASONS");
-    assert_eq!(dropped.packets, 1);
+    let dropped = lab.reason_packets(Reason::DropTooBig);
+    assert_eq!(dropped, 1);
 }
 
 #[test]
@@ -476,13 +457,8 @@ fn too_big_answers_are_rate_limited_per_cpu() {
             answered, TOO_BIG_PER_CPU_PER_SEC,
             "answers within one second"
         );
-        let dropped = lab
-            .balancer
-            .dataplane
-            .maps
-            .reason_counters(Reason::DropTooBig)
-            .expect("REASONS");
-        assert_eq!(dropped.packets, 50);
+        let dropped = lab.reason_packets(Reason::DropTooBig);
+        assert_eq!(dropped, 50);
     } else {
         panic!(
             "{} test runs took {:?}: too slow to check a one-second budget",
