@@ -1724,9 +1724,16 @@ mod tests {
                 1,
                 100,
                 1000,
-                CHANGED_VIP_BACKENDS as usize
+                CHANGED_VIP_BACKENDS as usize,
+                REPRESENTATIVE_BACKENDS as usize,
+                REPRESENTATIVE_BACKENDS as usize
             ]
         );
+        // The last two are the encapsulating VIPs (issue 13), everything else L2.
+        let forwards: Vec<_> = config.vips.iter().map(|v| v.forward.as_str()).collect();
+        let mut want = vec!["l2"; 10];
+        want.extend(["ipip", "gue"]);
+        assert_eq!(forwards, want);
     }
 
     #[test]
