@@ -188,12 +188,23 @@ pub async fn serve_with<L, R, F>(
     connections.shutdown().await;
 }
 
-/// Closes the oldest connection without a request in flight; false if every one has one.
+/// How long a new connection is spared from eviction: time to send its request. Without it, a
+/// client whose connection was just accepted (its task not yet run on a loaded machine) is the
+/// one closed once a flood has evicted every older idle connection.
+const EVICTION_GRACE: Duration = Duration::from_millis(250);
+
+/// Closes the oldest connection without a request in flight, sparing connections younger than
+/// [`EVICTION_GRACE`] while older idle ones exist; false if every one has a request in flight.
 fn evict_one(open: &mut HashMap<tokio::task::Id, Open>) -> bool {
-    let oldest = open
-        .iter()
-        .filter(|(_, o)| o.in_flight.load(Ordering::Relaxed) == 0)
+    let now = Instant::now();
+    let idle = || {
+        open.iter()
+            .filter(|(_, o)| o.in_flight.load(Ordering::Relaxed) == 0)
+    };
+    let oldest = idle()
+        .filter(|(_, o)| now.duration_since(o.accepted) >= EVICTION_GRACE)
         .min_by_key(|(_, o)| o.accepted)
+        .or_else(|| idle().min_by_key(|(_, o)| o.accepted))
         .map(|(id, _)| *id);
     match oldest.and_then(|id| open.remove(&id)) {
         Some(evicted) => {
