@@ -412,6 +412,8 @@ pub struct BackendTransition {
     pub reason: String,
     /// The daemon's own measure of how long publishing the change took, up to the VIP record flip.
     pub map_update: Duration,
+    /// The table was prepared on the check before (` (table prepared on the check before)`).
+    pub prepared: bool,
 }
 
 /// A VIP's switch between pools as `lb run` logs it:
@@ -471,9 +473,8 @@ impl BackendTransition {
         let reason = &rest[..end_of_reason];
         let number = &rest[end_of_reason + marker.len()..];
         let digits: String = number.chars().take_while(char::is_ascii_digit).collect();
-        if !number[digits.len()..].starts_with("us") {
-            return None;
-        }
+        let after = number[digits.len()..].strip_prefix("us")?;
+        let prepared = after.starts_with(" (table prepared on the check before)");
         Some(Self {
             at,
             vip: vip.to_owned(),
@@ -482,6 +483,7 @@ impl BackendTransition {
             to: to.to_owned(),
             reason: reason.to_owned(),
             map_update: Duration::from_micros(digits.parse().ok()?),
+            prepared,
         })
     }
 }
@@ -552,7 +554,14 @@ mod log_parser_tests {
         let coloured = "\u{1b}[2m2026-11-27T02:01:11.816586Z\u{1b}[0m \u{1b}[33m WARN\u{1b}[0m \u{1b}[2mlb::daemon::events\u{1b}[0m\u{1b}[2m:\u{1b}[0m backend 10.100.0.11 of vip web: up -> down (refused); map updated in 7us";
         let c = BackendTransition::parse(coloured).expect("parsed coloured");
         assert_eq!((c.at, c.map_update), (t.at, Duration::from_micros(7)));
+        assert!(!t.prepared && !c.prepared);
         assert!(PoolFlip::parse(plain).is_none());
+        let prepared = "2026-11-27T02:01:11.816586Z  WARN lb::daemon::events: backend 10.100.0.11 of vip web: up -> down (refused); map updated in 190us (table prepared on the check before) vip=\"web\"";
+        let p = BackendTransition::parse(prepared).expect("parsed prepared");
+        assert_eq!(
+            (p.map_update, p.prepared),
+            (Duration::from_micros(190), true)
+        );
     }
 
     #[test]

@@ -540,6 +540,14 @@ fn killing_one_primary_stops_new_flows_to_it_within_the_bound_and_breaks_nothing
                 summary(&since_settled)
             )
         });
+        // fall = rise = 2: the first failed (passed) check announced the change, so both went
+        // live with the table prepared then (no Maglev build in the deciding result's publish).
+        lab.check(down.prepared && up.prepared, || {
+            format!(
+                "the changes did not use a prepared table (down {}, up {}): {down:?} {up:?}",
+                down.prepared, up.prepared
+            )
+        });
         let standby = lab.identity(STANDBY);
         lab.check(
             !records
@@ -559,11 +567,13 @@ fn killing_one_primary_stops_new_flows_to_it_within_the_bound_and_breaks_nothing
             .count();
         let all: Vec<&Attempt> = records.new_connections.iter().collect();
         println!(
-            "one primary killed: detection {detection:.1} ms (daemon log), map updated in {:?}; \
+            "one primary killed: detection {detection:.1} ms (daemon log), map updated in {:?} \
+             (prepared: {}); \
              up again {:.1} ms after the restart, first new connection to it after {back_after:?}; \
              {} new connections ({}), {} failed in the kill window [{}]; {intact} long-lived \
              connections to primaries 1 and 2 intact, {broken_zero} to primary 0 cut by the kill",
             down.map_update,
+            down.prepared,
             wall_ms(restarted_wall, up.at),
             all.len(),
             summary(&all),

@@ -11,6 +11,7 @@
 mod adopt;
 mod digest;
 mod ids;
+mod prepare;
 mod publish;
 mod reconcile;
 mod replicated;

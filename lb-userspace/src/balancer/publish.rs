@@ -9,7 +9,7 @@ use lb_common::{
     VipInfo,
 };
 
-use super::{Admin, BackendState, Balancer, VipState, slots::SlotHistory};
+use super::{Admin, BackendState, Balancer, VipState, prepare::PreparedTable, slots::SlotHistory};
 use crate::{
     config::{Forward, OnAllDown, Protocol},
     dataplane::{DataPlaneError, flows::kernel_now_ns},
@@ -25,6 +25,9 @@ pub struct PublishReport {
     pub pool_after: ActivePool,
     /// Backends in the new table.
     pub in_ring: usize,
+    /// The table was built ahead of time, on the check result before the deciding one (see
+    /// [`Balancer::prepare_health`]): no Maglev build in `elapsed`.
+    pub prepared: bool,
     /// From the start of the write to the VIP record's flip: how long the change took to go live.
     pub elapsed: Duration,
 }
@@ -116,7 +119,11 @@ pub fn ring_for(vip: &VipState, ring_size: u32) -> Vec<u32> {
     let order = RingOrder::of(vip);
     let ids = order.ids(vip);
     let mut table = Vec::new();
-    order.build(vip, vip.select_pool(), ring_size, &mut table);
+    order.build(
+        &order.weights(vip, vip.select_pool()),
+        ring_size,
+        &mut table,
+    );
     for owner in &mut table {
         if *owner != NO_BACKEND {
             *owner = ids[*owner as usize];
@@ -140,6 +147,8 @@ pub(super) struct RingOrder {
     backends: Vec<(usize, std::net::IpAddr)>,
     /// Their keys, in the same order.
     keys: Vec<Vec<u8>>,
+    /// A table built ahead of time for this order (dropped with it when the backends change).
+    pub(super) prepared: Option<PreparedTable>,
 }
 
 impl RingOrder {
@@ -155,7 +164,28 @@ impl RingOrder {
             .iter()
             .map(|(_, address)| address.to_string().into_bytes())
             .collect();
-        RingOrder { backends, keys }
+        RingOrder {
+            backends,
+            keys,
+            prepared: None,
+        }
+    }
+
+    /// The order of `vip`'s backends kept in `orders`, rebuilt first if they changed.
+    pub(super) fn kept<'a>(
+        orders: &'a mut std::collections::HashMap<u32, RingOrder>,
+        vip: &VipState,
+    ) -> &'a mut RingOrder {
+        match orders.entry(vip.id) {
+            std::collections::hash_map::Entry::Occupied(entry) => {
+                let order = entry.into_mut();
+                if !order.fits(vip) {
+                    *order = RingOrder::of(vip);
+                }
+                order
+            }
+            std::collections::hash_map::Entry::Vacant(entry) => entry.insert(RingOrder::of(vip)),
+        }
     }
 
     /// Whether this is still the order of `vip`'s backends: the same number, and each index
@@ -176,26 +206,48 @@ impl RingOrder {
             .collect()
     }
 
-    /// The Maglev table of `vip`'s backends that take new flows under `pool`, as positions in
-    /// this order, into `table`.
-    fn build(&self, vip: &VipState, pool: ActivePool, ring_size: u32, table: &mut Vec<u32>) {
-        let candidates: Vec<MaglevBackend<'_>> = self
-            .backends
+    /// The Maglev weight of each of `vip`'s backends under `pool`, in this order: 0 for those
+    /// that take no new flows. With the keys, all a table depends on.
+    pub(super) fn weights(&self, vip: &VipState, pool: ActivePool) -> Vec<u32> {
+        self.backends
             .iter()
-            .zip(&self.keys)
-            .map(|(&(index, _), key)| {
+            .map(|&(index, _)| {
                 let b = &vip.backends[index];
-                MaglevBackend {
-                    key,
-                    weight: if VipState::takes_new_flows(b, pool) {
-                        b.effective_weight()
-                    } else {
-                        0
-                    },
+                if VipState::takes_new_flows(b, pool) {
+                    b.effective_weight()
+                } else {
+                    0
                 }
             })
+            .collect()
+    }
+
+    /// The Maglev table of these backends with `weights` (from [`RingOrder::weights`]), as
+    /// positions in this order, into `table`.
+    pub(super) fn build(&self, weights: &[u32], ring_size: u32, table: &mut Vec<u32>) {
+        debug_assert_eq!(weights.len(), self.keys.len(), "weights of another order");
+        let candidates: Vec<MaglevBackend<'_>> = self
+            .keys
+            .iter()
+            .zip(weights)
+            .map(|(key, &weight)| MaglevBackend { key, weight })
             .collect();
         build_table_into(&candidates, ring_size, table);
+    }
+
+    /// [`RingOrder::build`], or the prepared table when it was built from exactly these
+    /// weights (it is then used up). Returns whether it was.
+    fn table_into(&mut self, weights: &[u32], ring_size: u32, table: &mut Vec<u32>) -> bool {
+        match self.prepared.take_if(|p| p.is_for(weights, ring_size)) {
+            Some(prepared) => {
+                *table = prepared.into_table();
+                true
+            }
+            None => {
+                self.build(weights, ring_size, table);
+                false
+            }
+        }
     }
 }
 
@@ -240,18 +292,10 @@ impl Balancer {
         }
         let vip = &self.vips[vip_index];
         let ring_size = self.dataplane.maps.rings.ring_size();
-        let order = match self.ring_orders.entry(vip.id) {
-            std::collections::hash_map::Entry::Occupied(entry) => {
-                let order = entry.into_mut();
-                if !order.fits(vip) {
-                    *order = RingOrder::of(vip);
-                }
-                order
-            }
-            std::collections::hash_map::Entry::Vacant(entry) => entry.insert(RingOrder::of(vip)),
-        };
+        let order = RingOrder::kept(&mut self.ring_orders, vip);
         let owners = &mut self.ring_scratch;
-        order.build(vip, pool_after, ring_size, owners);
+        let weights = order.weights(vip, pool_after);
+        let prepared = order.table_into(&weights, ring_size, owners);
         let ids = order.ids(vip);
         let in_ring = vip
             .backends
@@ -308,6 +352,7 @@ impl Balancer {
             pool_before,
             pool_after,
             in_ring,
+            prepared,
             elapsed: started.elapsed(),
         })
     }
@@ -438,7 +483,7 @@ impl Balancer {
         Ok(())
     }
 
-    fn backend_mut(
+    pub(super) fn backend_mut(
         &mut self,
         vip_index: usize,
         backend_index: usize,

@@ -1,6 +1,6 @@
 //! Applying health results to the data plane, and the log line of every change.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
@@ -24,6 +24,8 @@ pub(super) fn on_check_reports(
     attached: bool,
 ) -> Result<bool, RunError> {
     let mut changes: Vec<HealthChange<'_>> = Vec::new();
+    // (VIP index, backend index, the health one more result will give it).
+    let mut brinks: Vec<(usize, usize, Health)> = Vec::new();
     for report in reports {
         // A result for a backend a reload just removed finds no place in the model.
         let Some(place) = balancer.locate(report.checker.backend) else {
@@ -37,6 +39,10 @@ pub(super) fn on_check_reports(
                 transition,
                 held,
             });
+        } else if supervisor.is_current(report.checker)
+            && let Some(next) = supervisor.on_the_brink(report.checker.backend)
+        {
+            brinks.push((place.0, place.1, next));
         }
     }
     let mut vips: Vec<usize> = changes.iter().map(|c| c.place.0).collect();
@@ -51,11 +57,37 @@ pub(super) fn on_check_reports(
             log_flip(balancer, v, &published);
         }
     }
+    prepare_next_tables(balancer, &brinks)?;
     let up_unresolved = changes.iter().any(|c| {
         let (v, b) = c.place;
         c.transition.to == Health::Up && balancer.vips[v].backends[b].path.is_none()
     });
     Ok(up_unresolved)
+}
+
+/// A VIP whose table was prepared this long ago is not prepared again: when many backends fail
+/// at once, preparing a table for each would double the builds the failures cost anyway (each
+/// still publishes), for tables of which at most one gets used.
+const PREPARE_AT_MOST_EVERY: Duration = Duration::from_millis(100);
+
+/// Builds, for each VIP with a backend one result away from a health change, the table that change
+/// will need (after this batch's changes are live, so from the model as it is now): the deciding
+/// result then goes live without a Maglev build (`balancer::prepare`). One table per VIP, for the
+/// last such backend of the batch.
+fn prepare_next_tables(
+    balancer: &mut Balancer,
+    brinks: &[(usize, usize, Health)],
+) -> Result<(), RunError> {
+    for (i, &(v, b, next)) in brinks.iter().enumerate() {
+        let last_of_its_vip = brinks[i + 1..].iter().all(|&(other, ..)| other != v);
+        let recently = balancer
+            .prepared_age(v)
+            .is_some_and(|age| age < PREPARE_AT_MOST_EVERY);
+        if last_of_its_vip && !recently {
+            balancer.prepare_health(v, b, next)?;
+        }
+    }
+    Ok(())
 }
 
 /// One backend's health transition in a batch of check results.
@@ -78,6 +110,11 @@ fn log_transition(balancer: &Balancer, change: &HealthChange<'_>, published: &Pu
     let vip = &balancer.vips[v];
     let backend = &vip.backends[b];
     let map_update_us = published.elapsed.as_micros() as u64;
+    let prepared = if published.prepared {
+        " (table prepared on the check before)"
+    } else {
+        ""
+    };
     let hold = match held {
         Some(until) => format!(
             "; out of the ring, its established flows stay on it for {:?} (several nodes: \
@@ -87,7 +124,7 @@ fn log_transition(balancer: &Balancer, change: &HealthChange<'_>, published: &Pu
         None => String::new(),
     };
     let message = format!(
-        "backend {} of vip {}: {} -> {} ({}); map updated in {}us{hold}",
+        "backend {} of vip {}: {} -> {} ({}); map updated in {}us{prepared}{hold}",
         backend.address, vip.name, t.from, t.to, report.outcome.reason, map_update_us
     );
     let fields = (

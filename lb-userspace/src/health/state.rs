@@ -73,6 +73,20 @@ impl HealthTracker {
         self.state
     }
 
+    /// The state the next disagreeing result will move the backend to, when the results have
+    /// already begun to disagree and exactly one more is needed (`fall - 1` failures while up,
+    /// `rise - 1` passes while down). `None` otherwise, and always with `rise` or `fall` = 1: the
+    /// change is then never announced by an earlier result. The daemon prepares the likely next
+    /// ring on it, so the deciding result goes live without a Maglev build.
+    pub fn on_the_brink(&self) -> Option<Health> {
+        let (threshold, next) = match self.state {
+            Health::Up => (self.fall, Health::Down),
+            Health::Down => (self.rise, Health::Up),
+            Health::Unknown => return None,
+        };
+        (self.streak >= 1 && self.streak + 1 == threshold).then_some(next)
+    }
+
     /// Records one check result; returns the transition it caused, if any.
     pub fn record(&mut self, healthy: bool) -> Option<Transition> {
         let from = self.state;
@@ -178,5 +192,33 @@ mod tests {
                 Some(Health::Down)
             ]
         );
+    }
+
+    #[test]
+    fn on_the_brink_one_result_before_the_change_and_never_with_a_threshold_of_one() {
+        let mut t = HealthTracker::new(2, 3);
+        assert_eq!(t.on_the_brink(), None, "unknown");
+        t.record(true);
+        assert_eq!(t.on_the_brink(), None, "up, no failure yet");
+        t.record(false);
+        assert_eq!(t.on_the_brink(), None, "one failure of three");
+        t.record(false);
+        assert_eq!(t.on_the_brink(), Some(Health::Down), "two of three");
+        t.record(true);
+        assert_eq!(t.on_the_brink(), None, "a pass ends the streak");
+        t.record(false);
+        t.record(false);
+        assert_eq!(t.record(false).map(|t| t.to), Some(Health::Down));
+        assert_eq!(t.on_the_brink(), None, "just went down");
+        t.record(true);
+        assert_eq!(t.on_the_brink(), Some(Health::Up), "one pass of two");
+        assert_eq!(t.record(true).map(|t| t.to), Some(Health::Up));
+        assert_eq!(t.on_the_brink(), None);
+
+        let mut hair_trigger = HealthTracker::new(1, 1);
+        hair_trigger.record(true);
+        assert_eq!(hair_trigger.on_the_brink(), None);
+        hair_trigger.record(false);
+        assert_eq!(hair_trigger.on_the_brink(), None);
     }
 }

@@ -162,6 +162,12 @@ impl Supervisor {
             .map_or(Health::Unknown, |b| b.tracker.state())
     }
 
+    /// The state one more disagreeing result will take a backend to (see
+    /// [`HealthTracker::on_the_brink`]).
+    pub fn on_the_brink(&self, backend: u32) -> Option<Health> {
+        self.backends.get(&backend)?.tracker.on_the_brink()
+    }
+
     /// The latest result of a backend's check.
     pub fn last_outcome(&self, backend: u32) -> Option<&CheckOutcome> {
         self.backends.get(&backend)?.last.as_ref()

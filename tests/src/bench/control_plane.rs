@@ -9,6 +9,12 @@
 //!   `PublishReport::elapsed`: from the start of the VIP's rewrite (its backend records, the
 //!   Maglev build, the inactive table written through the mmap) to the VIP record's flip, the
 //!   moment new flows use the new ring. The wall time around the whole call is a param.
+//! - `state_change_prepared/backends=N/ring=65537`: the same change after
+//!   `Balancer::prepare_health(vip, b, Down)` (or `Up`), as the daemon calls it on the check
+//!   result before the deciding one (`rise`/`fall` of 2 or more, the defaults): the Maglev build
+//!   is done then, so the sample is records + table write + flip. The preparation is not timed;
+//!   each sample checks that `PublishReport::prepared` says the table was used. Interleaved
+//!   with the cold samples: for each backend, cold down, cold up, prepared down, prepared up.
 //!
 //! Trials are interleaved: trial k of every case before trial k+1.
 
@@ -46,6 +52,10 @@ pub fn maglev_name(backends: u32, ring: u32) -> String {
 
 pub fn state_change_name(backends: u32) -> String {
     format!("state_change/backends={backends}/ring={STATE_CHANGE_RING}")
+}
+
+pub fn state_change_prepared_name(backends: u32) -> String {
+    format!("state_change_prepared/backends={backends}/ring={STATE_CHANGE_RING}")
 }
 
 fn backend_address(j: u32) -> Ipv4Addr {
@@ -143,47 +153,77 @@ pub fn run_state_change(opts: &ControlPlaneOptions) -> Result<Vec<Figure>> {
         .iter()
         .map(|&n| (n, PacketLab::new(&lab_config(n))))
         .collect();
-    let mut published = vec![Vec::new(); labs.len()];
-    let mut wall = vec![Vec::new(); labs.len()];
+    // Per lab: [cold, prepared].
+    let mut published = vec![[Vec::new(), Vec::new()]; labs.len()];
+    let mut wall = vec![[Vec::new(), Vec::new()]; labs.len()];
     for round in 0..=rounds {
         for (c, (n, lab)) in labs.iter_mut().enumerate() {
             let b = round % *n as usize;
-            for health in [Health::Down, Health::Up] {
-                let started = Instant::now();
-                let report = lab.balancer.set_health(0, b, health)?;
-                let call = started.elapsed();
-                let expected = if health == Health::Down { *n - 1 } else { *n };
-                ensure!(
-                    report.in_ring == expected as usize,
-                    "{} backends in the ring after marking one {health:?}, expected {expected}",
-                    report.in_ring
-                );
-                if round > 0 {
-                    published[c].push(report.elapsed.as_secs_f64() * 1e3);
-                    wall[c].push(call.as_secs_f64() * 1e3);
+            for prepared in [false, true] {
+                for health in [Health::Down, Health::Up] {
+                    if prepared {
+                        lab.balancer.prepare_health(0, b, health)?;
+                    }
+                    let started = Instant::now();
+                    let report = lab.balancer.set_health(0, b, health)?;
+                    let call = started.elapsed();
+                    let expected = if health == Health::Down { *n - 1 } else { *n };
+                    ensure!(
+                        report.in_ring == expected as usize,
+                        "{} backends in the ring after marking one {health:?}, expected {expected}",
+                        report.in_ring
+                    );
+                    ensure!(
+                        report.prepared == prepared,
+                        "the publish {} the prepared table",
+                        if prepared { "did not use" } else { "used" }
+                    );
+                    if round > 0 {
+                        let k = usize::from(prepared);
+                        published[c][k].push(report.elapsed.as_secs_f64() * 1e3);
+                        wall[c][k].push(call.as_secs_f64() * 1e3);
+                    }
                 }
             }
         }
     }
-    Ok(labs
-        .iter()
-        .zip(published.into_iter().zip(wall))
-        .map(|((n, _), (samples, wall))| {
+    let cases = labs.iter().zip(published.into_iter().zip(wall));
+    Ok(cases
+        .flat_map(|((n, _), ([cold, prepared], [cold_wall, prepared_wall]))| {
+            [
+                (state_change_name(*n), *n, cold, cold_wall, false),
+                (
+                    state_change_prepared_name(*n),
+                    *n,
+                    prepared,
+                    prepared_wall,
+                    true,
+                ),
+            ]
+        })
+        .map(|(name, n, samples, wall, prepared)| {
             let wall_median = figure(String::new(), wall, BTreeMap::new()).median();
             let params = BTreeMap::from([
                 ("backends".to_owned(), n.to_string()),
                 ("ring_size".to_owned(), STATE_CHANGE_RING.to_string()),
                 ("changes".to_owned(), samples.len().to_string()),
+                ("prepared".to_owned(), prepared.to_string()),
                 ("wall_median_ms".to_owned(), format!("{wall_median:.4}")),
                 (
                     "what".to_owned(),
-                    "Balancer::set_health down/up alternately on a loaded data plane; \
-                     PublishReport::elapsed (backend records + Maglev build + table write + \
-                     VIP record flip)"
-                        .to_owned(),
+                    if prepared {
+                        "Balancer::prepare_health (untimed), then Balancer::set_health \
+                         down/up alternately on a loaded data plane; PublishReport::elapsed \
+                         (backend records + prepared table + table write + VIP record flip)"
+                    } else {
+                        "Balancer::set_health down/up alternately on a loaded data plane; \
+                         PublishReport::elapsed (backend records + Maglev build + table write + \
+                         VIP record flip)"
+                    }
+                    .to_owned(),
                 ),
             ]);
-            figure(state_change_name(*n), samples, params)
+            figure(name, samples, params)
         })
         .collect())
 }
