@@ -57,7 +57,7 @@ pub(super) fn on_check_reports(
             log_flip(balancer, v, &published);
         }
     }
-    prepare_next_tables(balancer, &brinks)?;
+    prepare_next_tables(balancer, &brinks);
     let up_unresolved = changes.iter().any(|c| {
         let (v, b) = c.place;
         c.transition.to == Health::Up && balancer.vips[v].backends[b].path.is_none()
@@ -73,21 +73,22 @@ const PREPARE_AT_MOST_EVERY: Duration = Duration::from_millis(100);
 /// Builds, for each VIP with a backend one result away from a health change, the table that change
 /// will need (after this batch's changes are live, so from the model as it is now): the deciding
 /// result then goes live without a Maglev build (`balancer::prepare`). One table per VIP, for the
-/// last such backend of the batch.
-fn prepare_next_tables(
-    balancer: &mut Balancer,
-    brinks: &[(usize, usize, Health)],
-) -> Result<(), RunError> {
+/// last such backend of the batch. A failure only costs the speed-up, so it is logged, not
+/// returned: the batch's changes are live already.
+fn prepare_next_tables(balancer: &mut Balancer, brinks: &[(usize, usize, Health)]) {
     for (i, &(v, b, next)) in brinks.iter().enumerate() {
         let last_of_its_vip = brinks[i + 1..].iter().all(|&(other, ..)| other != v);
         let recently = balancer
             .prepared_age(v)
             .is_some_and(|age| age < PREPARE_AT_MOST_EVERY);
-        if last_of_its_vip && !recently {
-            balancer.prepare_health(v, b, next)?;
+        if last_of_its_vip
+            && !recently
+            && let Err(e) = balancer.prepare_health(v, b, next)
+        {
+            // `e` names the VIP or backend it could not find.
+            warn!("preparing the next Maglev table failed: {e}");
         }
     }
-    Ok(())
 }
 
 /// One backend's health transition in a batch of check results.
