@@ -893,6 +893,8 @@ struct Round {
     down_at: Instant,
     /// The daemon's "map updated in" of the "-> up" line.
     up_map_update_us: u64,
+    /// How many of the two changes went live with a table prepared on the check before.
+    prepared: usize,
 }
 
 #[test]
@@ -930,6 +932,7 @@ fn failover_timing_over_20_failovers() {
                 rise_ms: wall_ms(restarted_wall, up.at),
                 up_map_update_us: up.map_update.as_micros() as u64,
                 down_at,
+                prepared: usize::from(down.prepared) + usize::from(up.prepared),
             });
         }
         lab.wait_until(Instant::now() + Duration::from_millis(300));
@@ -1066,6 +1069,7 @@ fn failover_timing_over_20_failovers() {
         );
         println!("{table}");
 
+        let prepared: usize = rounds.iter().map(|r| r.prepared).sum();
         let json = format!(
             "{{\n  \"rounds\": {ROUNDS},\n  \"interval_ms\": {},\n  \"fall\": {FALL},\n  \"rise\": {RISE},\n  \
              \"bound_ms\": {},\n  \"detection_ms\": {{ \"median\": {:.1}, \"worst\": {:.1}, \"all\": [{}] }},\n  \
@@ -1077,7 +1081,8 @@ fn failover_timing_over_20_failovers() {
              \"new_connections\": {total},\n  \"failed_connections\": {failed_total},\n  \
              \"failed_in_kill_windows\": {window_total},\n  \"failed_after_bound_before_detection\": {late_detection},\n  \
              \"failed_to_healthy_backends\": {},\n  \"long_lived_connections\": {},\n  \
-             \"long_lived_cut_by_kill\": {long_lived_cut}\n}}\n",
+             \"long_lived_cut_by_kill\": {long_lived_cut},\n  \
+             \"changes_with_a_prepared_table\": {prepared}\n}}\n",
             INTERVAL.as_millis(),
             BOUND.as_millis(),
             median(&detections),
