@@ -222,3 +222,44 @@ fn a_table_prepared_for_another_state_is_never_used() {
     );
     assert!(!twins.set_health(EQUAL, 0, Health::Down).prepared);
 }
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn a_vip_keeps_its_last_two_prepared_tables() {
+    let mut twins = Twins::new();
+
+    // Two hints, then the older one's change: its table is still there.
+    twins.prepare(EQUAL, 0, Health::Down);
+    twins.prepare(EQUAL, 1, Health::Down);
+    assert_eq!(twins.prepared.balancer.prepared_count(EQUAL), 2);
+    assert!(
+        twins.set_health(EQUAL, 0, Health::Down).prepared,
+        "the older of two prepared tables was used"
+    );
+    assert_eq!(
+        twins.prepared.balancer.prepared_count(EQUAL),
+        1,
+        "the used one is gone, the other (now stale) stays"
+    );
+
+    // Three more: the oldest go. The same hint twice builds nothing more.
+    twins.prepare(EQUAL, 2, Health::Down);
+    twins.prepare(EQUAL, 3, Health::Down);
+    twins.prepare(EQUAL, 4, Health::Down);
+    twins.prepare(EQUAL, 4, Health::Down);
+    assert_eq!(twins.prepared.balancer.prepared_count(EQUAL), 2, "capped");
+    assert!(
+        !twins.set_health(EQUAL, 2, Health::Down).prepared,
+        "backend 2's table was pushed out by newer ones"
+    );
+    assert!(!twins.set_health(EQUAL, 2, Health::Up).prepared);
+    assert!(
+        twins.set_health(EQUAL, 4, Health::Down).prepared,
+        "the newest table is kept"
+    );
+    assert!(!twins.set_health(EQUAL, 4, Health::Up).prepared);
+    assert!(
+        twins.set_health(EQUAL, 3, Health::Down).prepared,
+        "the second newest too"
+    );
+}

@@ -9,7 +9,7 @@ use lb_common::{
     VipInfo,
 };
 
-use super::{Admin, BackendState, Balancer, VipState, prepare::PreparedTable, slots::SlotHistory};
+use super::{Admin, BackendState, Balancer, VipState, prepare::PreparedTables, slots::SlotHistory};
 use crate::{
     config::{Forward, OnAllDown, Protocol},
     dataplane::{DataPlaneError, flows::kernel_now_ns},
@@ -147,8 +147,8 @@ pub(super) struct RingOrder {
     backends: Vec<(usize, std::net::IpAddr)>,
     /// Their keys, in the same order.
     keys: Vec<Vec<u8>>,
-    /// A table built ahead of time for this order (dropped with it when the backends change).
-    pub(super) prepared: Option<PreparedTable>,
+    /// Tables built ahead of time for this order (dropped with it when the backends change).
+    pub(super) prepared: PreparedTables,
 }
 
 impl RingOrder {
@@ -167,7 +167,7 @@ impl RingOrder {
         RingOrder {
             backends,
             keys,
-            prepared: None,
+            prepared: PreparedTables::default(),
         }
     }
 
@@ -235,12 +235,12 @@ impl RingOrder {
         build_table_into(&candidates, ring_size, table);
     }
 
-    /// [`RingOrder::build`], or the prepared table when it was built from exactly these
-    /// weights (it is then used up). Returns whether it was.
+    /// [`RingOrder::build`], or the prepared table built from exactly these weights (it is
+    /// then used up). Returns whether it was.
     fn table_into(&mut self, weights: &[u32], ring_size: u32, table: &mut Vec<u32>) -> bool {
-        match self.prepared.take_if(|p| p.is_for(weights, ring_size)) {
+        match self.prepared.take(weights, ring_size) {
             Some(prepared) => {
-                *table = prepared.into_table();
+                *table = prepared;
                 true
             }
             None => {

@@ -72,8 +72,8 @@ const PREPARE_AT_MOST_EVERY: Duration = Duration::from_millis(100);
 
 /// Builds, for each VIP with a backend one result away from a health change, the table that change
 /// will need (after this batch's changes are live, so from the model as it is now): the deciding
-/// result then goes live without a Maglev build (`balancer::prepare`). One table per VIP, for the
-/// last such backend of the batch. A failure only costs the speed-up, so it is logged, not
+/// result then goes live without a Maglev build (`balancer::prepare`). One table per VIP and
+/// batch, for the last such backend of the batch. A failure only costs the speed-up, so it is logged, not
 /// returned: the batch's changes are live already.
 fn prepare_next_tables(balancer: &mut Balancer, brinks: &[(usize, usize, Health)]) {
     for (i, &(v, b, next)) in brinks.iter().enumerate() {
