@@ -18,6 +18,18 @@ use super::model::{Admin, ReloadReport, StatusReport};
 /// How long a request may take, connecting included.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The pauses before each new attempt of a `GET` whose connection the daemon closed before
+/// answering (or whose connect found the accept queue full). The daemon closes idle connections to make room when a flood of them reaches its
+/// cap (`http_server`), and a connection it has just accepted may look idle for the moment
+/// before its request is read; a read is safe to repeat, so `lb status` repeats it rather
+/// than fail during such a flood. Changes (`POST`) are never repeated.
+const GET_RETRY_PAUSES: [Duration; 4] = [
+    Duration::from_millis(10),
+    Duration::from_millis(40),
+    Duration::from_millis(100),
+    Duration::from_millis(250),
+];
+
 /// Why a request to the daemon failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -77,8 +89,36 @@ impl ClientError {
 }
 
 /// Sends `method path` (no body) to the daemon at `socket`; returns the status code and the
-/// body, whatever the status.
+/// body, whatever the status. A `GET` cut off before its answer is tried again (see
+/// [`GET_RETRY_PAUSES`]).
 pub async fn request(
+    socket: &Path,
+    method: Method,
+    path: &str,
+) -> Result<(u16, String), ClientError> {
+    let retries: &[Duration] = if method == Method::GET {
+        &GET_RETRY_PAUSES
+    } else {
+        &[]
+    };
+    let mut pauses = retries.iter();
+    loop {
+        let answer = request_once(socket, method.clone(), path).await;
+        // Cut off, or a full accept queue (a Unix socket refuses with EAGAIN then).
+        let again = match &answer {
+            Err(ClientError::Http { .. }) => true,
+            Err(ClientError::Connect { error, .. }) => error.kind() == io::ErrorKind::WouldBlock,
+            _ => false,
+        };
+        match pauses.next() {
+            Some(&pause) if again => tokio::time::sleep(pause).await,
+            _ => return answer,
+        }
+    }
+}
+
+/// One attempt of [`request`], on a connection of its own.
+async fn request_once(
     socket: &Path,
     method: Method,
     path: &str,
@@ -180,4 +220,80 @@ pub async fn reload(socket: &Path) -> Result<ReloadReport, ClientError> {
         socket: socket.to_path_buf(),
         message: format!("POST /reload is not a reload report: {e}"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::UnixListener;
+
+    use super::*;
+
+    /// A daemon stand-in that hangs up on its first `cut` connections without a word, then
+    /// answers every request `200 ok`. Returns its socket and its connection count.
+    fn flaky_daemon(name: &str, cut: usize) -> (PathBuf, Arc<AtomicUsize>) {
+        let socket =
+            std::env::temp_dir().join(format!("lb-client-{name}-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&socket);
+        let listener = UnixListener::bind(&socket).expect("bind");
+        let connections = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&connections);
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = listener.accept().await.expect("accept");
+                let n = counted.fetch_add(1, Ordering::SeqCst);
+                if n < cut {
+                    drop(stream);
+                    continue;
+                }
+                tokio::spawn(async move {
+                    let mut buffer = [0u8; 1024];
+                    let _ = stream.read(&mut buffer).await;
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await;
+                });
+            }
+        });
+        (socket, connections)
+    }
+
+    #[tokio::test]
+    async fn a_get_cut_off_before_its_answer_is_tried_again() {
+        let (socket, connections) = flaky_daemon("get", 2);
+        let answer = request(&socket, Method::GET, "/status").await;
+        assert_eq!(
+            answer.expect("answered on the third connection"),
+            (200, "ok".to_owned())
+        );
+        assert_eq!(connections.load(Ordering::SeqCst), 3);
+        let _ = std::fs::remove_file(&socket);
+    }
+
+    #[tokio::test]
+    async fn a_get_gives_up_after_its_retries_and_a_post_is_never_repeated() {
+        let (socket, connections) = flaky_daemon("give-up", usize::MAX);
+        let answer = request(&socket, Method::GET, "/status").await;
+        assert!(
+            matches!(answer, Err(ClientError::Http { .. })),
+            "{answer:?}"
+        );
+        assert_eq!(
+            connections.load(Ordering::SeqCst),
+            1 + GET_RETRY_PAUSES.len()
+        );
+
+        let (socket_post, posts) = flaky_daemon("post", 1);
+        let answer = request(&socket_post, Method::POST, "/reload").await;
+        assert!(
+            matches!(answer, Err(ClientError::Http { .. })),
+            "{answer:?}"
+        );
+        assert_eq!(posts.load(Ordering::SeqCst), 1, "a POST was repeated");
+        let _ = std::fs::remove_file(&socket);
+        let _ = std::fs::remove_file(&socket_post);
+    }
 }
