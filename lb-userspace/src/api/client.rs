@@ -19,10 +19,11 @@ use super::model::{Admin, ReloadReport, StatusReport};
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The pauses before each new attempt of a `GET` whose connection the daemon closed before
-/// answering (or whose connect found the accept queue full). The daemon closes idle connections to make room when a flood of them reaches its
-/// cap (`http_server`), and a connection it has just accepted may look idle for the moment
-/// before its request is read; a read is safe to repeat, so `lb status` repeats it rather
-/// than fail during such a flood. Changes (`POST`) are never repeated.
+/// answering (or whose connect found the accept queue full). The daemon closes idle
+/// connections to make room when a flood of them reaches its cap (`http_server`), and a
+/// connection it has just accepted may look idle for the moment before its request is read; a
+/// read is safe to repeat, so `lb status` repeats it rather than fail during such a flood.
+/// Changes (`POST`) are never repeated.
 const GET_RETRY_PAUSES: [Duration; 4] = [
     Duration::from_millis(10),
     Duration::from_millis(40),

@@ -46,23 +46,28 @@ pub(super) struct PreparedTables {
 }
 
 impl PreparedTables {
+    /// Where the table of exactly `weights` is kept.
+    fn position(&self, weights: &[u32], ring_size: u32) -> Option<usize> {
+        self.tables
+            .iter()
+            .position(|p| p.is_for(weights, ring_size))
+    }
+
     /// The table of exactly `weights`, removed; `None` if none was prepared.
     pub(super) fn take(&mut self, weights: &[u32], ring_size: u32) -> Option<Vec<u32>> {
-        let position = self
-            .tables
-            .iter()
-            .position(|p| p.is_for(weights, ring_size))?;
+        let position = self.position(weights, ring_size)?;
         Some(self.tables.remove(position).table)
     }
 
-    /// Keeps the table of `weights` ready, built with `build` unless it already is; the oldest
-    /// table goes when there are too many (its buffer is reused).
-    fn prepare(&mut self, weights: Vec<u32>, ring_size: u32, build: impl FnOnce(&mut Vec<u32>)) {
-        if let Some(position) = self
-            .tables
-            .iter()
-            .position(|p| p.is_for(&weights, ring_size))
-        {
+    /// Keeps the table of `weights` ready, built with `build(weights, table)` unless it already
+    /// is; the oldest table goes when there are too many (its buffer is reused).
+    fn prepare(
+        &mut self,
+        weights: Vec<u32>,
+        ring_size: u32,
+        build: impl FnOnce(&[u32], &mut Vec<u32>),
+    ) {
+        if let Some(position) = self.position(&weights, ring_size) {
             let mut again = self.tables.remove(position);
             again.built_at = Instant::now();
             self.tables.push(again);
@@ -73,7 +78,7 @@ impl PreparedTables {
         } else {
             Vec::new()
         };
-        build(&mut table);
+        build(&weights, &mut table);
         self.tables.push(PreparedTable {
             weights,
             ring_size,
@@ -112,8 +117,8 @@ impl Balancer {
         self.vips[vip_index].backends[backend_index].health = actual;
 
         let mut prepared = std::mem::take(&mut order.prepared);
-        prepared.prepare(weights.clone(), ring_size, |table| {
-            order.build(&weights, ring_size, table)
+        prepared.prepare(weights, ring_size, |weights, table| {
+            order.build(weights, ring_size, table)
         });
         order.prepared = prepared;
         Ok(())

@@ -70,11 +70,11 @@ pub(super) fn on_check_reports(
 /// still publishes), for tables of which at most one gets used.
 const PREPARE_AT_MOST_EVERY: Duration = Duration::from_millis(100);
 
-/// Builds, for each VIP with a backend one result away from a health change, the table that change
-/// will need (after this batch's changes are live, so from the model as it is now): the deciding
-/// result then goes live without a Maglev build (`balancer::prepare`). One table per VIP and
-/// batch, for the last such backend of the batch. A failure only costs the speed-up, so it is logged, not
-/// returned: the batch's changes are live already.
+/// Builds, for each VIP with a backend one result away from a health change, the table that
+/// change will need (after this batch's changes are live, so from the model as it is now): the
+/// deciding result then goes live without a Maglev build (`balancer::prepare`). One table per
+/// VIP and batch, for the last such backend of the batch. A failure only costs the speed-up, so
+/// it is logged, not returned: the batch's changes are live already.
 fn prepare_next_tables(balancer: &mut Balancer, brinks: &[(usize, usize, Health)]) {
     for (i, &(v, b, next)) in brinks.iter().enumerate() {
         let last_of_its_vip = brinks[i + 1..].iter().all(|&(other, ..)| other != v);
