@@ -4,7 +4,7 @@
 use std::{path::PathBuf, process::Command};
 
 use lb_tests::bench::{
-    control_plane::{self, maglev_name, state_change_name},
+    control_plane::{self, maglev_name, state_change_name, state_change_prepared_name},
     per_packet::{self, names},
     sync,
 };
@@ -80,6 +80,7 @@ fn expected_names() -> Vec<String> {
     }
     for n in control_plane::BACKENDS {
         expected.push(state_change_name(n));
+        expected.push(state_change_prepared_name(n));
     }
     expected
 }
@@ -143,10 +144,17 @@ fn quick_per_packet_and_control_plane_write_a_complete_report() {
         }
     }
     let targets = report["targets"].as_array().expect("targets array");
-    // Issues 4 and 11, the two encapsulation rows and the next-hop row (issue 13), the flow-event
-    // row, and four sync
-    // rows (not measured here).
-    assert_eq!(targets.len(), 20, "{targets:?}");
+    // Issues 4 and 11 (the state change twice: cold and prepared), the two encapsulation rows and
+    // the next-hop row (issue 13), the flow-event row, and four sync rows (not measured here).
+    assert_eq!(targets.len(), 21, "{targets:?}");
+    // The prepared state change is measured as such: every sample used its prepared table.
+    for n in control_plane::BACKENDS {
+        let name = state_change_prepared_name(n);
+        let figure = by_name(&name).expect("checked above");
+        assert_eq!(figure["params"]["prepared"], "true", "{figure}");
+        let cold = by_name(&state_change_name(n)).expect("checked above");
+        assert_eq!(cold["params"]["prepared"], "false", "{cold}");
+    }
     for mode in ["ipip", "gue"] {
         let row = targets
             .iter()
@@ -173,7 +181,11 @@ fn quick_per_packet_and_control_plane_write_a_complete_report() {
     let in_group = |group: &str| figures.iter().filter(|f| f["group"] == group).count();
     let expected_per_packet = expected_names()
         .iter()
-        .filter(|n| !n.starts_with("maglev_build/") && !n.starts_with("state_change/"))
+        .filter(|n| {
+            !n.starts_with("maglev_build/")
+                && !n.starts_with("state_change/")
+                && !n.starts_with("state_change_prepared/")
+        })
         .count();
     assert_eq!(
         in_group(per_packet::GROUP) + in_group(per_packet::CALL_GROUP),
