@@ -8,8 +8,10 @@ pub const MAP_RINGS: &str = "RINGS";
 pub const MAP_BACKENDS: &str = "BACKENDS";
 /// `FLOWS`: LRU hash `FlowKey -> FlowState` (connection tracking).
 pub const MAP_FLOWS: &str = "FLOWS";
-/// `VIP_STATS`: per-CPU array `vip id -> Counters`.
-pub const MAP_VIP_STATS: &str = "VIP_STATS";
+/// `COUNTER_CARRY`: array of `Counters` written only by the daemon: entry `vip id` holds what the
+/// VIP's removed backends had counted, entry `max_vips` what removed VIPs had counted (the
+/// program counts a forwarded packet once, on its backend; VIP and `tx` totals are sums).
+pub const MAP_COUNTER_CARRY: &str = "COUNTER_CARRY";
 /// `BACKEND_STATS`: per-CPU array `backend id -> Counters`.
 pub const MAP_BACKEND_STATS: &str = "BACKEND_STATS";
 /// `REASONS`: per-CPU array `Reason -> Counters`.
@@ -97,7 +99,7 @@ pub struct VipKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct VipInfo {
-    /// Slot of this VIP in `VIP_STATS` and in `RINGS` (tables `2*id` and `2*id + 1`).
+    /// Slot of this VIP in `COUNTER_CARRY` and in `RINGS` (tables `2*id` and `2*id + 1`).
     pub id: u32,
     /// `VIP_F_*` bits.
     pub flags: u32,
@@ -291,13 +293,14 @@ pub struct FlowEvent {
     pub vip_id: u32,
 }
 
-/// `Counters`: one per VIP, per backend and per reason, per CPU; the daemon sums the CPUs.
+/// `Counters`: one per backend and per reason, per CPU (the daemon sums the CPUs), and the
+/// daemon's carries of removed backends and VIPs.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
     pub packets: u64,
     pub bytes: u64,
-    /// New flows assigned (VIP and backend counters only).
+    /// New flows assigned (backend counters and the VIP totals made of them only).
     pub new_flows: u64,
 }
 

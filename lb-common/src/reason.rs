@@ -58,6 +58,16 @@ impl Reason {
         Reason::DropEncapFailed,
     ];
 
+    /// A packet forwarded to a backend: counted on the backend (`BACKEND_STATS`), not in
+    /// `REASONS`, except a redirect's outcome, which the backend's counter cannot tell. The
+    /// daemon derives `tx` as the backends' sum less the redirects.
+    pub const fn is_forwarded(self) -> bool {
+        matches!(
+            self,
+            Reason::Tx | Reason::Redirect | Reason::DropRedirectFailed
+        )
+    }
+
     /// Stable snake_case name, used in logs, `lb status` and metric labels.
     pub const fn name(self) -> &'static str {
         match self {

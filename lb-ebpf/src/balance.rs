@@ -67,12 +67,15 @@ pub fn forward(ctx: &XdpContext, packet: &Packet) -> (u32, Reason) {
         // Unreachable: the parser already proved the Ethernet header is there.
         return (xdp_action::XDP_PASS, Reason::PassMalformed);
     }
-    counters::count_forwarded(vip.id, id, received_len, new_flow);
+    counters::count_forwarded(id, received_len, new_flow);
     if backend.flags & BACKEND_F_REDIRECT != 0 {
-        match TX_PORTS.redirect(id, u64::from(xdp_action::XDP_DROP)) {
+        let (verdict, reason) = match TX_PORTS.redirect(id, u64::from(xdp_action::XDP_DROP)) {
             Ok(verdict) => (verdict, Reason::Redirect),
             Err(verdict) => (verdict, Reason::DropRedirectFailed),
-        }
+        };
+        // As received, like the backend's count that `tx` is derived from.
+        counters::count_reason(reason, received_len);
+        (verdict, reason)
     } else {
         (xdp_action::XDP_TX, Reason::Tx)
     }

@@ -1,8 +1,12 @@
 //! Per-CPU counters: no atomics needed, the daemon sums the CPUs.
+//!
+//! A forwarded packet is counted once, on its backend: the VIP's totals and the `tx` reason are
+//! sums the daemon makes (with a carry for removed backends and VIPs), which saves two
+//! counter updates per packet.
 
 use lb_common::{Counters, Reason};
 
-use crate::maps::{BACKEND_STATS, REASONS, VIP_STATS};
+use crate::maps::{BACKEND_STATS, REASONS};
 
 #[inline(always)]
 fn bump(counters: Option<*mut Counters>, bytes: u64, new_flow: bool) {
@@ -19,13 +23,15 @@ fn bump(counters: Option<*mut Counters>, bytes: u64, new_flow: bool) {
     }
 }
 
+/// Counts a verdict that is not a forward (see [`Reason::is_forwarded`]), or a redirect's
+/// outcome, with `bytes` as received.
 #[inline(always)]
 pub fn count_reason(reason: Reason, bytes: u64) {
     bump(REASONS.get_ptr_mut(reason as u32), bytes, false);
 }
 
+/// Counts a packet forwarded to `backend_id`, `bytes` as received (before any encapsulation).
 #[inline(always)]
-pub fn count_forwarded(vip_id: u32, backend_id: u32, bytes: u64, new_flow: bool) {
-    bump(VIP_STATS.get_ptr_mut(vip_id), bytes, new_flow);
+pub fn count_forwarded(backend_id: u32, bytes: u64, new_flow: bool) {
     bump(BACKEND_STATS.get_ptr_mut(backend_id), bytes, new_flow);
 }

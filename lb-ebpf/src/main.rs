@@ -37,7 +37,10 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
         Parsed::Flow(packet) => balance::forward(&ctx, &packet),
         Parsed::Pass(reason) => (xdp_action::XDP_PASS, reason),
     };
-    counters::count_reason(reason, parse::frame_len(&ctx));
+    // A forward was counted on its backend (see `counters`).
+    if !reason.is_forwarded() {
+        counters::count_reason(reason, parse::frame_len(&ctx));
+    }
     verdict
 }
 

@@ -29,8 +29,10 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BACKEN
 pub static FLOWS: LruHashMap<FlowKey, FlowState> =
     LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
 
+/// Never touched by the program: the daemon's sums of removed backends and VIPs (see
+/// `lb_common::MAP_COUNTER_CARRY`), pinned with the counters they complete.
 #[map]
-pub static VIP_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(DEFAULT_MAX_VIPS, 0);
+pub static COUNTER_CARRY: Array<Counters> = Array::with_max_entries(DEFAULT_MAX_VIPS + 1, 0);
 
 #[map]
 pub static BACKEND_STATS: PerCpuArray<Counters> =

@@ -4,7 +4,10 @@ use std::fmt;
 
 use lb_common::{Counters, Reason};
 
-use crate::{balancer::Balancer, dataplane::DataPlaneError};
+use crate::{
+    balancer::{Balancer, add, derive_tx},
+    dataplane::DataPlaneError,
+};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackendCounters {
@@ -28,13 +31,16 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// Reads every counter once; VIP and `tx` totals are sums of the backends' (see
+    /// `balancer::counters`).
     pub fn read(balancer: &Balancer) -> Result<Self, DataPlaneError> {
         let maps = &balancer.dataplane.maps;
+        let mut forwarded = balancer.removed_vips_counters()?;
         let vips = balancer
             .vips
             .iter()
             .map(|vip| {
-                let backends = vip
+                let backends: Vec<BackendCounters> = vip
                     .backends
                     .iter()
                     .map(|b| {
@@ -44,6 +50,10 @@ impl Snapshot {
                         })
                     })
                     .collect::<Result<_, DataPlaneError>>()?;
+                let counters = backends
+                    .iter()
+                    .fold(maps.carry(vip.id)?, |sum, b| add(sum, b.counters));
+                forwarded = add(forwarded, counters);
                 Ok(VipCounters {
                     name: vip.name.clone(),
                     endpoint: format!(
@@ -51,15 +61,31 @@ impl Snapshot {
                         std::net::SocketAddr::new(vip.address, vip.port),
                         vip.protocol.as_str()
                     ),
-                    counters: maps.vip_counters(vip.id)?,
+                    counters,
                     backends,
                 })
             })
             .collect::<Result<_, DataPlaneError>>()?;
-        let reasons = Reason::ALL
+        let mut reasons: Vec<(Reason, Counters)> = Reason::ALL
             .iter()
             .map(|&r| Ok((r, maps.reason_counters(r)?)))
             .collect::<Result<_, DataPlaneError>>()?;
+        let of = |reason: Reason, reasons: &[(Reason, Counters)]| {
+            reasons
+                .iter()
+                .find(|(r, _)| *r == reason)
+                .map_or_else(Counters::default, |(_, c)| *c)
+        };
+        let tx = derive_tx(
+            forwarded,
+            of(Reason::Redirect, &reasons),
+            of(Reason::DropRedirectFailed, &reasons),
+        );
+        for (reason, counters) in &mut reasons {
+            if *reason == Reason::Tx {
+                *counters = tx;
+            }
+        }
         Ok(Self { vips, reasons })
     }
 }

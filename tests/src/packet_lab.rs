@@ -197,10 +197,8 @@ impl PacketLab {
     /// Packets counted for `reason` so far, summed over the CPUs.
     pub fn reason_packets(&self, reason: lb_common::Reason) -> u64 {
         self.balancer
-            .dataplane
-            .maps
             .reason_counters(reason)
-            .unwrap_or_else(|e| panic!("reading REASONS[{}]: {e}", reason.name()))
+            .unwrap_or_else(|e| panic!("reading the {} counters: {e}", reason.name()))
             .packets
     }
 

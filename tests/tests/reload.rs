@@ -77,6 +77,18 @@ fn ack(flow: &FrameSpec) -> FrameSpec {
     next
 }
 
+/// The (packets, new flows) totals of VIP `vip` and the `tx` packets: sums of the backends'
+/// counters and the carries of removed ones (the program counts a forward once).
+fn totals(lab: &PacketLab, vip: &str) -> ((u64, u64), u64) {
+    let balancer = &lab.balancer;
+    let at = balancer.vip_index(vip).expect("VIP");
+    let c = balancer
+        .vip_counters(&balancer.vips[at])
+        .expect("VIP totals");
+    let tx = balancer.reason_counters(Reason::Tx).expect("tx");
+    ((c.packets, c.new_flows), tx.packets)
+}
+
 /// The ids of web's .11, .12 and .13.
 fn web_ids(lab: &PacketLab) -> [u32; 3] {
     ["10.0.0.11", "10.0.0.12", "10.0.0.13"].map(|a| id_of(lab, "web", a))
@@ -218,6 +230,11 @@ fn removed_and_moved_vips_stop_being_balanced_and_reused_ids_start_from_zero() {
             > 0,
         ".13 must have counted traffic for the reuse check to mean something"
     );
+    assert_eq!(
+        totals(&lab, "web"),
+        ((100, 100), 101),
+        "web's SYNs, dns's one"
+    );
 
     // dns removed; web moved to port 8080 with .13 replaced by .15 and .16.
     let moved = after().replace("port = 80\n", "port = 8080\n").replace(
@@ -272,6 +289,13 @@ fn removed_and_moved_vips_stop_being_balanced_and_reused_ids_start_from_zero() {
         c16.new_flows, only_the_probe,
         "backend .16 inherited .13's counters"
     );
+    // .13's counts went into web's carry before .16 took its id, dns's into the removed VIPs':
+    // nothing counted is lost or counted twice.
+    assert_eq!(
+        totals(&lab, "web"),
+        ((101, 101), 102),
+        "web's totals and tx after the reload and the probe"
+    );
     let not_vip = lab
         .balancer
         .dataplane
@@ -300,7 +324,14 @@ fn a_restarted_daemon_adopts_ids_health_and_drains_and_applies_a_changed_config(
 
     // The daemon dies; the next one starts with the changed config (.13 gone, .14 new, .11
     // reweighted) on the same maps.
+    let web_before = totals(&lab, "web");
+    assert_eq!(web_before, ((300, 300), 300));
     let (mut lab, adopted, changes) = lab.restart(&after());
+    assert_eq!(
+        totals(&lab, "web"),
+        web_before,
+        "a restart that drops .13 keeps what it counted in web's totals and tx"
+    );
     assert_eq!(
         adopted,
         lb::balancer::Adopted {
@@ -424,6 +455,7 @@ fn a_reload_that_fails_part_way_leaves_the_old_config_running_exactly() {
         let model_before = names(&lab);
         let seen_before = observe(&mut lab, &flows);
         lab.balancer.inject_map_write_failure(Some(writes));
+        let counted_before = (totals(&lab, "web"), totals(&lab, "dns"));
         match lab.try_reload(&new) {
             Ok(_) => {
                 // Enough writes allowed: the reload went through, with the new VIP.
@@ -444,6 +476,11 @@ fn a_reload_that_fails_part_way_leaves_the_old_config_running_exactly() {
                 );
                 // The model and everything a packet sees are as before the reload.
                 assert_eq!(names(&lab), model_before, "after {writes} writes");
+                assert_eq!(
+                    (totals(&lab, "web"), totals(&lab, "dns")),
+                    counted_before,
+                    "the totals changed (after {writes} writes)"
+                );
                 let seen_after = observe(&mut lab, &flows);
                 assert_eq!(
                     seen_after.0, seen_before.0,

@@ -119,8 +119,24 @@ impl Balancer {
                 backends,
             });
         }
-        for (key, _) in pinned_vips.iter().filter(|(k, _)| !kept_keys.contains(k)) {
+        // What the stale ones counted goes into the carries (see `counters`): a backend's into
+        // its VIP's, if the VIP stays; everything of a VIP that goes into the removed VIPs'.
+        let kept_vips: Vec<u32> = self.vips.iter().map(|v| v.id).collect();
+        for (id, record) in &records {
+            if kept_vips.contains(&record.vip_id) {
+                self.carry_backend(record.vip_id, *id)?;
+            }
+        }
+        for (key, info) in pinned_vips.iter().filter(|(k, _)| !kept_keys.contains(k)) {
             self.remove_vip_record(key)?;
+            let stale_backends = records
+                .iter()
+                .filter(|(_, record)| record.vip_id == info.id)
+                .map(|(id, _)| *id);
+            // An id a kept VIP reserved is not this record's any more (it was unusable).
+            if !kept_vips.contains(&info.id) {
+                self.carry_vip(info.id, stale_backends.collect::<Vec<_>>())?;
+            }
             adopted.stale_vips += 1;
         }
         for (id, _) in records {

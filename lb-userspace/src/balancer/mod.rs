@@ -1,6 +1,6 @@
 //! The daemon's model of what the data plane should hold, and the one place that writes it.
 //!
-//! Every VIP and backend has a data-plane id (its slot in `VIP_STATS`/`RINGS`, or in `BACKENDS`,
+//! Every VIP and backend has a data-plane id (its slot in `COUNTER_CARRY`/`RINGS`, or in `BACKENDS`,
 //! `BACKEND_STATS` and `TX_PORTS`), handed out by [`ids::IdPool`] and kept for as long as the VIP
 //! (by name) or the backend (by VIP and address) stays in the config: reloads ([`reconcile`])
 //! and restarted daemons ([`adopt`]) leave established flows where they are. A VIP's ring is
@@ -9,6 +9,7 @@
 //! update.
 
 mod adopt;
+mod counters;
 mod digest;
 mod ids;
 mod prepare;
@@ -19,6 +20,8 @@ mod rollback;
 mod slots;
 mod sweep;
 mod vip_index;
+
+pub use counters::{add, derive_tx};
 
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
@@ -193,6 +196,9 @@ pub struct Balancer {
     ring_scratch: Vec<u32>,
     /// Per VIP id: flows in the table at the last sweep.
     census: std::collections::HashMap<u32, usize>,
+    /// Backend counters a reconcile zeroed for reused ids, as they were, until it succeeds: a
+    /// rolled-back reload puts them back (see [`rollback`]).
+    zeroed_counters: Vec<(u32, aya::maps::PerCpuValues<lb_common::Counters>)>,
     /// Test-only: a map write that fails on purpose (see [`Balancer::inject_map_write_failure`]).
     faults: rollback::FaultInjection,
 }
@@ -243,6 +249,7 @@ impl Balancer {
             ring_orders: std::collections::HashMap::new(),
             ring_scratch: Vec::new(),
             census: std::collections::HashMap::new(),
+            zeroed_counters: Vec::new(),
             faults: rollback::FaultInjection::default(),
         }
     }

@@ -111,9 +111,11 @@ impl Balancer {
     /// part-way, the model and the maps go back to what they were (see [`super::rollback`]) and
     /// the error says so.
     pub fn reconcile(&mut self, config: &Config) -> Result<Vec<Change>, ReconcileError> {
-        let before = self.snapshot();
+        let before = self.snapshot()?;
+        self.zeroed_counters.clear();
         match self.apply(config) {
             Ok(changes) => {
+                self.zeroed_counters.clear();
                 self.idle = super::IdleTimeouts {
                     tcp: config.tcp_idle_timeout,
                     udp: config.udp_idle_timeout,
@@ -199,6 +201,7 @@ impl Balancer {
             let Some(wanted) = config.vips.iter().find(|w| w.name == self.vips[v].name) else {
                 let vip = self.vips.remove(v);
                 self.remove_vip_record(&vip.key)?;
+                self.carry_vip(vip.id, vip.backends.iter().map(|b| b.id))?;
                 for backend in &vip.backends {
                     self.clear_backend(backend.id)?;
                     freed.backends.push_back(backend.id);
@@ -218,6 +221,7 @@ impl Balancer {
                 // cleared backend in a live ring.
                 self.publish(v)?;
                 for backend in gone {
+                    self.carry_backend(self.vips[v].id, backend.id)?;
                     self.clear_backend(backend.id)?;
                     freed.backends.push_back(backend.id);
                     changes.push(Change::BackendRemoved {
@@ -371,7 +375,7 @@ impl Balancer {
             .allocate()
             .or_else(|| freed.vips.pop_front())
             .ok_or(ReconcileError::NoVipSlot(self.dataplane.capacity.max_vips))?;
-        self.dataplane.maps.reset_vip_counters(id)?;
+        self.start_carry(id)?;
         // Whatever a previous VIP of this id left in its rings is not this VIP's history.
         self.slots.remove(&id);
         let backends = wanted
@@ -409,7 +413,8 @@ impl Balancer {
             .ok_or(ReconcileError::NoBackendSlot(
                 self.dataplane.capacity.max_backends,
             ))?;
-        self.dataplane.maps.reset_backend_counters(id)?;
+        let held = self.dataplane.maps.take_backend_counters(id)?;
+        self.zeroed_counters.push((id, held));
         freed.allocated.push(id);
         Ok(BackendState {
             id,

@@ -6,7 +6,8 @@
 //! removed, and every VIP of the old model is republished (its backend records rewritten, its
 //! ring rebuilt into the table the data plane is not reading, its record flipped to it). Rings
 //! are a function of the model, so the rebuilt tables equal the old ones and established flows
-//! stay where they were.
+//! stay where they were. The counter carries are read before and written back, and so are the
+//! counters of ids the attempt reused (it zeroed them), so no total changes either.
 
 use std::collections::HashSet;
 
@@ -19,6 +20,9 @@ pub(super) struct Snapshot {
     vips: Vec<VipState>,
     vip_ids: IdPool,
     backend_ids: IdPool,
+    /// The counter carries (see [`super::counters`]): a removal the failed attempt carried must
+    /// not count twice once the backend is back.
+    carries: Vec<lb_common::Counters>,
 }
 
 /// Test-only fault injection: the map write after `writes_left` more fails, as a full or broken
@@ -29,12 +33,13 @@ pub(super) struct FaultInjection {
 }
 
 impl Balancer {
-    pub(super) fn snapshot(&self) -> Snapshot {
-        Snapshot {
+    pub(super) fn snapshot(&self) -> Result<Snapshot, crate::dataplane::DataPlaneError> {
+        Ok(Snapshot {
             vips: self.vips.clone(),
             vip_ids: self.vip_ids.clone(),
             backend_ids: self.backend_ids.clone(),
-        }
+            carries: self.carries()?,
+        })
     }
 
     /// Puts the model back to `before` and the maps in line with it (see the module docs).
@@ -45,7 +50,13 @@ impl Balancer {
             mut vips,
             vip_ids,
             backend_ids,
+            carries,
         } = before;
+        self.restore_carries(&carries)?;
+        // Counters of reused ids, as they were before the attempt zeroed them.
+        for (id, held) in std::mem::take(&mut self.zeroed_counters).into_iter().rev() {
+            self.dataplane.maps.put_backend_counters(id, held)?;
+        }
         let keys: HashSet<VipKey> = vips.iter().map(|v| v.key).collect();
         let ids: HashSet<u32> = vips
             .iter()

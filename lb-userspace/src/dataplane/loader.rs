@@ -11,8 +11,8 @@ use aya::{
     },
 };
 use lb_common::{
-    GLOBAL_RING_SIZE, GLOBAL_RING_SIZE_INVERSE, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_FLOWS,
-    MAP_RINGS, MAP_TX_PORTS, MAP_VIP_STATS, MAP_VIPS,
+    GLOBAL_RING_SIZE, GLOBAL_RING_SIZE_INVERSE, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_COUNTER_CARRY,
+    MAP_FLOWS, MAP_RINGS, MAP_TX_PORTS, MAP_VIPS,
 };
 
 use super::{
@@ -72,7 +72,8 @@ pub(crate) fn map_capacities(capacity: Capacity) -> [(&'static str, u32, &'stati
     } = capacity;
     [
         (MAP_VIPS, max_vips, "max_vips"),
-        (MAP_VIP_STATS, max_vips, "max_vips"),
+        // One entry per VIP, and one for the VIPs removed.
+        (MAP_COUNTER_CARRY, max_vips + 1, "max_vips"),
         (
             MAP_RINGS,
             max_vips * 2 * ring_size,

@@ -3,12 +3,12 @@
 
 use aya::{
     Ebpf,
-    maps::{Array, DevMap, HashMap, Map, MapData, PerCpuArray, RingBuf},
+    maps::{Array, DevMap, HashMap, Map, MapData, PerCpuArray, PerCpuValues, RingBuf},
 };
 use lb_common::{
-    Backend, Counters, FlowKey, FlowState, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_FLOW_EVENTS,
-    MAP_FLOW_EVENTS_LOST, MAP_FLOW_EVENTS_ON, MAP_FLOWS, MAP_REASONS, MAP_RINGS, MAP_TX_PORTS,
-    MAP_VIP_INDEX, MAP_VIP_STATS, MAP_VIPS, Reason, VipInfo, VipKey, VipSlot,
+    Backend, Counters, FlowKey, FlowState, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_COUNTER_CARRY,
+    MAP_FLOW_EVENTS, MAP_FLOW_EVENTS_LOST, MAP_FLOW_EVENTS_ON, MAP_FLOWS, MAP_REASONS, MAP_RINGS,
+    MAP_TX_PORTS, MAP_VIP_INDEX, MAP_VIPS, Reason, VipInfo, VipKey, VipSlot,
 };
 
 use super::{
@@ -22,7 +22,9 @@ pub struct Maps {
     pub backends: Array<MapData, Backend>,
     pub rings: RingMemory,
     pub flows: HashMap<MapData, FlowKey, FlowState>,
-    pub vip_stats: PerCpuArray<MapData, Counters>,
+    /// What removed backends (per VIP) and removed VIPs (last entry) had counted; written only
+    /// here (see [`crate::balancer`]'s counter carry).
+    counter_carry: Array<MapData, Counters>,
     pub backend_stats: PerCpuArray<MapData, Counters>,
     pub reasons: PerCpuArray<MapData, Counters>,
     pub tx_ports: DevMap<MapData>,
@@ -59,8 +61,8 @@ impl Maps {
             backends: Array::try_from(take(ebpf, MAP_BACKENDS)?).map_err(map_err(MAP_BACKENDS))?,
             rings,
             flows: HashMap::try_from(take(ebpf, MAP_FLOWS)?).map_err(map_err(MAP_FLOWS))?,
-            vip_stats: PerCpuArray::try_from(take(ebpf, MAP_VIP_STATS)?)
-                .map_err(map_err(MAP_VIP_STATS))?,
+            counter_carry: Array::try_from(take(ebpf, MAP_COUNTER_CARRY)?)
+                .map_err(map_err(MAP_COUNTER_CARRY))?,
             backend_stats: PerCpuArray::try_from(take(ebpf, MAP_BACKEND_STATS)?)
                 .map_err(map_err(MAP_BACKEND_STATS))?,
             reasons: PerCpuArray::try_from(take(ebpf, MAP_REASONS)?)
@@ -94,8 +96,18 @@ impl Maps {
         }))
     }
 
-    pub fn vip_counters(&self, vip_id: u32) -> Result<Counters, DataPlaneError> {
-        Self::sum(&self.vip_stats, MAP_VIP_STATS, vip_id)
+    /// Entry `index` of the counter carry: a VIP id, or `max_vips` for removed VIPs.
+    pub fn carry(&self, index: u32) -> Result<Counters, DataPlaneError> {
+        self.counter_carry
+            .get(&index, 0)
+            .map_err(map_err(MAP_COUNTER_CARRY))
+    }
+
+    /// Sets entry `index` of the counter carry.
+    pub fn set_carry(&mut self, index: u32, carry: Counters) -> Result<(), DataPlaneError> {
+        self.counter_carry
+            .set(index, carry, 0)
+            .map_err(map_err(MAP_COUNTER_CARRY))
     }
 
     pub fn backend_counters(&self, backend_id: u32) -> Result<Counters, DataPlaneError> {
@@ -114,15 +126,33 @@ impl Maps {
 }
 
 impl Maps {
-    /// Zeroes a VIP's counters: its id is new (a reload added it), and whatever a previous VIP
-    /// counted in that slot is not its traffic.
-    pub fn reset_vip_counters(&mut self, vip_id: u32) -> Result<(), DataPlaneError> {
-        reset(&mut self.vip_stats, MAP_VIP_STATS, vip_id)
+    /// Zeroes a new backend's counters: its id is new (a reload added it), and whatever a
+    /// previous backend counted in that slot is not its traffic. Returns what they held, per
+    /// CPU, for a rolled-back reload to put back ([`Maps::put_backend_counters`]).
+    pub fn take_backend_counters(
+        &mut self,
+        backend_id: u32,
+    ) -> Result<PerCpuValues<Counters>, DataPlaneError> {
+        let held = self
+            .backend_stats
+            .get(&backend_id, 0)
+            .map_err(map_err(MAP_BACKEND_STATS))?;
+        let cpus = aya::util::nr_cpus().map_err(|(_, io)| DataPlaneError::PossibleCpus(io))?;
+        let zeros = PerCpuValues::try_from(vec![Counters::default(); cpus])
+            .map_err(DataPlaneError::PossibleCpus)?;
+        self.put_backend_counters(backend_id, zeros)?;
+        Ok(held)
     }
 
-    /// Zeroes a new backend's counters (see [`Maps::reset_vip_counters`]).
-    pub fn reset_backend_counters(&mut self, backend_id: u32) -> Result<(), DataPlaneError> {
-        reset(&mut self.backend_stats, MAP_BACKEND_STATS, backend_id)
+    /// Writes a backend's per-CPU counters (see [`Maps::take_backend_counters`]).
+    pub fn put_backend_counters(
+        &mut self,
+        backend_id: u32,
+        values: PerCpuValues<Counters>,
+    ) -> Result<(), DataPlaneError> {
+        self.backend_stats
+            .set(backend_id, values, 0)
+            .map_err(map_err(MAP_BACKEND_STATS))
     }
 }
 
@@ -165,15 +195,4 @@ impl Maps {
             .map_err(map_err(MAP_FLOW_EVENTS_LOST))?;
         Ok(per_cpu.iter().sum())
     }
-}
-
-fn reset(
-    map: &mut PerCpuArray<MapData, Counters>,
-    name: &'static str,
-    index: u32,
-) -> Result<(), DataPlaneError> {
-    let cpus = aya::util::nr_cpus().map_err(|(_, io)| DataPlaneError::PossibleCpus(io))?;
-    let zeros = aya::maps::PerCpuValues::try_from(vec![Counters::default(); cpus])
-        .map_err(DataPlaneError::PossibleCpus)?;
-    map.set(index, zeros, 0).map_err(map_err(name))
 }

@@ -652,8 +652,8 @@ impl Lab {
     }
 
     fn new_flows_counter(&self, vip: usize) -> Result<u64> {
-        let id = self.lab.balancer.vips[vip].id;
-        Ok(self.lab.balancer.dataplane.maps.vip_counters(id)?.new_flows)
+        let balancer = &self.lab.balancer;
+        Ok(balancer.vip_counters(&balancer.vips[vip])?.new_flows)
     }
 }
 

@@ -146,9 +146,10 @@ impl FuzzLab {
         };
         fuzz.snapshot()?;
         fuzz.read_all_reasons()?;
-        let maps = &fuzz.lab.balancer.dataplane.maps;
-        for vip in &fuzz.lab.balancer.vips {
-            fuzz.vip_start.insert(vip.id, maps.vip_counters(vip.id)?);
+        let balancer = &fuzz.lab.balancer;
+        let maps = &balancer.dataplane.maps;
+        for vip in &balancer.vips {
+            fuzz.vip_start.insert(vip.id, balancer.vip_counters(vip)?);
             for b in &vip.backends {
                 fuzz.backend_start
                     .insert(b.id, maps.backend_counters(b.id)?);
@@ -203,7 +204,7 @@ impl FuzzLab {
 
     fn read_all_reasons(&mut self) -> Result<(), LabError> {
         for r in Reason::ALL {
-            self.reasons[r as usize] = self.lab.balancer.dataplane.maps.reason_counters(r)?;
+            self.reasons[r as usize] = self.lab.balancer.reason_counters(r)?;
         }
         Ok(())
     }
@@ -391,9 +392,9 @@ impl FuzzLab {
         len: u64,
         what: &mut Vec<String>,
     ) -> Result<(), LabError> {
-        let maps = &self.lab.balancer.dataplane.maps;
+        let balancer = &self.lab.balancer;
         let before = self.reasons[reason as usize];
-        let now = maps.reason_counters(reason)?;
+        let now = balancer.reason_counters(reason)?;
         if now.packets == before.packets + 1 && now.bytes == before.bytes + len {
             self.reasons[reason as usize] = now;
             return Ok(());
@@ -401,7 +402,7 @@ impl FuzzLab {
         // Find what the program counted instead.
         let mut counted = Vec::new();
         for r in Reason::ALL {
-            let c = maps.reason_counters(r)?;
+            let c = balancer.reason_counters(r)?;
             let was = self.reasons[r as usize];
             if c != was {
                 counted.push(format!(
@@ -434,7 +435,8 @@ impl FuzzLab {
     /// The VIP and backend counters gained what the model says they must (checked at the end
     /// of a run: reading them per frame would halve the speed).
     pub fn check_totals(&self) -> Result<Vec<String>, LabError> {
-        let maps = &self.lab.balancer.dataplane.maps;
+        let balancer = &self.lab.balancer;
+        let maps = &balancer.dataplane.maps;
         let mut what = Vec::new();
         let gained = |now: Counters, start: Counters| Counters {
             packets: now.packets - start.packets,
@@ -442,7 +444,12 @@ impl FuzzLab {
             new_flows: now.new_flows - start.new_flows,
         };
         for (&id, &start) in &self.vip_start {
-            let got = gained(maps.vip_counters(id)?, start);
+            let vip = balancer
+                .vips
+                .iter()
+                .find(|v| v.id == id)
+                .expect("a VIP of the lab");
+            let got = gained(balancer.vip_counters(vip)?, start);
             let want = self.vip_expected.get(&id).copied().unwrap_or_default();
             if got != want {
                 what.push(format!("VIP {id} counters {got:?} (model: {want:?})"));

@@ -338,6 +338,7 @@ mod tests {
             [
                 "BACKENDS",
                 "BACKEND_STATS",
+                "COUNTER_CARRY",
                 "FLOWS",
                 "FLOW_EVENTS",
                 "FLOW_EVENTS_LOST",
@@ -347,8 +348,7 @@ mod tests {
                 "TOO_BIG_BUDGET",
                 "TX_PORTS",
                 "VIPS",
-                "VIP_INDEX",
-                "VIP_STATS"
+                "VIP_INDEX"
             ]
         );
         assert_eq!(expected()["RINGS"].max_entries, 4 * 2 * 1021);

@@ -33,6 +33,7 @@ const CAPACITY: Capacity = Capacity {
 const MAP_NAMES: [&str; 13] = [
     "BACKENDS",
     "BACKEND_STATS",
+    "COUNTER_CARRY",
     "FLOWS",
     "FLOW_EVENTS",
     "FLOW_EVENTS_LOST",
@@ -43,7 +44,6 @@ const MAP_NAMES: [&str; 13] = [
     "TX_PORTS",
     "VIPS",
     "VIP_INDEX",
-    "VIP_STATS",
 ];
 
 /// A bpffs mounted on a fresh temporary directory; unmounted (releasing every pin) on drop.
@@ -203,9 +203,10 @@ fn a_restart_adopts_maps_and_link_and_detach_removes_everything() {
         };
         let values = PerCpuValues::try_from(vec![counters; cpus]).expect("values");
         dp.maps
-            .vip_stats
+            .backend_stats
             .set(1, values, 0)
             .expect("counter written");
+        dp.maps.set_carry(1, counters).expect("carry written");
         let attachment = dp.attachment().expect("attached");
         assert!(!attachment.adopted);
         assert_eq!(attachment.mode, Some(AttachMode::Skb));
@@ -229,8 +230,10 @@ fn a_restart_adopts_maps_and_link_and_detach_removes_everything() {
         assert_eq!(state, PinnedState::Adopted);
         let flow = dp.maps.flows.get(&flow_key(), 0).expect("flow adopted");
         assert_eq!(flow.backend, 7);
-        let counters = dp.maps.vip_counters(1).expect("counters");
+        let counters = dp.maps.backend_counters(1).expect("counters");
         assert_eq!(counters.packets, 5 * cpus as u64);
+        let carry = dp.maps.carry(1).expect("carry");
+        assert_eq!(carry.packets, 5, "the counter carry is pinned too");
         // Native asked, but an adopted link keeps its mode.
         dp.attach("eth0", ifindex("eth0"), AttachMode::Native)
             .expect("attach");
