@@ -304,6 +304,24 @@ pub struct Counters {
     pub new_flows: u64,
 }
 
+/// Field by field: the daemon sums CPUs, and backends into VIP totals.
+impl core::ops::Add for Counters {
+    type Output = Counters;
+
+    fn add(self, other: Counters) -> Counters {
+        let Counters {
+            packets,
+            bytes,
+            new_flows,
+        } = other;
+        Counters {
+            packets: self.packets + packets,
+            bytes: self.bytes + bytes,
+            new_flows: self.new_flows + new_flows,
+        }
+    }
+}
+
 const _: () = {
     assert!(core::mem::size_of::<VipKey>() == 20);
     assert!(core::mem::size_of::<VipInfo>() == 16);

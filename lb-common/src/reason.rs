@@ -88,3 +88,12 @@ impl Reason {
         }
     }
 }
+
+// `ALL[r as usize] == r` for every reason: readers index by discriminant.
+const _: () = {
+    let mut i = 0;
+    while i < Reason::ALL.len() {
+        assert!(Reason::ALL[i] as usize == i, "Reason::ALL is out of order");
+        i += 1;
+    }
+};

@@ -5,7 +5,7 @@ use std::fmt;
 use lb_common::{Counters, Reason};
 
 use crate::{
-    balancer::{Balancer, add, derive_tx},
+    balancer::{Balancer, derive_tx},
     dataplane::DataPlaneError,
 };
 
@@ -52,8 +52,8 @@ impl Snapshot {
                     .collect::<Result<_, DataPlaneError>>()?;
                 let counters = backends
                     .iter()
-                    .fold(maps.carry(vip.id)?, |sum, b| add(sum, b.counters));
-                forwarded = add(forwarded, counters);
+                    .fold(maps.carry(vip.id)?, |sum, b| sum + b.counters);
+                forwarded = forwarded + counters;
                 Ok(VipCounters {
                     name: vip.name.clone(),
                     endpoint: format!(
@@ -66,26 +66,16 @@ impl Snapshot {
                 })
             })
             .collect::<Result<_, DataPlaneError>>()?;
+        // In discriminant order (`Reason::ALL`), so a reason's entry is at its discriminant.
         let mut reasons: Vec<(Reason, Counters)> = Reason::ALL
             .iter()
             .map(|&r| Ok((r, maps.reason_counters(r)?)))
             .collect::<Result<_, DataPlaneError>>()?;
-        let of = |reason: Reason, reasons: &[(Reason, Counters)]| {
-            reasons
-                .iter()
-                .find(|(r, _)| *r == reason)
-                .map_or_else(Counters::default, |(_, c)| *c)
-        };
-        let tx = derive_tx(
+        reasons[Reason::Tx as usize].1 = derive_tx(
             forwarded,
-            of(Reason::Redirect, &reasons),
-            of(Reason::DropRedirectFailed, &reasons),
+            reasons[Reason::Redirect as usize].1,
+            reasons[Reason::DropRedirectFailed as usize].1,
         );
-        for (reason, counters) in &mut reasons {
-            if *reason == Reason::Tx {
-                *counters = tx;
-            }
-        }
         Ok(Self { vips, reasons })
     }
 }

@@ -135,7 +135,7 @@ impl Balancer {
                 .map(|(id, _)| *id);
             // An id a kept VIP reserved is not this record's any more (it was unusable).
             if !kept_vips.contains(&info.id) {
-                self.carry_vip(info.id, stale_backends.collect::<Vec<_>>())?;
+                self.carry_vip(info.id, stale_backends)?;
             }
             adopted.stale_vips += 1;
         }

@@ -16,20 +16,6 @@ use lb_common::{Counters, Reason};
 use super::{Balancer, VipState};
 use crate::dataplane::DataPlaneError;
 
-/// `a + b`, field by field.
-pub fn add(a: Counters, b: Counters) -> Counters {
-    let Counters {
-        packets,
-        bytes,
-        new_flows,
-    } = b;
-    Counters {
-        packets: a.packets + packets,
-        bytes: a.bytes + bytes,
-        new_flows: a.new_flows + new_flows,
-    }
-}
-
 /// `tx` from the sum of everything forwarded (every VIP's totals and the removed VIPs' carry)
 /// and the two redirect outcomes counted apart. Saturating: a counter read a moment later than
 /// another must not make `tx` wrap.
@@ -55,18 +41,30 @@ impl Balancer {
 
     /// `vip`'s totals: its carry plus its backends' counters.
     pub fn vip_counters(&self, vip: &VipState) -> Result<Counters, DataPlaneError> {
+        self.totals(vip.id, vip.backends.iter().map(|b| b.id))
+    }
+
+    /// The carry of VIP `vip_id` plus the counters of `backend_ids`.
+    fn totals(
+        &self,
+        vip_id: u32,
+        backend_ids: impl IntoIterator<Item = u32>,
+    ) -> Result<Counters, DataPlaneError> {
         let maps = &self.dataplane.maps;
-        vip.backends.iter().try_fold(maps.carry(vip.id)?, |sum, b| {
-            Ok(add(sum, maps.backend_counters(b.id)?))
-        })
+        backend_ids
+            .into_iter()
+            .try_fold(maps.carry(vip_id)?, |sum, id| {
+                Ok(sum + maps.backend_counters(id)?)
+            })
     }
 
     /// Everything forwarded so far: every VIP's totals and the removed VIPs' carry.
     pub fn forwarded_counters(&self) -> Result<Counters, DataPlaneError> {
-        let removed = self.dataplane.maps.carry(self.removed_vips_carry())?;
         self.vips
             .iter()
-            .try_fold(removed, |sum, vip| Ok(add(sum, self.vip_counters(vip)?)))
+            .try_fold(self.removed_vips_counters()?, |sum, vip| {
+                Ok(sum + self.vip_counters(vip)?)
+            })
     }
 
     /// The counters of one verdict reason, `tx` derived (see the module docs).
@@ -95,7 +93,7 @@ impl Balancer {
         backend_id: u32,
     ) -> Result<(), DataPlaneError> {
         let maps = &mut self.dataplane.maps;
-        let carry = add(maps.carry(vip_id)?, maps.backend_counters(backend_id)?);
+        let carry = maps.carry(vip_id)? + maps.backend_counters(backend_id)?;
         maps.set_carry(vip_id, carry)
     }
 
@@ -107,11 +105,8 @@ impl Balancer {
         backend_ids: impl IntoIterator<Item = u32>,
     ) -> Result<(), DataPlaneError> {
         let removed = self.removed_vips_carry();
+        let total = self.removed_vips_counters()? + self.totals(vip_id, backend_ids)?;
         let maps = &mut self.dataplane.maps;
-        let mut total = add(maps.carry(removed)?, maps.carry(vip_id)?);
-        for id in backend_ids {
-            total = add(total, maps.backend_counters(id)?);
-        }
         maps.set_carry(removed, total)?;
         maps.set_carry(vip_id, Counters::default())
     }
@@ -168,9 +163,9 @@ mod tests {
     }
 
     #[test]
-    fn add_adds_every_field() {
+    fn counters_add_field_by_field() {
         assert_eq!(
-            add(counters(1, 2, 3), counters(10, 20, 30)),
+            counters(1, 2, 3) + counters(10, 20, 30),
             counters(11, 22, 33)
         );
     }

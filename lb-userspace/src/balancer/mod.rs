@@ -21,7 +21,7 @@ mod slots;
 mod sweep;
 mod vip_index;
 
-pub use counters::{add, derive_tx};
+pub use counters::derive_tx;
 
 use std::net::IpAddr;
 use std::time::{Duration, Instant};

@@ -89,11 +89,7 @@ impl Maps {
         index: u32,
     ) -> Result<Counters, DataPlaneError> {
         let per_cpu = map.get(&index, 0).map_err(map_err(name))?;
-        Ok(per_cpu.iter().fold(Counters::default(), |acc, c| Counters {
-            packets: acc.packets + c.packets,
-            bytes: acc.bytes + c.bytes,
-            new_flows: acc.new_flows + c.new_flows,
-        }))
+        Ok(per_cpu.iter().fold(Counters::default(), |sum, &c| sum + c))
     }
 
     /// Entry `index` of the counter carry: a VIP id, or `max_vips` for removed VIPs.
