@@ -20,6 +20,7 @@ mod rollback;
 mod slots;
 mod sweep;
 mod vip_index;
+mod written;
 
 pub use counters::derive_tx;
 
@@ -163,9 +164,8 @@ pub struct Balancer {
     pub dataplane: DataPlane,
     /// In config order.
     pub vips: Vec<VipState>,
-    /// What each `BACKENDS` slot was last written with, so a publish writes only the records
-    /// that changed (one syscall each: at 1000 backends, rewriting all costs a millisecond).
-    written: std::collections::HashMap<u32, lb_common::Backend>,
+    /// What each `BACKENDS` slot was last written with (see [`written`]).
+    written: written::WrittenRecords,
     vip_ids: ids::IdPool,
     backend_ids: ids::IdPool,
     /// Backend id → (VIP index, backend index) in `vips`.
@@ -237,7 +237,7 @@ impl Balancer {
         Self {
             dataplane,
             vips: Vec::new(),
-            written: std::collections::HashMap::new(),
+            written: written::WrittenRecords::default(),
             vip_ids: ids::IdPool::new(capacity.max_vips),
             backend_ids: ids::IdPool::new(capacity.max_backends),
             index: std::collections::HashMap::new(),

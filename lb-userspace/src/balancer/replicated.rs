@@ -214,21 +214,22 @@ impl Balancer {
             let Some(history) = self.slots.get_mut(&vip_id) else {
                 continue;
             };
-            let Some(live) = history.live.get_mut(slot as usize) else {
+            let Some(&live) = history.live.get(slot as usize) else {
                 continue;
             };
             if live.is_changed() || live.owner == backend {
                 continue;
             }
-            *live = RingSlot {
+            let marked = RingSlot {
                 owner: live.owner,
                 prior: live.owner,
             };
+            history.set_live(slot as usize, marked);
             history.changed_at[slot as usize] = now_ns;
             self.dataplane
                 .maps
                 .rings
-                .write_slot(history.live_table, slot, *live)?;
+                .write_slot(history.live_table, slot, marked)?;
             report.slots_marked += 1;
         }
         Ok(report)

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use lb_common::{BACKEND_F_UP, FlowKey, NO_BACKEND, PROTO_TCP, flow_hash};
+use lb_common::{BACKEND_F_UP, FlowKey, PROTO_TCP, RingSlot, flow_hash};
 
 use super::{Balancer, PublishError};
 use crate::dataplane::flows::{delete_flows, read_flows};
@@ -107,7 +107,7 @@ impl Balancer {
             // not hold the slot.
             let usable = self
                 .written
-                .get(&state.backend)
+                .get(state.backend)
                 .is_some_and(|r| r.flags & BACKEND_F_UP != 0 && r.vip_id == state.vip_id);
             if live.is_changed() && state.backend != live.owner && usable {
                 needed
@@ -125,17 +125,20 @@ impl Balancer {
                 continue;
             }
             let needed = needed.get(&vip_id);
-            for (i, slot) in history.live.iter_mut().enumerate() {
+            for i in 0..history.live.len() {
+                let slot = history.live[i];
                 if !slot.is_changed() {
                     continue;
                 }
                 let quiet = now_ns.saturating_sub(history.changed_at[i]) >= timeout_ns;
                 if quiet && !needed.is_some_and(|n| n.contains(i)) {
-                    slot.prior = NO_BACKEND;
-                    self.dataplane
-                        .maps
-                        .rings
-                        .write_slot(history.live_table, i as u32, *slot)?;
+                    let unchanged = RingSlot::unchanged(slot.owner);
+                    history.set_live(i, unchanged);
+                    self.dataplane.maps.rings.write_slot(
+                        history.live_table,
+                        i as u32,
+                        unchanged,
+                    )?;
                     returned += 1;
                 } else {
                     changed += 1;
