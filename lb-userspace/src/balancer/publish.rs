@@ -300,9 +300,9 @@ impl Balancer {
         let vip = &self.vips[vip_index];
         let ring_size = self.dataplane.maps.rings.ring_size();
         let order = RingOrder::kept(&mut self.ring_orders, vip);
-        let owners = &mut self.ring_scratch;
+        let mut owners = std::mem::take(&mut self.ring_scratch);
         let weights = order.weights(vip, pool_after);
-        let prepared = order.table_into(&weights, ring_size, owners);
+        let prepared = order.table_into(&weights, ring_size, &mut owners);
         let ids = order.ids(vip);
         let in_ring = vip
             .backends
@@ -349,8 +349,12 @@ impl Balancer {
                 source,
             })?;
         self.index_after_record(&key, info)?;
-        if let Some(history) = self.slots.get_mut(&info.id) {
-            history.published(live_table);
+        if let Some(buffer) = self
+            .slots
+            .get_mut(&info.id)
+            .and_then(|history| history.published(live_table))
+        {
+            self.ring_scratch = buffer;
         }
         let vip = &mut self.vips[vip_index];
         vip.active_ring = next;

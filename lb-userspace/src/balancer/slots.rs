@@ -28,6 +28,10 @@ pub(super) struct SlotHistory {
     live_is_exact: bool,
     /// What is known of the VIP's other table, the one the next publish writes.
     inactive: Option<InactiveTable>,
+    /// The Maglev table `live`'s owners come from, once a publish made it live.
+    live_owners: Option<OwnerTable>,
+    /// The one [`SlotHistory::stage`] last staged.
+    staged_owners: Option<OwnerTable>,
     /// Per slot, the kernel-clock time (ns, `CLOCK_MONOTONIC_COARSE`) of its last owner
     /// change; only meaningful for changed slots.
     pub(super) changed_at: Vec<u64>,
@@ -36,6 +40,15 @@ pub(super) struct SlotHistory {
     /// Where the table [`SlotHistory::stage`] computed differs from `live`, as (index, new
     /// slot): `live` becomes that table once [`SlotHistory::published`] says so.
     staged: Vec<(u32, RingSlot)>,
+}
+
+/// A Maglev table as turn positions, and the backend ids of the positions: the next table is
+/// compared with it position by position (two streams of `u32`), not through the ids against
+/// `live` (twice the bytes, and a lookup per slot).
+#[derive(Clone, Debug)]
+struct OwnerTable {
+    positions: Vec<u32>,
+    ids: Vec<u32>,
 }
 
 /// The table of a VIP that the XDP program does not read, as far as it is known: it equals
@@ -59,6 +72,8 @@ impl SlotHistory {
             tracks_priors,
             live_is_exact: false,
             inactive: None,
+            live_owners: None,
+            staged_owners: None,
             staged: Vec::new(),
         }
     }
@@ -74,6 +89,8 @@ impl SlotHistory {
             tracks_priors: tcp,
             live_is_exact: tcp,
             inactive: None,
+            live_owners: None,
+            staged_owners: None,
             staged: Vec::new(),
         };
         if !tcp {
@@ -100,6 +117,10 @@ impl SlotHistory {
     /// Changes slot `index` of `live`, for a caller that writes the same slot into the live
     /// table (`RingMemory::write_slot`) right after.
     pub(super) fn set_live(&mut self, index: usize, slot: RingSlot) {
+        debug_assert_eq!(
+            self.live[index].owner, slot.owner,
+            "owners change only by publishing"
+        );
         self.live[index] = slot;
         if let Some(inactive) = &mut self.inactive {
             inactive.differs.push(index as u32);
@@ -123,7 +144,7 @@ impl SlotHistory {
     /// `ids.len()`.
     pub(super) fn stage(
         &mut self,
-        owners: &[u32],
+        owners: Vec<u32>,
         ids: &[u32],
         now: u64,
         out_table: u32,
@@ -134,7 +155,16 @@ impl SlotHistory {
         self.staged.clear();
         match self.inactive.take() {
             Some(inactive) if inactive.table == out_table && out_table != self.live_table => {
-                self.stage_changes(owners, ids, now);
+                match self.live_owners.take() {
+                    Some(live_owners) if live_owners.ids == ids => {
+                        self.stage_by_position(&owners, &live_owners.positions, ids, now);
+                        self.live_owners = Some(live_owners);
+                    }
+                    live_owners => {
+                        self.stage_changes(&owners, ids, now);
+                        self.live_owners = live_owners;
+                    }
+                }
                 // `out` is `live` but at `differs`: make it `live` there, then the new table.
                 for &index in &inactive.differs {
                     out[index as usize] = self.live[index as usize];
@@ -143,13 +173,32 @@ impl SlotHistory {
                     out[index as usize] = slot;
                 }
             }
-            _ => self.stage_comparing(owners, ids, now, out),
+            _ => self.stage_comparing(&owners, ids, now, out),
         }
+        self.staged_owners = Some(OwnerTable {
+            positions: owners,
+            ids: ids.to_vec(),
+        });
         // `out` now is `live` but at the staged slots, whatever happens next.
         self.inactive = Some(InactiveTable {
             table: out_table,
             differs: self.staged.iter().map(|&(index, _)| index).collect(),
         });
+    }
+
+    /// [`SlotHistory::stage_changes`] given the positions table `live`'s owners come from (with
+    /// the same ids): a slot changes where its position does.
+    fn stage_by_position(&mut self, owners: &[u32], live_positions: &[u32], ids: &[u32], now: u64) {
+        let tracks_priors = self.tracks_priors;
+        for (i, (&index, &live_index)) in owners.iter().zip(live_positions).enumerate() {
+            if index != live_index {
+                let live = self.live[i];
+                let owner = owner_id(index, ids);
+                debug_assert_ne!(owner, live.owner, "slot {i}: positions and owners disagree");
+                let slot = changed_slot(live, owner, tracks_priors, &mut self.changed_at[i], now);
+                self.staged.push((i as u32, slot));
+            }
+        }
     }
 
     /// [`SlotHistory::stage`]'s staging alone, for an `out` whose content is known: one pass
@@ -204,7 +253,8 @@ impl SlotHistory {
     }
 
     /// The table [`SlotHistory::stage`] last computed went live in `RINGS` table `live_table`.
-    pub(super) fn published(&mut self, live_table: u32) {
+    /// Returns the owners table it replaces, a buffer for the next build.
+    pub(super) fn published(&mut self, live_table: u32) -> Option<Vec<u32>> {
         let old_table = self.live_table;
         // The table that was live holds the old `live` (if that was exact): it differs from
         // the new one at the staged slots.
@@ -217,6 +267,7 @@ impl SlotHistory {
             self.live[index as usize] = slot;
         }
         self.live_is_exact = true;
+        std::mem::replace(&mut self.live_owners, self.staged_owners.take()).map(|t| t.positions)
     }
 
     /// Slots whose `prior` is backend `id`, which is going away (its id may be reused by a
@@ -297,7 +348,7 @@ mod tests {
     fn publish(h: &mut SlotHistory, owners: &[u32], now: u64) -> Vec<RingSlot> {
         let ids = [0, A, B, C];
         let mut table = vec![RingSlot::unchanged(NO_BACKEND); owners.len()];
-        h.stage(owners, &ids, now, 1, &mut table);
+        h.stage(owners.to_vec(), &ids, now, 1, &mut table);
         h.published(1);
         table
     }
@@ -415,11 +466,17 @@ mod tests {
             let mut reference = h.clone();
             reference.inactive = None;
             let mut reference_table = tables[out].clone();
-            reference.stage(&owners, &ids, round, out as u32, &mut reference_table);
+            reference.stage(
+                owners.clone(),
+                &ids,
+                round,
+                out as u32,
+                &mut reference_table,
+            );
             if h.inactive.as_ref().is_some_and(|i| i.table == out as u32) {
                 known_path_used += 1;
             }
-            h.stage(&owners, &ids, round, out as u32, &mut tables[out]);
+            h.stage(owners, &ids, round, out as u32, &mut tables[out]);
             assert_eq!(
                 tables[out], reference_table,
                 "table written in round {round}"
