@@ -732,6 +732,15 @@ mod tests {
             .collect()
     }
 
+    /// Keys as the daemon makes them: backend address strings.
+    fn address_keys(count: u32) -> Vec<Vec<u8>> {
+        (0..count)
+            .map(|j| {
+                format!("10.{}.{}.{}", 50 + j / 40_000, j / 200 % 200, j % 200 + 1).into_bytes()
+            })
+            .collect()
+    }
+
     fn backends<'a>(keys: &'a [Vec<u8>], weights: &[u32]) -> Vec<MaglevBackend<'a>> {
         keys.iter()
             .zip(weights)
@@ -939,11 +948,7 @@ mod tests {
     /// batch often find the same slot, and backend counts around the batch sizes.
     #[test]
     fn batched_claims_match_the_scalar_loop() {
-        let keys: Vec<Vec<u8>> = (0..2000u32)
-            .map(|j| {
-                format!("10.{}.{}.{}", 50 + j / 40_000, j / 200 % 200, j % 200 + 1).into_bytes()
-            })
-            .collect();
+        let keys = address_keys(2000);
         let counts: Vec<usize> = (1..=40)
             .chain((41..2000).step_by(97))
             .chain([63, 64, 65, 127, 128, 129, 999, 1000, 1999, 2000])
@@ -1044,11 +1049,7 @@ mod tests {
     #[test]
     fn the_tables_are_pinned() {
         // The daemon's keys (address strings) and the binary ones of the other tests.
-        let address_keys: Vec<Vec<u8>> = (0..1000u32)
-            .map(|j| {
-                format!("10.{}.{}.{}", 50 + j / 40_000, j / 200 % 200, j % 200 + 1).into_bytes()
-            })
-            .collect();
+        let address_keys = address_keys(1000);
         let binary_keys = keys(1000);
         let mut got = Vec::new();
         for (key_name, keys) in [("address", &address_keys), ("binary", &binary_keys)] {
