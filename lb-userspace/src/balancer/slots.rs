@@ -22,7 +22,7 @@ pub(super) struct SlotHistory {
     /// Exactly what the live table holds, once [`SlotHistory::live_is_exact`]. Changed in place
     /// only through [`SlotHistory::set_live`].
     pub(super) live: Vec<RingSlot>,
-    /// Whether `live` is the live table slot for slot. Not for a VIP never published (its
+    /// Whether `live` equals the live table slot for slot. Not for a VIP never published (its
     /// tables hold whatever the map held) nor right after priors were dropped from `live`
     /// (the table keeps them until the next publish).
     live_is_exact: bool,
@@ -128,9 +128,9 @@ impl SlotHistory {
     }
 
     /// The table to publish for the new owners at `now`, written into `out` (the inactive ring,
-    /// table `out_table` of `RINGS`) and kept for [`SlotHistory::published`]. Slot `i`'s new owner is `ids[owners[i]]`, or
-    /// none where `owners[i]` is `NO_BACKEND` (a Maglev table of indices, mapped to backend ids
-    /// on the way). A slot whose owner changes remembers its old owner as `prior` if it was
+    /// table `out_table` of `RINGS`) and kept for [`SlotHistory::published`]. Slot `i`'s new
+    /// owner is `ids[owners[i]]`, or none where `owners[i]` is `NO_BACKEND` (a Maglev table of
+    /// indices, mapped to backend ids on the way). A slot whose owner changes remembers its old owner as `prior` if it was
     /// unchanged, and keeps its `prior` if it was changed already (connections from before the
     /// window began there); either way its change time is `now`. A slot that had no owner stays
     /// unchanged: no connection can be on it.
