@@ -128,12 +128,12 @@ impl SlotHistory {
     }
 
     /// The table to publish for the new owners at `now`, written into `out` (the inactive ring,
-    /// table `out_table` of `RINGS`) and kept for [`SlotHistory::published`]. Slot `i`'s new
-    /// owner is `ids[owners[i]]`, or none where `owners[i]` is `NO_BACKEND` (a Maglev table of
-    /// indices, mapped to backend ids on the way). A slot whose owner changes remembers its old owner as `prior` if it was
-    /// unchanged, and keeps its `prior` if it was changed already (connections from before the
-    /// window began there); either way its change time is `now`. A slot that had no owner stays
-    /// unchanged: no connection can be on it.
+    /// table `out_table` of `RINGS`) and kept for [`SlotHistory::published`]. Slot `i`'s new owner
+    /// is `ids[owners[i]]`, or none where `owners[i]` is `NO_BACKEND` (a Maglev table of indices,
+    /// mapped to backend ids on the way). A slot whose owner changes remembers its old owner as
+    /// `prior` if it was unchanged, and keeps its `prior` if it was changed already (connections
+    /// from before the window began there); either way its change time is `now`. A slot that had no
+    /// owner stays unchanged: no connection can be on it.
     ///
     /// Only the change times are updated here; [`SlotHistory::published`] records the table once
     /// it is live.
