@@ -153,18 +153,14 @@ impl SlotHistory {
         debug_assert_eq!(owners.len(), self.live.len(), "ring size changed");
         assert_eq!(out.len(), self.live.len(), "ring size changed");
         self.staged.clear();
-        match self.inactive.take() {
-            Some(inactive) if inactive.table == out_table && out_table != self.live_table => {
-                match self.live_owners.take() {
-                    Some(live_owners) if live_owners.ids == ids => {
-                        self.stage_by_position(&owners, &live_owners.positions, ids, now);
-                        self.live_owners = Some(live_owners);
-                    }
-                    live_owners => {
-                        self.stage_changes(&owners, ids, now);
-                        self.live_owners = live_owners;
-                    }
-                }
+        let inactive = self
+            .inactive
+            .take()
+            .filter(|inactive| inactive.table == out_table && out_table != self.live_table);
+        let live_owners = self.live_owners.take();
+        match (inactive, &live_owners) {
+            (Some(inactive), Some(live_owners)) if live_owners.ids == ids => {
+                self.stage_by_position(&owners, &live_owners.positions, ids, now);
                 // `out` is `live` but at `differs`: make it `live` there, then the new table.
                 for &index in &inactive.differs {
                     out[index as usize] = self.live[index as usize];
@@ -173,8 +169,10 @@ impl SlotHistory {
                     out[index as usize] = slot;
                 }
             }
+            // Either table unknown (a first publish, new ids): compare every slot.
             _ => self.stage_comparing(&owners, ids, now, out),
         }
+        self.live_owners = live_owners;
         self.staged_owners = Some(OwnerTable {
             positions: owners,
             ids: ids.to_vec(),
@@ -186,8 +184,9 @@ impl SlotHistory {
         });
     }
 
-    /// [`SlotHistory::stage_changes`] given the positions table `live`'s owners come from (with
-    /// the same ids): a slot changes where its position does.
+    /// [`SlotHistory::stage`]'s staging alone, for an `out` whose content is known, given the
+    /// positions table `live`'s owners come from (with the same ids): a slot changes where its
+    /// position does. Two streams of `u32`; nothing written but the slots that change.
     fn stage_by_position(&mut self, owners: &[u32], live_positions: &[u32], ids: &[u32], now: u64) {
         let tracks_priors = self.tracks_priors;
         for (i, (&index, &live_index)) in owners.iter().zip(live_positions).enumerate() {
@@ -196,27 +195,6 @@ impl SlotHistory {
                 let owner = owner_id(index, ids);
                 debug_assert_ne!(owner, live.owner, "slot {i}: positions and owners disagree");
                 let slot = changed_slot(live, owner, tracks_priors, &mut self.changed_at[i], now);
-                self.staged.push((i as u32, slot));
-            }
-        }
-    }
-
-    /// [`SlotHistory::stage`]'s staging alone, for an `out` whose content is known: one pass
-    /// over `owners` and `live` (three quarters of a megabyte at M = 65537), nothing written
-    /// but the slots that change.
-    fn stage_changes(&mut self, owners: &[u32], ids: &[u32], now: u64) {
-        let tracks_priors = self.tracks_priors;
-        for (i, ((&live, &index), changed_at)) in self
-            .live
-            .iter()
-            .zip(owners)
-            .zip(self.changed_at.iter_mut())
-            .enumerate()
-        {
-            let owner = owner_id(index, ids);
-            // The same owner leaves the slot as it is.
-            if owner != live.owner {
-                let slot = changed_slot(live, owner, tracks_priors, changed_at, now);
                 self.staged.push((i as u32, slot));
             }
         }
@@ -258,10 +236,16 @@ impl SlotHistory {
         let old_table = self.live_table;
         // The table that was live holds the old `live` (if that was exact): it differs from
         // the new one at the staged slots.
-        self.inactive = (self.live_is_exact && old_table != live_table).then(|| InactiveTable {
-            table: old_table,
-            differs: self.staged.iter().map(|&(index, _)| index).collect(),
-        });
+        // `stage` noted the staged slots as the differences of the table it wrote.
+        let exact = self.live_is_exact && old_table != live_table;
+        self.inactive =
+            self.inactive
+                .take()
+                .filter(|_| exact)
+                .map(|InactiveTable { differs, .. }| InactiveTable {
+                    table: old_table,
+                    differs,
+                });
         self.live_table = live_table;
         for &(index, slot) in &self.staged {
             self.live[index as usize] = slot;
