@@ -64,6 +64,19 @@ fn health_value(lab: &EcmpLab, node: usize) -> String {
         .to_owned()
 }
 
+/// Asserts node `node`'s health file says `expected` within a second: the daemon writes the file
+/// right after the route change it follows, so a reader that saw the route may be a few
+/// milliseconds early.
+fn assert_health_value(lab: &EcmpLab, node: usize, expected: &str) {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let mut value = health_value(lab, node);
+    while value != expected && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+        value = health_value(lab, node);
+    }
+    assert_eq!(value, expected, "node {node}'s health file");
+}
+
 /// `[vip.health]` checks of `port` from node `node` are refused (an nftables rule in that node's
 /// namespace only: the backends are fine, and so is every other node's view of them).
 fn block_checks(lab: &EcmpLab, node: usize, port: u16) {
@@ -412,7 +425,7 @@ fn a_vip_one_node_cannot_serve_is_withdrawn_by_that_node_only_and_the_other_carr
     {
         let mut lab = running_lab(prefix, vec![web(), api()]);
         for node in 0..2 {
-            assert_eq!(health_value(&lab, node), "0", "node {node}");
+            assert_health_value(&lab, node, "0");
         }
 
         // Node 0 cannot reach api's port any more (its checks are refused there only).
@@ -451,8 +464,8 @@ fn a_vip_one_node_cannot_serve_is_withdrawn_by_that_node_only_and_the_other_carr
             "{}",
             status["announce"]
         );
-        assert_eq!(health_value(&lab, 0), "1");
-        assert_eq!(health_value(&lab, 1), "0");
+        assert_health_value(&lab, 0, "1");
+        assert_health_value(&lab, 1, "0");
         println!(
             "node 0: api's last backend down -> its route gone from table {ROUTE_TABLE} in {:.1} ms; \
              announce: {}",
@@ -499,7 +512,7 @@ fn a_vip_one_node_cannot_serve_is_withdrawn_by_that_node_only_and_the_other_carr
         lab.topo
             .wait_for_router_next_hops(API, &[0, 1], SESSION_TIMEOUT)
             .expect("the router has node 0 for api again");
-        assert_eq!(health_value(&lab, 0), "0");
+        assert_health_value(&lab, 0, "0");
         println!(
             "node 0: api's first backend up -> its route back in table {ROUTE_TABLE} in {:.1} ms",
             millis(added_at.duration_since(up).unwrap_or_default())
@@ -547,7 +560,7 @@ fn a_node_starting_while_its_backends_fail_announces_nothing_until_they_pass() {
         let status = lab.status(0).expect("status");
         let web_status = status_vip(&status, "web").expect("web");
         assert_eq!(web_status["announced"], false, "{web_status}");
-        assert_eq!(health_value(&lab, 0), "1");
+        assert_health_value(&lab, 0, "1");
         assert!(
             lab.bird(0)
                 .prefixes("lb4")
@@ -567,7 +580,7 @@ fn a_node_starting_while_its_backends_fail_announces_nothing_until_they_pass() {
             .topo
             .wait_for_router_next_hops(WEB, &[0, 1], SESSION_TIMEOUT)
             .expect("node 0 at the router");
-        assert_eq!(health_value(&lab, 0), "0");
+        assert_health_value(&lab, 0, "0");
         println!(
             "node 0 announced web once its checks passed; the router had it {:.0} ms after it \
              appeared in table {ROUTE_TABLE} (proto {LB_ROUTE_PROTO})",
